@@ -1,0 +1,55 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+let nio: [Target.Dependency] = [
+    .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+    .product(name: "NIOCore", package: "swift-nio"),
+    .product(name: "NIOPosix", package: "swift-nio"),
+]
+
+let package = Package(
+    name: "chatgw",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "chatgw", targets: ["chatgw"]),
+        .executable(name: "chatctl", targets: ["chatctl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["JSON", "YAML"]),
+    ],
+    targets: [
+        // PROTOCOL.md as types and codecs; no I/O.
+        .target(name: "ChatProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        // The config model, its loading (file, environment, flags) and validation.
+        .target(name: "ChatConfig", dependencies: [.product(name: "Configuration", package: "swift-configuration")]),
+        // Thin POSIX layer: file descriptors, sockets, signals, process spawning, logging.
+        .target(name: "ChatSystem", dependencies: ["CSystemShims", .product(name: "Logging", package: "swift-log")]),
+        .target(name: "CSystemShims"),
+        // Messages on the master <-> child control link (newline-delimited JSON).
+        .target(name: "ChatLink", dependencies: ["ChatSystem", .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        // The bus interface and the relay wire format.
+        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem",
+            .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
+        .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatConfig", "ChatSystem"] + nio),
+        // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
+        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatBus", "ChatLink", "ChatConfig", "ChatSystem",
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
+        // The supervisor: binds, spawns, reaps, restarts, handles signals.
+        .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatConfig", "ChatSystem"]),
+        .executableTarget(name: "chatgw", dependencies: ["ChatMaster", "ChatWorker", "ChatRelay", "ChatConfig", "ChatSystem",
+            .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        .executableTarget(name: "chatctl", dependencies: [
+            .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
+        .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
+        .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
+        .testTarget(name: "ChatBusTests", dependencies: ["ChatBus", "ChatRelay"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

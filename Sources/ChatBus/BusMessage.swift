@@ -1,0 +1,1 @@
+// The bus interface and relay wire format arrive with the rooms issue.

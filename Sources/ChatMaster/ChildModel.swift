@@ -1,0 +1,68 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ChatLink
+import ChatSystem
+
+/// What kind of child a slot holds.
+public enum ChildRole: String, Sendable, Codable {
+    case worker
+    case relay
+}
+
+/// A place in the wanted set: "worker 1", "relay 0". Restarts keep the slot.
+public struct SlotID: Hashable, Sendable, CustomStringConvertible {
+    public var role: ChildRole
+    public var index: Int
+
+    public var description: String { "\(role.rawValue) \(index)" }
+}
+
+/// The life of one child process, as the master sees it.
+public enum ChildState: Sendable, Equatable {
+    /// Spawned, not yet reported ready.
+    case starting
+    /// Serving.
+    case running
+    /// Asked to stop; killed if still alive at `deadline`.
+    case draining(deadline: Double)
+}
+
+/// One child process the master spawned and has not reaped yet.
+final class Child {
+    let pid: pid_t
+    let slot: SlotID
+    let generation: Int
+    let linkFD: Int32
+    let startedAt: Double
+    var state: ChildState = .starting
+    var lastHeartbeat: Double
+    var stats = ChildStats()
+    var framer = LineFramer()
+
+    init(pid: pid_t, slot: SlotID, generation: Int, linkFD: Int32, startedAt: Double) {
+        self.pid = pid
+        self.slot = slot
+        self.generation = generation
+        self.linkFD = linkFD
+        self.startedAt = startedAt
+        self.lastHeartbeat = startedAt
+    }
+
+    func send(_ message: LinkMessage) {
+        let line = message.encodedLine()
+        // The link is tiny and low-rate; a child that does not read it is killed by the watchdog.
+        _ = line.withUnsafeBytes { Glibc.send(linkFD, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+    }
+}
+
+/// What the master keeps per slot across its children's lives.
+struct SlotRecord {
+    var policy: RestartPolicy
+    /// When the next child may start; nil while one is alive.
+    var nextStartAt: Double? = 0
+    /// The slot's own SO_REUSEPORT socket (workers only), kept across restarts so that
+    /// connections queued on it wait for the next child instead of being reset.
+    var listenFD: Int32?
+    var crashLoopReported = false
+}

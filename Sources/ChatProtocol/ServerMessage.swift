@@ -1,0 +1,180 @@
+import NIOCore
+
+/// One sequenced chat message, as the bus delivers it and clients receive it.
+public struct RoomMessage: Sendable, Equatable {
+    public var room: String
+    public var seq: Int
+    public var epoch: String
+    public var from: String
+    public var text: String
+    /// Milliseconds since the Unix epoch, server clock.
+    public var ts: Int
+
+    public init(room: String, seq: Int, epoch: String, from: String, text: String, ts: Int) {
+        self.room = room
+        self.seq = seq
+        self.epoch = epoch
+        self.from = from
+        self.text = text
+        self.ts = ts
+    }
+}
+
+/// `error` codes of PROTOCOL.md.
+public enum ErrorCode: String, Sendable {
+    case badJSON = "bad_json"
+    case badFrame = "bad_frame"
+    case unknownType = "unknown_type"
+    case badRoom = "bad_room"
+    case notJoined = "not_joined"
+    case tooLarge = "too_large"
+    case rateLimited = "rate_limited"
+    case forbidden
+    case tooManyRooms = "too_many_rooms"
+    case unavailable
+    case `internal`
+}
+
+/// `bye` reasons of PROTOCOL.md.
+public enum ByeReason: String, Sendable {
+    case reload
+    case shutdown
+    case slowConsumer = "slow_consumer"
+    case flood
+    case kicked
+}
+
+/// WebSocket close codes of PROTOCOL.md.
+public enum CloseCode {
+    public static let normal: UInt16 = 1000
+    public static let goingAway: UInt16 = 1001
+    public static let protocolError: UInt16 = 1002
+    public static let invalidUTF8: UInt16 = 1007
+    public static let policy: UInt16 = 1008
+    public static let tooBig: UInt16 = 1009
+    public static let slowConsumer: UInt16 = 4000
+    public static let flood: UInt16 = 4001
+    public static let kicked: UInt16 = 4002
+
+    /// The close code that goes with a `bye` reason.
+    public static func forBye(_ reason: ByeReason) -> UInt16 {
+        switch reason {
+        case .reload, .shutdown: goingAway
+        case .slowConsumer: slowConsumer
+        case .flood: flood
+        case .kicked: kicked
+        }
+    }
+}
+
+/// A refused request: the `error` frame's fields.
+public struct ProtocolError: Error, Sendable, Equatable {
+    public var code: ErrorCode
+    public var message: String
+    public var ref: String?
+    public var room: String?
+
+    public init(_ code: ErrorCode, _ message: String, ref: String? = nil, room: String? = nil) {
+        self.code = code
+        self.message = message
+        self.ref = ref
+        self.room = room
+    }
+}
+
+/// Every frame the server sends, per PROTOCOL.md "Server to client".
+public enum ServerMessage: Sendable {
+    case hello(user: String, conn: String, heartbeatSeconds: Int)
+    case joined(room: String, seq: Int, epoch: String, members: Int, ref: String?)
+    case message(RoomMessage)
+    case ack(ref: String, room: String, seq: Int)
+    case left(room: String, ref: String?)
+    case gap(room: String, from: Int, to: Int, epoch: String)
+    case pong(ref: String?)
+    case history(room: String, messages: [RoomMessage], more: Bool, ref: String?)
+    case error(ProtocolError)
+    case bye(reason: ByeReason, retryMs: Int)
+
+    /// The JSON text of this frame, appended to `buffer`.
+    public func encode(into buffer: inout ByteBuffer) {
+        var json = JSONWriter(buffer: buffer)
+        buffer = ByteBuffer()  // leaves the writer the only owner, so appending does not copy
+        json.beginObject()
+        switch self {
+        case .hello(let user, let conn, let heartbeat):
+            json.field("type", "hello")
+            json.field("user", user)
+            json.field("conn", conn)
+            json.field("protocol", 1)
+            json.field("heartbeat_s", heartbeat)
+        case .joined(let room, let seq, let epoch, let members, let ref):
+            json.field("type", "joined")
+            json.field("room", room)
+            json.field("seq", seq)
+            json.field("epoch", epoch)
+            json.field("members", members)
+            json.field("ref", ifPresent: ref)
+        case .message(let message):
+            json.field("type", "message")
+            Self.writeMessageFields(message, withRoom: true, into: &json)
+        case .ack(let ref, let room, let seq):
+            json.field("type", "ack")
+            json.field("ref", ref)
+            json.field("room", room)
+            json.field("seq", seq)
+        case .left(let room, let ref):
+            json.field("type", "left")
+            json.field("room", room)
+            json.field("ref", ifPresent: ref)
+        case .gap(let room, let from, let to, let epoch):
+            json.field("type", "gap")
+            json.field("room", room)
+            json.field("from", from)
+            json.field("to", to)
+            json.field("epoch", epoch)
+        case .pong(let ref):
+            json.field("type", "pong")
+            json.field("ref", ifPresent: ref)
+        case .history(let room, let messages, let more, let ref):
+            json.field("type", "history")
+            json.field("room", room)
+            json.beginArray("messages")
+            for message in messages {
+                json.beginObject()
+                Self.writeMessageFields(message, withRoom: false, into: &json)
+                json.endObject()
+            }
+            json.endArray()
+            json.field("more", more)
+            json.field("ref", ifPresent: ref)
+        case .error(let error):
+            json.field("type", "error")
+            json.field("code", error.code.rawValue)
+            json.field("message", error.message)
+            json.field("ref", ifPresent: error.ref)
+            json.field("room", ifPresent: error.room)
+        case .bye(let reason, let retryMs):
+            json.field("type", "bye")
+            json.field("reason", reason.rawValue)
+            json.field("retry_ms", retryMs)
+        }
+        json.endObject()
+        buffer = json.buffer
+    }
+
+    /// Encodes into a fresh buffer from `allocator`.
+    public func encoded(_ allocator: ByteBufferAllocator) -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: 128)
+        encode(into: &buffer)
+        return buffer
+    }
+
+    private static func writeMessageFields(_ message: RoomMessage, withRoom: Bool, into json: inout JSONWriter) {
+        if withRoom { json.field("room", message.room) }
+        json.field("seq", message.seq)
+        json.field("epoch", message.epoch)
+        json.field("from", message.from)
+        json.field("text", message.text)
+        json.field("ts", message.ts)
+    }
+}

@@ -1,0 +1,160 @@
+import ChatProtocol
+import NIOCore
+import NIOWebSocket
+
+/// A complete, valid application message from the client.
+public enum WebSocketMessage {
+    case text(ByteBuffer)
+    case binary(ByteBuffer)
+}
+
+/// Asks the WebSocket layer to start the close handshake with `code`.
+public struct WebSocketCloseRequest: Sendable {
+    public var code: UInt16
+    public init(code: UInt16) { self.code = code }
+}
+
+/// The RFC 6455 duties NIO leaves to the application: answers pings, runs the close
+/// handshake in both directions, refuses reserved bits and invalid UTF-8, and maps
+/// decoder errors to close codes. Above it, the pipeline sees only whole messages.
+final class WebSocketHandler: ChannelDuplexHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias InboundOut = WebSocketMessage
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private enum State {
+        case open
+        /// We sent a close frame and wait for the peer's.
+        case closeSent
+        case closed
+    }
+
+    /// How long we wait for the peer to answer our close frame before dropping TCP.
+    static let closeHandshakeTimeout = TimeAmount.seconds(2)
+
+    private var state = State.open
+    private let activity: ConnectionActivity
+
+    init(activity: ConnectionActivity) {
+        self.activity = activity
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        activity.lastInbound = NIODeadline.now()
+        guard !frame.rsv1, !frame.rsv2, !frame.rsv3 else {
+            return fail(context: context, code: CloseCode.protocolError)
+        }
+        switch frame.opcode {
+        case .connectionClose:
+            receivedClose(context: context, frame: frame)
+        case .ping:
+            guard case .open = state else { return }
+            guard frame.fin, frame.length <= 125 else { return fail(context: context, code: CloseCode.protocolError) }
+            context.writeAndFlush(wrapOutboundOut(FrameBytes.make(opcode: .pong, payload: frame.unmaskedData, allocator: context.channel.allocator)), promise: nil)
+        case .pong:
+            break
+        case .text:
+            guard case .open = state else { return }
+            let payload = frame.unmaskedData
+            guard payload.readableBytesView.isValidUTF8 else {
+                return fail(context: context, code: CloseCode.invalidUTF8)
+            }
+            context.fireChannelRead(wrapInboundOut(.text(payload)))
+        case .binary:
+            guard case .open = state else { return }
+            context.fireChannelRead(wrapInboundOut(.binary(frame.unmaskedData)))
+        default:
+            fail(context: context, code: CloseCode.protocolError)
+        }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .open = state else {
+            promise?.fail(ChannelError.outputClosed)
+            return
+        }
+        context.write(data, promise: promise)
+    }
+
+    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard let request = event as? WebSocketCloseRequest else {
+            return context.triggerUserOutboundEvent(event, promise: promise)
+        }
+        sendClose(context: context, code: request.code)
+        promise?.succeed(())
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        switch error {
+        case NIOWebSocketError.invalidFrameLength, is NIOWebSocketFrameAggregator.Error:
+            fail(context: context, code: CloseCode.tooBig)
+        case is NIOWebSocketError, is ByteToMessageDecoderError:
+            fail(context: context, code: CloseCode.protocolError)
+        default:
+            context.close(promise: nil)
+        }
+    }
+
+    private func receivedClose(context: ChannelHandlerContext, frame: WebSocketFrame) {
+        switch state {
+        case .open:
+            var payload = frame.unmaskedData
+            let code = Self.validatedCloseCode(&payload)
+            state = .closed
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(FrameBytes.close(code: code, allocator: channel.allocator)))
+                .whenComplete { _ in channel.close(promise: nil) }
+        case .closeSent:
+            state = .closed
+            context.close(promise: nil)
+        case .closed:
+            break
+        }
+    }
+
+    /// The code to echo: the peer's if it is valid, 1002 if the close frame is malformed.
+    private static func validatedCloseCode(_ payload: inout ByteBuffer) -> UInt16 {
+        if payload.readableBytes == 0 { return CloseCode.normal }
+        guard payload.readableBytes >= 2, let code = payload.readInteger(as: UInt16.self),
+              payload.readableBytesView.isValidUTF8, isValidReceivedCloseCode(code) else {
+            return CloseCode.protocolError
+        }
+        return code
+    }
+
+    private static func isValidReceivedCloseCode(_ code: UInt16) -> Bool {
+        switch code {
+        case 1000...1003, 1007...1011, 3000...4999: true
+        default: false
+        }
+    }
+
+    private func fail(context: ChannelHandlerContext, code: UInt16) {
+        sendClose(context: context, code: code)
+    }
+
+    private func sendClose(context: ChannelHandlerContext, code: UInt16) {
+        guard case .open = state else { return }
+        state = .closeSent
+        context.writeAndFlush(wrapOutboundOut(FrameBytes.close(code: code, allocator: context.channel.allocator)), promise: nil)
+        let channel = context.channel
+        context.eventLoop.scheduleTask(in: Self.closeHandshakeTimeout) {
+            channel.close(promise: nil)
+        }
+    }
+}
+
+extension ByteBufferView {
+    var isValidUTF8: Bool {
+        withContiguousStorageIfAvailable { String(validating: $0, as: UTF8.self) != nil }
+            ?? (String(validating: Array(self), as: UTF8.self) != nil)
+    }
+}
+
+/// Per-connection timestamps the worker's shared idle sweep reads.
+final class ConnectionActivity {
+    var lastInbound = NIODeadline.now()
+    var pingSent = false
+}

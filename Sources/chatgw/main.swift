@@ -1,0 +1,145 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import ChatConfig
+import ChatMaster
+import ChatRelay
+import ChatSystem
+import ChatWorker
+import Foundation
+import Logging
+import NIOCore
+
+@main
+struct ChatGW: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "chatgw",
+        abstract: "A prefork, multiprocess WebSocket chat gateway.",
+        subcommands: [Master.self, Worker.self, Relay.self],
+        defaultSubcommand: Master.self
+    )
+}
+
+/// Start-up failures a user can cause: one line on stderr, exit 2.
+private func failStartup(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("chatgw: \(message)\n".utf8))
+    exit(2)
+}
+
+struct Master: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "master",
+        abstract: "Run the master: bind the listener, start the relay and workers, supervise them (the default)."
+    )
+
+    @Option(name: .long, help: "Config file (YAML).")
+    var config: String?
+
+    @Option(name: .long, help: "Listen address, host:port (server.listen).")
+    var listen: String?
+
+    @Option(name: .long, help: "Worker processes, a number or auto (server.workers).")
+    var workers: String?
+
+    @Option(name: .long, help: "Directory for the pid file and sockets (server.state_dir).")
+    var stateDir: String?
+
+    func run() async throws {
+        var overrides: [String: String] = [:]
+        overrides["server.listen"] = listen
+        overrides["server.workers"] = workers
+        overrides["server.state_dir"] = stateDir
+        let gateway: GatewayConfig
+        do {
+            gateway = try await ConfigLoader.load(file: config, environment: ProcessEnvironment.current(), overrides: overrides)
+        } catch {
+            failStartup(error.description)
+        }
+        ChatLogHandler.bootstrap(tag: "master", level: gateway.log.level.loggerLevel)
+        let logger = Logger(label: "chatgw.master")
+
+        do {
+            try FileManager.default.createDirectory(atPath: gateway.server.stateDirectory, withIntermediateDirectories: true)
+        } catch {
+            failStartup("cannot create state directory \(gateway.server.stateDirectory): \(error.localizedDescription)")
+        }
+        let settings = MasterSettings(
+            executable: Spawner.currentExecutable(),
+            host: gateway.server.listen.host,
+            port: gateway.server.listen.port,
+            backlog: Int32(gateway.server.backlog),
+            workerCount: gateway.server.workers.resolved(cores: ProcessControl.processorCount()),
+            restart: RestartPolicy.Settings(
+                initialDelay: Double(gateway.supervisor.restartBackoffInitialMs) / 1000,
+                maximumDelay: Double(gateway.supervisor.restartBackoffMaxMs) / 1000,
+                stableAfter: Double(gateway.supervisor.restartResetAfterSeconds),
+                crashLoopAfter: gateway.supervisor.crashLoopRestarts),
+            drainTimeout: gateway.supervisor.drainTimeoutSeconds,
+            heartbeatTimeout: gateway.supervisor.heartbeatTimeoutSeconds,
+            startTimeout: max(10, gateway.supervisor.heartbeatTimeoutSeconds),
+            childConfigJSON: gateway.encodedJSON(), childConfigVariable: GatewayConfig.environmentJSONVariable)
+        let arbiter: Arbiter
+        do {
+            arbiter = try Arbiter(settings: settings, logger: logger)
+        } catch {
+            failStartup("cannot listen on \(gateway.server.listen): \(error.reason)")
+        }
+        let pidFile = gateway.pidFilePath
+        _ = FileManager.default.createFile(atPath: pidFile, contents: Data("\(getpid())\n".utf8))
+        let status = arbiter.run()
+        try? FileManager.default.removeItem(atPath: pidFile)
+        throw ExitCode(status)
+    }
+}
+
+/// What every child reads first: the config the master resolved, from its environment.
+private func childConfig() -> GatewayConfig {
+    guard let json = ProcessEnvironment.current()[GatewayConfig.environmentJSONVariable] else {
+        failStartup("this subcommand is started by the master, not by hand")
+    }
+    do {
+        return try GatewayConfig.decodeFromEnvironmentJSON(json)
+    } catch {
+        failStartup(error.description)
+    }
+}
+
+private func heartbeatInterval(_ config: GatewayConfig) -> TimeAmount {
+    .milliseconds(Int64(config.supervisor.heartbeatIntervalMs))
+}
+
+struct Worker: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "worker", abstract: "Internal: one worker process (started by the master).", shouldDisplay: false)
+
+    @Option var slot: Int
+    @Option var generation: Int = 1
+
+    func run() throws {
+        let config = childConfig()
+        ChatLogHandler.bootstrap(tag: "worker\(slot)", level: config.log.level.loggerLevel)
+        let settings = WorkerSettings(
+            slot: slot, generation: generation, backlog: Int32(config.server.backlog),
+            heartbeatSeconds: config.server.heartbeatSeconds, heartbeatInterval: heartbeatInterval(config),
+            maxFrameBytes: config.limits.maxFrameBytes, maxTextBytes: config.limits.maxTextBytes,
+            conformanceEcho: config.conformance.echo, conformanceMaxMessageBytes: config.conformance.maxMessageBytes)
+        WorkerProcess.run(settings: settings, logger: Logger(label: "chatgw.worker"))
+    }
+}
+
+struct Relay: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "relay", abstract: "Internal: the relay process (started by the master).", shouldDisplay: false)
+
+    @Option var generation: Int = 1
+
+    func run() throws {
+        let config = childConfig()
+        ChatLogHandler.bootstrap(tag: "relay", level: config.log.level.loggerLevel)
+        let settings = RelaySettings(socketPath: config.relaySocketPath, heartbeatInterval: heartbeatInterval(config))
+        RelayProcess.run(settings: settings, logger: Logger(label: "chatgw.relay"))
+    }
+}
+
+extension LogLevel {
+    var loggerLevel: Logger.Level { Logger.Level(rawValue: rawValue) ?? .info }
+}
