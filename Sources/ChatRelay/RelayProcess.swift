@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatBus
 import ChatLink
 import ChatSystem
 import Logging
@@ -11,10 +12,12 @@ import NIOPosix
 public struct RelaySettings: Sendable {
     public var socketPath: String
     public var heartbeatInterval: TimeAmount
+    public var limits: RoomBook.Limits
 
-    public init(socketPath: String, heartbeatInterval: TimeAmount) {
+    public init(socketPath: String, heartbeatInterval: TimeAmount, limits: RoomBook.Limits) {
         self.socketPath = socketPath
         self.heartbeatInterval = heartbeatInterval
+        self.limits = limits
     }
 }
 
@@ -23,19 +26,30 @@ public enum RelayProcess {
     public static func run(settings: RelaySettings, logger: Logger) -> Never {
         do {
             let runtime = ChildRuntime(logger: logger)
+            let loop = runtime.eventLoop
+            let relay = try loop.submit { NIOLoopBound(Relay(book: RoomBook(limits: settings.limits), logger: logger), eventLoop: loop) }.wait()
             let server = try ServerBootstrap(group: runtime.group)
-                .childChannelInitializer { channel in channel.eventLoop.makeSucceededVoidFuture() }
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try RelayCodec.addHandlers(to: channel.pipeline.syncOperations)
+                        try channel.pipeline.syncOperations.addHandler(RelayLinkHandler(relay: relay.value, logger: logger))
+                    }
+                }
                 .bind(unixDomainSocketPath: settings.socketPath, cleanupExistingSocketFile: true)
                 .wait()
             // Only the gateway's own processes (same user) may speak to the relay.
             chmod(settings.socketPath, 0o600)
             try runtime.connect(
                 heartbeatInterval: settings.heartbeatInterval,
-                stats: { ChildStats() },
+                stats: {
+                    let relay = relay.value
+                    return ChildStats(connections: relay.linkCount, rooms: relay.roomCount, messagesIn: relay.messagesIn, messagesOut: relay.messagesOut)
+                },
                 onStop: { _, _ in
                     server.close().whenComplete { _ in runtime.finish() }
                 }
             )
+            loop.scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { _ in relay.value.sweep() }
             logger.info("relay serving", metadata: ["socket": "\(settings.socketPath)"])
             runtime.reportReady()
             runtime.runUntilFinished()

@@ -8,7 +8,7 @@ enum ConnectionPipeline {
     static func configure(_ channel: any Channel, worker: NIOLoopBound<Worker>) -> EventLoopFuture<Void> {
         let settings = worker.value.settings
         let upgrader = WebSocketUpgrader(
-            maxFrameSize: settings.maxFrameBytes,
+            maxFrameSize: settings.limits.maxFrameBytes,
             shouldUpgrade: { channel, head in
                 let target = RequestTarget(head.uri)
                 guard target.path == "/ws", Identity.user(in: target) != nil else {
@@ -23,9 +23,10 @@ enum ConnectionPipeline {
             configure: { channel, head in
                 let worker = worker.value
                 let user = Identity.user(in: RequestTarget(head.uri)) ?? "guest"
-                try addWebSocketHandlers(to: channel, maxMessageBytes: settings.maxFrameBytes)
+                let activity = ConnectionActivity()
+                try addWebSocketHandlers(to: channel, maxMessageBytes: settings.limits.maxFrameBytes, activity: activity)
                 try channel.pipeline.syncOperations.addHandler(
-                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), worker: worker))
+                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), activity: activity, worker: worker))
             }
         )
         return channel.eventLoop.makeCompletedFuture {
@@ -36,12 +37,12 @@ enum ConnectionPipeline {
     }
 
     /// Reassembly of fragments, then the WebSocket duties.
-    private static func addWebSocketHandlers(to channel: any Channel, maxMessageBytes: Int) throws {
+    private static func addWebSocketHandlers(to channel: any Channel, maxMessageBytes: Int, activity: ConnectionActivity) throws {
         let pipeline = channel.pipeline.syncOperations
         // The plain-HTTP handler sits where the WebSocket handlers go; it is done now.
         _ = pipeline.removeHandler(context: try pipeline.context(handlerType: HTTPHandler.self))
         try pipeline.addHandler(NIOWebSocketFrameAggregator(
             minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1_000, maxAccumulatedFrameSize: maxMessageBytes))
-        try pipeline.addHandler(WebSocketHandler(activity: ConnectionActivity()))
+        try pipeline.addHandler(WebSocketHandler(activity: activity))
     }
 }

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatBus
+import ChatConfig
 import ChatLink
 import ChatProtocol
 import ChatSystem
@@ -8,30 +10,20 @@ import Logging
 import NIOCore
 import NIOPosix
 
-/// What a worker needs from the config, resolved once.
+/// What a worker is: its slot and generation, and the config the master resolved.
 public struct WorkerSettings: Sendable {
     public var slot: Int
     public var generation: Int
-    public var backlog: Int32
-    public var heartbeatSeconds: Int
-    public var heartbeatInterval: TimeAmount
-    public var maxFrameBytes: Int
-    public var maxTextBytes: Int
-    public var conformanceEcho: Bool
-    public var conformanceMaxMessageBytes: Int
+    public var config: GatewayConfig
 
-    public init(slot: Int, generation: Int, backlog: Int32, heartbeatSeconds: Int, heartbeatInterval: TimeAmount,
-                maxFrameBytes: Int, maxTextBytes: Int, conformanceEcho: Bool, conformanceMaxMessageBytes: Int) {
+    public init(slot: Int, generation: Int, config: GatewayConfig) {
         self.slot = slot
         self.generation = generation
-        self.backlog = backlog
-        self.heartbeatSeconds = heartbeatSeconds
-        self.heartbeatInterval = heartbeatInterval
-        self.maxFrameBytes = maxFrameBytes
-        self.maxTextBytes = maxTextBytes
-        self.conformanceEcho = conformanceEcho
-        self.conformanceMaxMessageBytes = conformanceMaxMessageBytes
+        self.config = config
     }
+
+    var limits: GatewayConfig.Limits { config.limits }
+    var heartbeatSeconds: Int { config.server.heartbeatSeconds }
 }
 
 /// Figures the worker reports to the master.
@@ -41,19 +33,25 @@ struct WorkerCounters {
 }
 
 /// One worker process: accepts on the socket the master bound for its slot and holds
-/// every connection and room table on one event loop, so nothing here needs a lock.
-final class Worker {
+/// every connection, room table and its bus link on one event loop, so nothing here
+/// needs a lock and no message hops threads.
+final class Worker: BusDelegate {
     let settings: WorkerSettings
     let logger: Logger
+    let bus: any Bus
+    let rooms: LocalRooms
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     private var nextConnection: UInt64 = 0
     private var stopping = false
     var onDrained: (() -> Void)?
 
-    init(settings: WorkerSettings, logger: Logger) {
+    init(settings: WorkerSettings, bus: any Bus, eventLoop: any EventLoop, logger: Logger) {
         self.settings = settings
         self.logger = logger
+        self.bus = bus
+        self.rooms = LocalRooms(eventLoop: eventLoop)
+        bus.delegate = self
     }
 
     var connectionCount: Int { sessions.count }
@@ -70,6 +68,46 @@ final class Worker {
     func unregister(_ session: SessionHandler) {
         guard sessions.removeValue(forKey: ObjectIdentifier(session)) != nil else { return }
         if stopping && sessions.isEmpty { onDrained?() }
+    }
+
+    // MARK: bus
+
+    func bus(received message: RoomMessage) {
+        rooms.deliver(message)
+    }
+
+    /// (Re)joins every room that has local members, resuming where this worker left off.
+    func busConnected() {
+        for (name, room) in rooms.rooms {
+            bus.join(room: name, since: room.lastSeq, epoch: room.epoch, history: 0, members: room.members.count) { [self] result in
+                if case .success(let answer) = result {
+                    rooms.resynced(name, result: answer)
+                }
+            }
+        }
+    }
+
+    func busLost() {
+        logger.warning("bus unavailable; joins and sends get `unavailable` until it is back", metadata: ["rooms": "\(rooms.count)"])
+    }
+
+    // MARK: housekeeping
+
+    /// One shared sweep instead of a timer per connection: pings connections that went
+    /// quiet and closes those that stayed silent past the idle timeout.
+    func sweepIdle() {
+        let now = NIODeadline.now()
+        let pingAfter = TimeAmount.seconds(Int64(settings.limits.idlePingSeconds))
+        let closeAfter = TimeAmount.seconds(Int64(settings.limits.idleTimeoutSeconds))
+        for session in sessions.values {
+            let quiet = now - session.activity.lastInbound
+            if quiet >= closeAfter {
+                session.close(code: CloseCode.goingAway)
+            } else if quiet >= pingAfter, !session.activity.pingSent {
+                session.activity.pingSent = true
+                session.ping()
+            }
+        }
     }
 
     /// Says goodbye to every client, spread evenly over `window` so that their
@@ -89,8 +127,7 @@ final class Worker {
             if delay == 0 {
                 session.sayGoodbye(reason, retryMs: retryMs)
             } else {
-                let bound = NIOLoopBound(session, eventLoop: loop)
-                loop.scheduleTask(in: .milliseconds(Int64(delay))) { bound.value.sayGoodbye(reason, retryMs: retryMs) }
+                loop.assumeIsolated().scheduleTask(in: .milliseconds(Int64(delay))) { session.sayGoodbye(reason, retryMs: retryMs) }
             }
         }
     }
@@ -114,28 +151,35 @@ public enum WorkerProcess {
     private static func start(settings: WorkerSettings, logger: Logger) throws -> Never {
         let runtime = ChildRuntime(logger: logger)
         let loop = runtime.eventLoop
+        let config = settings.config
         let worker = try loop.submit {
-            let worker = Worker(settings: settings, logger: logger)
+            let bus = RelayBusClient(socketPath: config.relaySocketPath, workerName: "worker\(settings.slot)-\(getpid())",
+                                     eventLoop: loop, logger: logger)
+            let worker = Worker(settings: settings, bus: bus, eventLoop: loop, logger: logger)
             worker.onDrained = { runtime.finish() }
+            bus.start()
             return NIOLoopBound(worker, eventLoop: loop)
         }.wait()
 
+        let outbound = config.limits.outboundBufferBytes
         let server = try ServerBootstrap(group: runtime.group)
-            .serverChannelOption(.backlog, value: settings.backlog)
+            .serverChannelOption(.backlog, value: Int32(config.server.backlog))
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
             .childChannelInitializer { channel in
                 ConnectionPipeline.configure(channel, worker: worker)
             }
             .withBoundSocket(Descriptors.childListenFD)
             .wait()
         // NIO re-listens with a backlog of 128 whatever it was asked; restore ours.
-        listen(Descriptors.childListenFD, settings.backlog)
+        listen(Descriptors.childListenFD, Int32(config.server.backlog))
 
+        loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in worker.value.sweepIdle() }
         try runtime.connect(
-            heartbeatInterval: settings.heartbeatInterval,
+            heartbeatInterval: .milliseconds(Int64(config.supervisor.heartbeatIntervalMs)),
             stats: {
                 let worker = worker.value
-                return ChildStats(connections: worker.connectionCount, rooms: 0,
+                return ChildStats(connections: worker.connectionCount, rooms: worker.rooms.count,
                                   messagesIn: worker.counters.messagesIn, messagesOut: worker.counters.messagesOut)
             },
             onStop: { reason, window in

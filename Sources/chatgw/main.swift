@@ -118,11 +118,7 @@ struct Worker: ParsableCommand {
     func run() throws {
         let config = childConfig()
         ChatLogHandler.bootstrap(tag: "worker\(slot)", level: config.log.level.loggerLevel)
-        let settings = WorkerSettings(
-            slot: slot, generation: generation, backlog: Int32(config.server.backlog),
-            heartbeatSeconds: config.server.heartbeatSeconds, heartbeatInterval: heartbeatInterval(config),
-            maxFrameBytes: config.limits.maxFrameBytes, maxTextBytes: config.limits.maxTextBytes,
-            conformanceEcho: config.conformance.echo, conformanceMaxMessageBytes: config.conformance.maxMessageBytes)
+        let settings = WorkerSettings(slot: slot, generation: generation, config: config)
         WorkerProcess.run(settings: settings, logger: Logger(label: "chatgw.worker"))
     }
 }
@@ -135,7 +131,9 @@ struct Relay: ParsableCommand {
     func run() throws {
         let config = childConfig()
         ChatLogHandler.bootstrap(tag: "relay", level: config.log.level.loggerLevel)
-        let settings = RelaySettings(socketPath: config.relaySocketPath, heartbeatInterval: heartbeatInterval(config))
+        let settings = RelaySettings(
+            socketPath: config.relaySocketPath, heartbeatInterval: heartbeatInterval(config),
+            limits: RoomBook.Limits(historyMessages: config.history.messages, historyMaxAgeMs: config.history.maxAgeSeconds * 1000))
         RelayProcess.run(settings: settings, logger: Logger(label: "chatgw.relay"))
     }
 }

@@ -1,22 +1,39 @@
+import ChatBus
 import ChatProtocol
+import ChatSystem
 import NIOCore
 
 /// One client's conversation: turns requests into actions on the worker's rooms and
-/// writes the answers. Lives on the worker's single event loop, like everything it touches.
+/// the bus, and writes the answers. Lives on the worker's single event loop, like
+/// everything it touches.
 final class SessionHandler: ChannelInboundHandler {
     typealias InboundIn = WebSocketMessage
     typealias OutboundOut = ByteBuffer
 
+    private enum Membership {
+        /// Asked the bus; `joined` not sent yet.
+        case joining
+        case joined
+    }
+
     let user: String
     let connectionID: String
+    let activity: ConnectionActivity
     private let worker: Worker
     private var context: ChannelHandlerContext?
-    private var saidGoodbye = false
+    private var rooms: [String: Membership] = [:]
+    private var bucket: TokenBucket
+    private var flood: FloodDetector
+    private var closing = false
 
-    init(user: String, connectionID: String, worker: Worker) {
+    init(user: String, connectionID: String, activity: ConnectionActivity, worker: Worker) {
         self.user = user
         self.connectionID = connectionID
+        self.activity = activity
         self.worker = worker
+        let limits = worker.settings.limits
+        bucket = TokenBucket(rate: limits.ratePerSecond, burst: limits.burst, now: monotonicSeconds())
+        flood = FloodDetector(limit: limits.floodViolations)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -27,24 +44,31 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        worker.unregister(self)
+        departed()
         self.context = nil
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        worker.unregister(self)
+        departed()
         context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closing else { return }
         worker.counters.messagesIn += 1
         switch unwrapInboundIn(data) {
         case .binary:
             send(.error(ProtocolError(.badFrame, "frames must be text holding one JSON object")))
         case .text(let text):
-            switch ClientMessage.decode(text, maxTextBytes: worker.settings.maxTextBytes) {
-            case .success(let request): handle(request)
-            case .failure(let error): send(.error(error))
+            switch ClientMessage.decode(text, maxTextBytes: worker.settings.limits.maxTextBytes) {
+            case .success(let request):
+                if case .ping(let ref) = request {
+                    send(.pong(ref: ref))
+                } else if admit(request) {
+                    handle(request)
+                }
+            case .failure(let error):
+                send(.error(error))
             }
         }
     }
@@ -53,13 +77,131 @@ final class SessionHandler: ChannelInboundHandler {
         context.flush()
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // Over the outbound buffer: this reader is too slow for its rooms. Cut it off
+        // rather than let its backlog grow or hold anyone else back.
+        if !context.channel.isWritable {
+            sayGoodbye(.slowConsumer, retryMs: Int.random(in: 1_000...5_000))
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: requests
+
+    /// Rate limiting: every request but ping takes a token; a connection that keeps
+    /// hitting the limit is flooding and is closed.
+    private func admit(_ request: ClientMessage) -> Bool {
+        let now = monotonicSeconds()
+        if bucket.take(now: now) { return true }
+        if flood.recordViolation(now: now) {
+            sayGoodbye(.flood, retryMs: Int.random(in: 5_000...15_000))
+        } else {
+            send(.error(ProtocolError(.rateLimited, "slow down: at most \(worker.settings.limits.ratePerSecond) requests per second", ref: request.ref)))
+        }
+        return false
+    }
+
     private func handle(_ request: ClientMessage) {
         switch request {
+        case .join(let room, let since, let epoch, let history, let ref):
+            join(room, since: since, epoch: epoch, history: history, ref: ref)
+        case .leave(let room, let ref):
+            leave(room, ref: ref)
+        case .send(let room, let text, let ref):
+            publish(room, text: text, ref: ref)
+        case .history(let room, let before, let limit, let ref):
+            history(room, before: before, limit: limit, ref: ref)
         case .ping(let ref):
             send(.pong(ref: ref))
-        default:
-            send(.error(ProtocolError(.internal, "not implemented yet", ref: request.ref)))
         }
+    }
+
+    private func join(_ room: String, since: Int?, epoch: String?, history: Int, ref: String?) {
+        if rooms[room] == .joined, let local = worker.rooms.room(room) {
+            send(.joined(room: room, seq: local.lastSeq, epoch: local.epoch, members: local.knownMembers, ref: ref))
+            return
+        }
+        guard rooms[room] == nil else {
+            return send(.error(ProtocolError(.badJSON, "already joining this room", ref: ref, room: room)))
+        }
+        guard rooms.count < worker.settings.limits.roomsPerConnection else {
+            return send(.error(ProtocolError(.tooManyRooms, "at most \(worker.settings.limits.roomsPerConnection) rooms per connection", ref: ref, room: room)))
+        }
+        guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
+        rooms[room] = .joining
+        worker.bus.join(room: room, since: since, epoch: epoch, history: history, members: 1) { [self] result in
+            guard context != nil, rooms[room] == .joining else {
+                // Left or disconnected while the bus was answering: undo the count.
+                if case .success = result { worker.bus.leave(room: room, members: 1) }
+                return
+            }
+            switch result {
+            case .success(let answer):
+                rooms[room] = .joined
+                worker.rooms.add(self, to: room, snapshot: answer.room)
+                send(.joined(room: room, seq: answer.room.seq, epoch: answer.room.epoch, members: answer.room.members, ref: ref))
+                if let gap = answer.gap {
+                    send(.gap(room: room, from: gap.from, to: gap.to, epoch: gap.epoch))
+                }
+                for message in answer.replay {
+                    send(.message(message))
+                }
+            case .failure:
+                rooms[room] = nil
+                sendUnavailable(ref: ref, room: room)
+            }
+            flush()
+        }
+    }
+
+    private func leave(_ room: String, ref: String?) {
+        guard let membership = rooms.removeValue(forKey: room) else {
+            return send(.error(ProtocolError(.notJoined, "not a member of this room", ref: ref, room: room)))
+        }
+        if membership == .joined {
+            worker.rooms.remove(self, from: room)
+            worker.bus.leave(room: room, members: 1)
+        }
+        send(.left(room: room, ref: ref))
+    }
+
+    private func publish(_ room: String, text: String, ref: String?) {
+        guard rooms[room] == .joined else {
+            return send(.error(ProtocolError(.notJoined, "join the room before sending to it", ref: ref, room: room)))
+        }
+        guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
+        worker.bus.publish(room: room, from: user, text: text) { [self] result in
+            switch result {
+            case .success(let published):
+                if let ref { send(.ack(ref: ref, room: room, seq: published.seq)) }
+            case .failure:
+                sendUnavailable(ref: ref, room: room)
+            }
+            flush()
+        }
+    }
+
+    private func history(_ room: String, before: HistoryPosition?, limit: Int, ref: String?) {
+        guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
+        worker.bus.fetch(room: room, before: before, limit: limit) { [self] result in
+            switch result {
+            case .success(let page):
+                send(.history(room: room, messages: page.messages, more: page.more, ref: ref))
+            case .failure:
+                sendUnavailable(ref: ref, room: room)
+            }
+            flush()
+        }
+    }
+
+    private func sendUnavailable(ref: String?, room: String) {
+        send(.error(ProtocolError(.unavailable, "the message bus is unreachable; retry shortly", ref: ref, room: room)))
+    }
+
+    /// Leaves every room once the connection is gone.
+    private func departed() {
+        departedRooms()
+        worker.unregister(self)
     }
 
     // MARK: output
@@ -73,7 +215,7 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Queues an already framed message (the same bytes go to every member of a room).
     func write(_ frame: ByteBuffer) {
-        guard let context else { return }
+        guard let context, !closing else { return }
         worker.counters.messagesOut += 1
         context.write(wrapOutboundOut(frame), promise: nil)
     }
@@ -82,12 +224,37 @@ final class SessionHandler: ChannelInboundHandler {
         context?.flush()
     }
 
-    /// Sends `bye` and starts the close handshake with the matching close code.
+    /// Sends `bye` and starts the close handshake with the matching close code. The
+    /// connection leaves its rooms at once, so nothing more is queued for it.
     func sayGoodbye(_ reason: ByeReason, retryMs: Int) {
-        guard let context, !saidGoodbye else { return }
-        saidGoodbye = true
+        guard let context, !closing else { return }
         send(.bye(reason: reason, retryMs: retryMs))
         flush()
+        closing = true
+        departedRooms()
         context.triggerUserOutboundEvent(WebSocketCloseRequest(code: CloseCode.forBye(reason)), promise: nil)
+    }
+
+    /// Closes without `bye` (idle timeout).
+    func close(code: UInt16) {
+        guard let context, !closing else { return }
+        closing = true
+        departedRooms()
+        context.triggerUserOutboundEvent(WebSocketCloseRequest(code: code), promise: nil)
+    }
+
+    /// Sends a WebSocket ping (idle check).
+    func ping() {
+        guard let context, !closing else { return }
+        context.writeAndFlush(wrapOutboundOut(FrameBytes.make(opcode: .ping, payload: ByteBuffer(), allocator: context.channel.allocator)), promise: nil)
+    }
+
+    /// Leaves every room; a room still being joined is undone when the bus answers.
+    private func departedRooms() {
+        for (room, membership) in rooms where membership == .joined {
+            worker.rooms.remove(self, from: room)
+            worker.bus.leave(room: room, members: 1)
+        }
+        rooms.removeAll()
     }
 }

@@ -43,6 +43,7 @@ final class WebSocketHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         activity.lastInbound = NIODeadline.now()
+        activity.pingSent = false
         guard !frame.rsv1, !frame.rsv2, !frame.rsv3 else {
             return fail(context: context, code: CloseCode.protocolError)
         }

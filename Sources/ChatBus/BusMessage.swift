@@ -1,1 +1,0 @@
-// The bus interface and relay wire format arrive with the rooms issue.

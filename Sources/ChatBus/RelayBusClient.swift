@@ -1,0 +1,202 @@
+import ChatProtocol
+import Logging
+import NIOCore
+import NIOPosix
+
+/// The worker's link to the relay over its Unix socket, reconnecting with backoff.
+public final class RelayBusClient: Bus {
+    private enum Pending {
+        case join((Result<JoinResult, BusError>) -> Void)
+        case publish((Result<Published, BusError>) -> Void)
+        case fetch((Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void)
+    }
+
+    public weak var delegate: BusDelegate?
+    private let socketPath: String
+    private let workerName: String
+    private let eventLoop: any EventLoop
+    private let logger: Logger
+    private var channel: (any Channel)?
+    private var pending: [UInt32: Pending] = [:]
+    private var nextRequest: UInt32 = 0
+    private var reconnectDelay = TimeAmount.milliseconds(50)
+    private var stopped = false
+    private var flushScheduled = false
+
+    public init(socketPath: String, workerName: String, eventLoop: any EventLoop, logger: Logger) {
+        self.socketPath = socketPath
+        self.workerName = workerName
+        self.eventLoop = eventLoop
+        self.logger = logger
+    }
+
+    public var isAvailable: Bool { channel != nil }
+
+    public func start() {
+        connect()
+    }
+
+    public func stop() {
+        stopped = true
+        channel?.close(promise: nil)
+    }
+
+    public func join(room: String, since: Int?, epoch: String?, history: Int, members: Int,
+                     completion: @escaping (Result<JoinResult, BusError>) -> Void) {
+        guard let request = register(.join(completion)) else { return completion(.failure(.unavailable)) }
+        send(.join(request: request, room: room, since: since, epoch: epoch, history: history, members: members))
+    }
+
+    public func leave(room: String, members: Int) {
+        guard channel != nil else { return }
+        send(.leave(room: room, members: members))
+    }
+
+    public func publish(room: String, from: String, text: String, completion: @escaping (Result<Published, BusError>) -> Void) {
+        guard let request = register(.publish(completion)) else { return completion(.failure(.unavailable)) }
+        send(.publish(request: request, room: room, from: from, text: text))
+    }
+
+    public func fetch(room: String, before: HistoryPosition?, limit: Int,
+                      completion: @escaping (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void) {
+        guard let request = register(.fetch(completion)) else { return completion(.failure(.unavailable)) }
+        send(.fetch(request: request, room: room, before: before, limit: limit))
+    }
+
+    // MARK: link
+
+    private func register(_ request: Pending) -> UInt32? {
+        guard channel != nil else { return nil }
+        nextRequest &+= 1
+        pending[nextRequest] = request
+        return nextRequest
+    }
+
+    private func send(_ frame: RelayFrame) {
+        guard let channel else { return }
+        channel.write(RelayCodec.encode(frame, allocator: channel.allocator), promise: nil)
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        // One flush per tick, after everything this tick wanted to send.
+        eventLoop.assumeIsolated().execute { [self] in
+            flushScheduled = false
+            self.channel?.flush()
+        }
+    }
+
+    private func connect() {
+        guard !stopped else { return }
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        ClientBootstrap(group: eventLoop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try RelayCodec.addHandlers(to: channel.pipeline.syncOperations)
+                    try channel.pipeline.syncOperations.addHandler(RelayClientHandler(client: bound.value))
+                }
+            }
+            .connect(unixDomainSocketPath: socketPath)
+            .assumeIsolated()
+            .whenComplete { result in
+                let client = bound.value
+                switch result {
+                case .success(let channel):
+                    client.connected(channel)
+                case .failure:
+                    client.scheduleReconnect()
+                }
+            }
+    }
+
+    private func connected(_ channel: any Channel) {
+        guard !stopped else {
+            channel.close(promise: nil)
+            return
+        }
+        self.channel = channel
+        reconnectDelay = .milliseconds(50)
+        logger.info("relay link up", metadata: ["socket": "\(socketPath)"])
+        send(.hello(worker: workerName))
+        delegate?.busConnected()
+    }
+
+    fileprivate func disconnected() {
+        guard channel != nil else { return }
+        channel = nil
+        logger.warning("relay link lost")
+        let failed = pending
+        pending.removeAll()
+        for request in failed.sorted(by: { $0.key < $1.key }).map(\.value) {
+            switch request {
+            case .join(let completion): completion(.failure(.unavailable))
+            case .publish(let completion): completion(.failure(.unavailable))
+            case .fetch(let completion): completion(.failure(.unavailable))
+            }
+        }
+        delegate?.busLost()
+        scheduleReconnect()
+    }
+
+    private func scheduleReconnect() {
+        guard !stopped else { return }
+        let delay = reconnectDelay
+        reconnectDelay = min(reconnectDelay * 2, .seconds(1))
+        eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in connect() }
+    }
+
+    fileprivate func received(_ frame: RelayFrame) {
+        switch frame {
+        case .message(let message):
+            delegate?.bus(received: message)
+        case .joined(let request, let room, let replay, let gap):
+            if case .join(let completion)? = pending.removeValue(forKey: request) {
+                completion(.success(JoinResult(room: room, replay: replay, gap: gap)))
+            }
+        case .published(let request, _, let seq, let epoch):
+            if case .publish(let completion)? = pending.removeValue(forKey: request) {
+                completion(.success(Published(seq: seq, epoch: epoch)))
+            }
+        case .fetched(let request, _, let messages, let more):
+            if case .fetch(let completion)? = pending.removeValue(forKey: request) {
+                completion(.success((messages, more)))
+            }
+        case .failed(let request, let code, let message):
+            let error = BusError.refused(code: code, message: message)
+            switch pending.removeValue(forKey: request) {
+            case .join(let completion)?: completion(.failure(error))
+            case .publish(let completion)?: completion(.failure(error))
+            case .fetch(let completion)?: completion(.failure(error))
+            case nil: break
+            }
+        case .hello, .join, .leave, .publish, .fetch:
+            logger.error("relay sent a worker-only frame; dropping the link")
+            channel?.close(promise: nil)
+        }
+    }
+
+    fileprivate func linkError(_ error: Error) {
+        logger.error("bad frame from relay; dropping the link", metadata: ["error": "\(error)"])
+        channel?.close(promise: nil)
+    }
+}
+
+private final class RelayClientHandler: ChannelInboundHandler {
+    typealias InboundIn = RelayFrame
+
+    private let client: RelayBusClient
+
+    init(client: RelayBusClient) {
+        self.client = client
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        client.received(unwrapInboundIn(data))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        client.disconnected()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        client.linkError(error)
+    }
+}

@@ -1,0 +1,126 @@
+import ChatBus
+import ChatProtocol
+import ChatSystem
+import Logging
+import NIOCore
+
+/// The relay's state on its one event loop: the rooms and the worker links. A message is
+/// encoded once and the same bytes are written to every interested link; links are
+/// flushed once per loop tick, however many messages they got in it.
+final class Relay {
+    private var book: RoomBook
+    private var links: [LinkID: ChannelHandlerContext] = [:]
+    private var nextLinkID: LinkID = 0
+    private var dirty: Set<LinkID> = []
+    private var flushScheduled = false
+    private let logger: Logger
+    private(set) var messagesIn = 0
+    private(set) var messagesOut = 0
+
+    init(book: RoomBook, logger: Logger) {
+        self.book = book
+        self.logger = logger
+    }
+
+    var linkCount: Int { links.count }
+    var roomCount: Int { book.roomCount }
+
+    func attach(_ context: ChannelHandlerContext) -> LinkID {
+        nextLinkID += 1
+        links[nextLinkID] = context
+        return nextLinkID
+    }
+
+    func detach(_ link: LinkID) {
+        links[link] = nil
+        dirty.remove(link)
+        book.dropLink(link)
+    }
+
+    func handle(_ frame: RelayFrame, from link: LinkID) {
+        let now = Self.nowMs()
+        switch frame {
+        case .hello(let worker):
+            logger.info("worker linked", metadata: ["worker": "\(worker)", "link": "\(link)"])
+        case .join(let request, let room, let since, let epoch, let history, let members):
+            let result = book.join(room: room, link: link, members: members, since: since, epoch: epoch, history: history, nowMs: now)
+            send(.joined(request: request, room: result.snapshot, replay: result.replay, gap: result.gap), to: link)
+        case .leave(let room, let members):
+            book.leave(room: room, link: link, members: members)
+        case .publish(let request, let room, let from, let text):
+            messagesIn += 1
+            let message = book.publish(room: room, from: from, text: text, nowMs: now)
+            let bytes = RelayCodec.encode(.message(message), allocator: links[link]?.channel.allocator ?? ByteBufferAllocator())
+            for interested in book.interestedLinks(in: room) ?? [:].keys {
+                write(bytes, to: interested)
+                messagesOut += 1
+            }
+            // After the message itself, so the sender's worker acks only once it has delivered it.
+            send(.published(request: request, room: room, seq: message.seq, epoch: message.epoch), to: link)
+        case .fetch(let request, let room, let before, let limit):
+            let page = book.fetch(room: room, before: before, limit: limit, nowMs: now)
+            send(.fetched(request: request, room: room, messages: page.messages, more: page.more), to: link)
+        case .joined, .message, .published, .fetched, .failed:
+            logger.warning("worker sent a relay-only frame; closing its link", metadata: ["link": "\(link)"])
+            links[link]?.close(promise: nil)
+        }
+    }
+
+    func sweep() {
+        book.sweep(nowMs: Self.nowMs())
+    }
+
+    private func send(_ frame: RelayFrame, to link: LinkID) {
+        guard let context = links[link] else { return }
+        write(RelayCodec.encode(frame, allocator: context.channel.allocator), to: link)
+    }
+
+    private func write(_ bytes: ByteBuffer, to link: LinkID) {
+        guard let context = links[link] else { return }
+        context.write(NIOAny(bytes), promise: nil)
+        dirty.insert(link)
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        // Runs after this tick's I/O events: one flush per link per tick.
+        context.eventLoop.assumeIsolated().execute { [self] in
+            flushScheduled = false
+            for link in dirty { links[link]?.flush() }
+            dirty.removeAll(keepingCapacity: true)
+        }
+    }
+
+    static func nowMs() -> Int { wallClockMilliseconds() }
+}
+
+/// One worker's link: frames in, handed to the relay.
+final class RelayLinkHandler: ChannelInboundHandler {
+    typealias InboundIn = RelayFrame
+
+    private let relay: Relay
+    private let logger: Logger
+    private var link: LinkID?
+
+    init(relay: Relay, logger: Logger) {
+        self.relay = relay
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        link = relay.attach(context)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let link else { return }
+        relay.handle(unwrapInboundIn(data), from: link)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let link { relay.detach(link) }
+        link = nil
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.error("bad frame on worker link; closing it", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,145 @@
+import ChatBus
+import ChatProtocol
+
+// The relay's rooms. Per room: an epoch (random, new whenever the room's sequence starts
+// over), the last seq handed out, a bounded history (by count and by age) of the newest
+// messages, oldest first, and per worker link the number of members that worker has
+// there (their sum is the room's `members`; a worker with a count is sent every message).
+// Pure logic, no I/O: the server feeds it requests and the clock.
+
+/// Identifies one worker link for interest bookkeeping.
+public typealias LinkID = Int
+
+public struct RoomBook {
+    public struct Limits: Sendable {
+        public var historyMessages: Int
+        public var historyMaxAgeMs: Int
+
+        public init(historyMessages: Int, historyMaxAgeMs: Int) {
+            self.historyMessages = historyMessages
+            self.historyMaxAgeMs = historyMaxAgeMs
+        }
+    }
+
+    struct Room {
+        var epoch: String
+        var seq = 0
+        var history: [RoomMessage] = []
+        var interest: [LinkID: Int] = [:]
+        var members: Int { interest.values.reduce(0, +) }
+    }
+
+    public let limits: Limits
+    private(set) var rooms: [String: Room] = [:]
+    private let makeEpoch: () -> String
+
+    public init(limits: Limits, makeEpoch: @escaping () -> String = RoomBook.randomEpoch) {
+        self.limits = limits
+        self.makeEpoch = makeEpoch
+    }
+
+    public static func randomEpoch() -> String {
+        String(UInt64.random(in: 0...UInt64.max), radix: 16)
+    }
+
+    public var roomCount: Int { rooms.count }
+
+    /// Appends the next message of `room` and returns it.
+    public mutating func publish(room name: String, from: String, text: String, nowMs: Int) -> RoomMessage {
+        var room = rooms[name] ?? Room(epoch: makeEpoch())
+        room.seq += 1
+        let message = RoomMessage(room: name, seq: room.seq, epoch: room.epoch, from: from, text: text, ts: nowMs)
+        room.history.append(message)
+        Self.trim(&room.history, limits: limits, nowMs: nowMs)
+        rooms[name] = room
+        return message
+    }
+
+    /// The links that have members in `room`.
+    public func interestedLinks(in name: String) -> Dictionary<LinkID, Int>.Keys? {
+        rooms[name]?.interest.keys
+    }
+
+    /// Counts `members` more members of `link` in `room` and says what to replay.
+    public mutating func join(room name: String, link: LinkID, members: Int, since: Int?, epoch: String?, history: Int, nowMs: Int)
+        -> (snapshot: RoomSnapshot, replay: [RoomMessage], gap: Gap?)
+    {
+        var room = rooms[name] ?? Room(epoch: makeEpoch())
+        room.interest[link, default: 0] += members
+        Self.trim(&room.history, limits: limits, nowMs: nowMs)
+        rooms[name] = room
+        let firstHeld = room.history.first?.seq ?? room.seq + 1
+        var replayFrom = room.seq - history + 1
+        var gap: Gap?
+        if let since {
+            if let epoch, epoch != room.epoch {
+                // The sequence the client knew is gone; it gets the new one from its start,
+                // and a gap that says so ({0,0}: nothing of the new epoch is missing).
+                replayFrom = 1
+                gap = firstHeld > 1 ? Gap(from: 1, to: firstHeld - 1, epoch: room.epoch) : Gap(from: 0, to: 0, epoch: room.epoch)
+            } else {
+                replayFrom = min(replayFrom, since + 1)
+                if since + 1 < firstHeld {
+                    gap = Gap(from: since + 1, to: firstHeld - 1, epoch: room.epoch)
+                }
+            }
+        }
+        let replay = room.history.filter { $0.seq >= replayFrom }
+        return (RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members), replay, gap)
+    }
+
+    /// Counts `members` fewer members of `link` in `room`.
+    public mutating func leave(room name: String, link: LinkID, members: Int) {
+        guard var room = rooms[name], let count = room.interest[link] else { return }
+        room.interest[link] = count - members > 0 ? count - members : nil
+        rooms[name] = room
+    }
+
+    /// Forgets every member of a link that went away.
+    public mutating func dropLink(_ link: LinkID) {
+        for name in rooms.keys where rooms[name]?.interest[link] != nil {
+            rooms[name]?.interest[link] = nil
+        }
+    }
+
+    /// Up to `limit` messages before `before` (default: the newest), oldest first, and
+    /// whether older ones exist in the history.
+    public mutating func fetch(room name: String, before: HistoryPosition?, limit: Int, nowMs: Int) -> (messages: [RoomMessage], more: Bool) {
+        guard var room = rooms[name] else { return ([], false) }
+        Self.trim(&room.history, limits: limits, nowMs: nowMs)
+        rooms[name] = room
+        var candidates = room.history[...]
+        if let before {
+            if before.epoch != room.epoch {
+                // An older epoch's messages are not in memory any more.
+                return ([], false)
+            }
+            candidates = candidates.prefix { $0.seq < before.seq }
+        }
+        let page = candidates.suffix(limit)
+        return (Array(page), page.count < candidates.count)
+    }
+
+    /// Forgets rooms nobody is in whose history has expired.
+    public mutating func sweep(nowMs: Int) {
+        for name in Array(rooms.keys) {
+            guard var room = rooms[name] else { continue }
+            Self.trim(&room.history, limits: limits, nowMs: nowMs)
+            if room.interest.isEmpty && room.history.isEmpty {
+                rooms[name] = nil
+            } else {
+                rooms[name] = room
+            }
+        }
+    }
+
+    private static func trim(_ history: inout [RoomMessage], limits: Limits, nowMs: Int) {
+        if history.count > limits.historyMessages {
+            history.removeFirst(history.count - limits.historyMessages)
+        }
+        let oldestAllowed = nowMs - limits.historyMaxAgeMs
+        if let first = history.first, first.ts < oldestAllowed {
+            history.removeFirst(history.prefix { $0.ts < oldestAllowed }.count)
+        }
+    }
+}

@@ -1,0 +1,105 @@
+import ChatBus
+import ChatProtocol
+import NIOCore
+
+// The worker's room table. For each room with at least one local member: the members
+// (sessions on this worker's loop), and how far this worker has delivered the room
+// (epoch and last seq), which both de-duplicates at the seam of a re-join and tells a
+// resync after a bus outage where to resume. A room message is encoded into one
+// WebSocket frame and those bytes are written to every member; each member is flushed
+// once per loop tick, however many messages reached it in that tick.
+
+final class LocalRooms {
+    struct Room {
+        var members: [ObjectIdentifier: SessionHandler] = [:]
+        var epoch: String
+        var lastSeq: Int
+        var knownMembers: Int
+    }
+
+    private(set) var rooms: [String: Room] = [:]
+    private var dirty: [ObjectIdentifier: SessionHandler] = [:]
+    private var flushScheduled = false
+    private let eventLoop: any EventLoop
+    private let allocator = ByteBufferAllocator()
+
+    init(eventLoop: any EventLoop) {
+        self.eventLoop = eventLoop
+    }
+
+    var count: Int { rooms.count }
+
+    func room(_ name: String) -> Room? { rooms[name] }
+
+    /// Adds a member once the bus answered its join.
+    func add(_ session: SessionHandler, to name: String, snapshot: RoomSnapshot) {
+        var room = rooms[name] ?? Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members)
+        if room.epoch != snapshot.epoch || snapshot.seq > room.lastSeq {
+            room.epoch = snapshot.epoch
+            room.lastSeq = snapshot.seq
+        }
+        room.knownMembers = snapshot.members
+        room.members[ObjectIdentifier(session)] = session
+        rooms[name] = room
+    }
+
+    /// Removes a member; the room goes away with its last member.
+    func remove(_ session: SessionHandler, from name: String) {
+        rooms[name]?.members[ObjectIdentifier(session)] = nil
+        if rooms[name]?.members.isEmpty == true {
+            rooms[name] = nil
+        }
+        dirty[ObjectIdentifier(session)] = nil
+    }
+
+    /// A live message from the bus: one encoding, the same bytes to every member.
+    func deliver(_ message: RoomMessage) {
+        guard var room = rooms[message.room] else { return }
+        if message.epoch == room.epoch && message.seq <= room.lastSeq { return }
+        room.epoch = message.epoch
+        room.lastSeq = message.seq
+        rooms[message.room] = room
+        broadcast(.message(message), to: room.members)
+    }
+
+    /// After a bus outage: what the room's members missed, then the messages again available.
+    func resynced(_ name: String, result: JoinResult) {
+        guard var room = rooms[name] else { return }
+        if let gap = result.gap {
+            broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), to: room.members)
+        }
+        if room.epoch != result.room.epoch {
+            room.epoch = result.room.epoch
+            room.lastSeq = 0
+        }
+        room.knownMembers = result.room.members
+        rooms[name] = room
+        for message in result.replay {
+            deliver(message)
+        }
+        if let latest = rooms[name], result.room.seq > latest.lastSeq {
+            rooms[name]?.lastSeq = result.room.seq
+        }
+    }
+
+    private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) {
+        let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
+        for (key, session) in members {
+            session.write(frame)
+            dirty[key] = session
+        }
+        scheduleFlush()
+    }
+
+    private func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        // Runs after this tick's I/O events: one flush per member per tick.
+        eventLoop.assumeIsolated().execute { [self] in
+            flushScheduled = false
+            let members = dirty
+            dirty.removeAll(keepingCapacity: true)
+            for session in members.values { session.flush() }
+        }
+    }
+}
