@@ -174,7 +174,7 @@ public final class RelayBusClient: Bus {
     }
 
     fileprivate func linkError(_ error: Error) {
-        logger.error("bad frame from relay; dropping the link", metadata: ["error": "\(error)"])
+        logger.error("relay link failed; dropping it", metadata: ["error": "\(error)"])
         channel?.close(promise: nil)
     }
 }

@@ -16,10 +16,21 @@ final class Relay {
     private let logger: Logger
     private(set) var messagesIn = 0
     private(set) var messagesOut = 0
+    private let journal: HistoryJournal?
 
-    init(book: RoomBook, logger: Logger) {
+    init(book: RoomBook, journal: HistoryJournal?, logger: Logger) {
         self.book = book
+        self.journal = journal
         self.logger = logger
+        if let journal {
+            let (messages, discarded) = journal.load()
+            self.book.restore(messages, nowMs: Self.nowMs())
+            if discarded > 0 {
+                logger.warning("ignored a torn or garbled journal tail", metadata: ["bytes": "\(discarded)"])
+            }
+            logger.info("history restored from journal", metadata: ["messages": "\(messages.count)", "rooms": "\(self.book.roomCount)"])
+            compactJournal()
+        }
     }
 
     var linkCount: Int { links.count }
@@ -50,6 +61,7 @@ final class Relay {
         case .publish(let request, let room, let from, let text):
             messagesIn += 1
             let message = book.publish(room: room, from: from, text: text, nowMs: now)
+            journal?.append(message)
             let bytes = RelayCodec.encode(.message(message), allocator: links[link]?.channel.allocator ?? ByteBufferAllocator())
             for interested in book.interestedLinks(in: room) ?? [:].keys {
                 write(bytes, to: interested)
@@ -70,6 +82,14 @@ final class Relay {
         book.sweep(nowMs: Self.nowMs())
     }
 
+    private func compactJournal() {
+        do {
+            try journal?.compact(keeping: book.heldMessages)
+        } catch {
+            logger.error("cannot rewrite the history journal", metadata: ["error": "\(error)"])
+        }
+    }
+
     private func send(_ frame: RelayFrame, to link: LinkID) {
         guard let context = links[link] else { return }
         write(RelayCodec.encode(frame, allocator: context.channel.allocator), to: link)
@@ -84,6 +104,8 @@ final class Relay {
         // Runs after this tick's I/O events: one flush per link per tick.
         context.eventLoop.assumeIsolated().execute { [self] in
             flushScheduled = false
+            journal?.flush()
+            if journal?.needsCompaction == true { compactJournal() }
             for link in dirty { links[link]?.flush() }
             dirty.removeAll(keepingCapacity: true)
         }
@@ -120,7 +142,7 @@ final class RelayLinkHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.error("bad frame on worker link; closing it", metadata: ["error": "\(error)"])
+        logger.error("worker link failed; closing it", metadata: ["error": "\(error)"])
         context.close(promise: nil)
     }
 }

@@ -13,8 +13,11 @@ public struct RelaySettings: Sendable {
     public var socketPath: String
     public var heartbeatInterval: TimeAmount
     public var limits: RoomBook.Limits
+    /// Where the history journal lives; nil keeps history in memory only.
+    public var journalDirectory: String?
 
-    public init(socketPath: String, heartbeatInterval: TimeAmount, limits: RoomBook.Limits) {
+    public init(socketPath: String, heartbeatInterval: TimeAmount, limits: RoomBook.Limits, journalDirectory: String?) {
+        self.journalDirectory = journalDirectory
         self.socketPath = socketPath
         self.heartbeatInterval = heartbeatInterval
         self.limits = limits
@@ -27,7 +30,12 @@ public enum RelayProcess {
         do {
             let runtime = ChildRuntime(logger: logger)
             let loop = runtime.eventLoop
-            let relay = try loop.submit { NIOLoopBound(Relay(book: RoomBook(limits: settings.limits), logger: logger), eventLoop: loop) }.wait()
+            let relay = try loop.submit {
+                let journal = try settings.journalDirectory.map { directory throws(SystemError) in
+                    try HistoryJournal(directory: directory, compactAfter: 100_000)
+                }
+                return NIOLoopBound(Relay(book: RoomBook(limits: settings.limits), journal: journal, logger: logger), eventLoop: loop)
+            }.wait()
             let server = try ServerBootstrap(group: runtime.group)
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {

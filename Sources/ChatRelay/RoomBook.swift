@@ -55,6 +55,25 @@ public struct RoomBook {
         return message
     }
 
+    /// Rebuilds rooms from a journal, in the order the messages were sequenced.
+    public mutating func restore(_ messages: [RoomMessage], nowMs: Int) {
+        for message in messages {
+            var room = rooms[message.room] ?? Room(epoch: message.epoch)
+            if room.epoch != message.epoch {
+                room = Room(epoch: message.epoch)
+            }
+            room.seq = message.seq
+            room.history.append(message)
+            Self.trim(&room.history, limits: limits, nowMs: nowMs)
+            rooms[message.room] = room
+        }
+    }
+
+    /// Every message still held, room by room, oldest first (what a journal must keep).
+    public var heldMessages: [RoomMessage] {
+        rooms.values.flatMap(\.history)
+    }
+
     /// The links that have members in `room`.
     public func interestedLinks(in name: String) -> Dictionary<LinkID, Int>.Keys? {
         rooms[name]?.interest.keys

@@ -133,7 +133,8 @@ struct Relay: ParsableCommand {
         ChatLogHandler.bootstrap(tag: "relay", level: config.log.level.loggerLevel)
         let settings = RelaySettings(
             socketPath: config.relaySocketPath, heartbeatInterval: heartbeatInterval(config),
-            limits: RoomBook.Limits(historyMessages: config.history.messages, historyMaxAgeMs: config.history.maxAgeSeconds * 1000))
+            limits: RoomBook.Limits(historyMessages: config.history.messages, historyMaxAgeMs: config.history.maxAgeSeconds * 1000),
+            journalDirectory: config.history.persist ? config.historyDirectory : nil)
         RelayProcess.run(settings: settings, logger: Logger(label: "chatgw.relay"))
     }
 }
