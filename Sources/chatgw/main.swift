@@ -56,6 +56,10 @@ struct Master: AsyncParsableCommand {
         } catch {
             failStartup(error.description)
         }
+        // Accepted by the config model for the releases that bring them, refused until then
+        // rather than silently ignored.
+        if gateway.bus.kind == .redis { failStartup("invalid config: bus.kind: redis is not available in this build (use relay)") }
+        if gateway.auth.mode == .jwt { failStartup("invalid config: auth.mode: jwt is not available in this build (use none)") }
         ChatLogHandler.bootstrap(tag: "master", level: gateway.log.level.loggerLevel)
         let logger = Logger(label: "chatgw.master")
 
