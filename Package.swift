@@ -20,6 +20,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["JSON", "YAML"]),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // PROTOCOL.md as types and codecs; no I/O.
@@ -30,21 +31,24 @@ let package = Package(
         .target(name: "ChatSystem", dependencies: ["CSystemShims", .product(name: "Logging", package: "swift-log")]),
         .target(name: "CSystemShims"),
         // Messages on the master <-> child control link (newline-delimited JSON).
-        .target(name: "ChatLink", dependencies: ["ChatSystem", .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        .target(name: "ChatLink", dependencies: ["ChatSystem", "ChatControl", .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        // The control socket's request/response types, shared by the master and chatctl.
+        .target(name: "ChatControl"),
         // The bus interface and the relay wire format.
         .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem",
             .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
-        .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatConfig", "ChatSystem"] + nio),
+        .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),
         // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
-        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatBus", "ChatLink", "ChatConfig", "ChatSystem",
+        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
         // The supervisor: binds, spawns, reaps, restarts, handles signals.
-        .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatConfig", "ChatSystem"]),
+        .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
+            .product(name: "Prometheus", package: "swift-prometheus")]),
         .executableTarget(name: "chatgw", dependencies: ["ChatMaster", "ChatWorker", "ChatRelay", "ChatConfig", "ChatSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .executableTarget(name: "chatctl", dependencies: [
+        .executableTarget(name: "chatctl", dependencies: ["ChatControl", "ChatConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),

@@ -75,6 +75,7 @@ extension ConfigText where Self: RawRepresentable & CaseIterable, RawValue == St
 extension BusKind: ConfigText {}
 extension AuthMode: ConfigText {}
 extension LogLevel: ConfigText {}
+extension LogFormat: ConfigText {}
 
 /// One config key: its name, how to read it into a `GatewayConfig` and its allowed range.
 /// `ConfigField.all` is the single list of keys the loader, the validator and the file check use.
@@ -183,6 +184,7 @@ struct ConfigField: Sendable {
         .int("conformance.max_message_bytes", \.conformance.maxMessageBytes, atLeast: 1),
 
         ConfigField("log.level", \.log.level, LogLevel.allowed),
+        ConfigField("log.format", \.log.format, LogFormat.allowed),
     ]
 
     static let byKey = Dictionary(uniqueKeysWithValues: all.map { ($0.key, $0) })

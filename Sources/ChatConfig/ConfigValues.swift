@@ -129,3 +129,8 @@ public enum AuthMode: String, Sendable, Codable, Equatable, CaseIterable {
 public enum LogLevel: String, Sendable, Codable, Equatable, CaseIterable {
     case trace, debug, info, notice, warning, error, critical
 }
+
+/// How log lines are written: `plain` text or one JSON object per line.
+public enum LogFormat: String, Sendable, Codable, Equatable, CaseIterable {
+    case plain, json
+}

@@ -150,6 +150,8 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
     public struct Log: Sendable, Codable, Equatable {
         /// `log.level`: minimum level logged.
         public var level = LogLevel.info
+        /// `log.format`: plain text lines or JSON lines.
+        public var format = LogFormat.plain
         public init() {}
     }
 }

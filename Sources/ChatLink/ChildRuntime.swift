@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatControl
 import ChatSystem
 import Dispatch
 import Logging
@@ -17,6 +18,7 @@ public final class ChildRuntime: Sendable {
     public let eventLoop: any EventLoop
     private let logger: Logger
     private let link: NIOLockedValueBox<(any Channel)?>
+    private let finalStats = NIOLockedValueBox<(@Sendable () -> ChildStats)?>(nil)
     private let stopped: EventLoopPromise<Void>
 
     /// Creates the child's one event loop. Call `connect` once the child's own state exists.
@@ -32,28 +34,23 @@ public final class ChildRuntime: Sendable {
         link = NIOLockedValueBox(nil)
     }
 
-    /// Opens the link to the master and starts heartbeats.
-    /// - Parameters:
-    ///   - stats: called on the loop before every heartbeat.
-    ///   - onStop: called on the loop, at most once, when the master (or SIGTERM, or a lost
-    ///     link) asks the child to stop. The child calls `finish()` when it is done.
-    public func connect(
-        heartbeatInterval: TimeAmount,
-        stats: @escaping @Sendable () -> ChildStats,
-        onStop: @escaping @Sendable (StopReason, TimeAmount) -> Void
-    ) throws {
+    /// Opens the link to the master and starts heartbeats. Every closure of `commands`
+    /// is called on the child's loop.
+    public func connect(heartbeatInterval: TimeAmount, commands: ChildCommands) throws {
         let logger = logger
-        let stopOnce = StopOnce(onStop)
+        let stats = commands.stats
+        let stopOnce = StopOnce(commands.stop)
         let channel = try ClientBootstrap(group: group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineBasedFrameDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(LinkHandler(logger: logger, stop: stopOnce))
+                    try channel.pipeline.syncOperations.addHandler(LinkHandler(logger: logger, stop: stopOnce, commands: commands))
                 }
             }
             .withConnectedSocket(Descriptors.childLinkFD)
             .wait()
         link.withLockedValue { $0 = channel }
+        finalStats.withLockedValue { $0 = stats }
         eventLoop.scheduleRepeatedTask(initialDelay: heartbeatInterval, delay: heartbeatInterval) { _ in
             var figures = stats()
             figures.residentBytes = ProcessControl.residentBytes()
@@ -63,7 +60,7 @@ public final class ChildRuntime: Sendable {
         SignalQueue.ignore(SIGTERM)
         let terminate = DispatchSource.makeSignalSource(signal: SIGTERM, queue: .global())
         terminate.setEventHandler {
-            loop.execute { stopOnce.fire(.shutdown, .zero) }
+            loop.execute { stopOnce.fire(.shutdown, .zero, false) }
         }
         terminate.resume()
         signalSources.append(terminate)
@@ -78,6 +75,14 @@ public final class ChildRuntime: Sendable {
     /// Blocks the calling (main) thread until `finish()`; then exits the process.
     public func runUntilFinished() -> Never {
         try? stopped.futureResult.wait()
+        // A last heartbeat, so the master's counters include this child's final moments.
+        if let channel = link.withLockedValue({ $0 }), let stats = finalStats.withLockedValue({ $0 }) {
+            let figures = try? eventLoop.submit { stats() }.wait()
+            if let figures {
+                let bytes = LinkMessage.heartbeat(figures).encodedLine()
+                try? channel.writeAndFlush(channel.allocator.buffer(bytes: bytes)).wait()
+            }
+        }
         logger.info("exiting")
         exit(0)
     }
@@ -87,7 +92,7 @@ public final class ChildRuntime: Sendable {
         stopped.succeed(())
     }
 
-    private static func send(_ message: LinkMessage, on channel: any Channel) {
+    fileprivate static func send(_ message: LinkMessage, on channel: any Channel) {
         let bytes = message.encodedLine()
         channel.writeAndFlush(channel.allocator.buffer(bytes: bytes), promise: nil)
     }
@@ -96,17 +101,40 @@ public final class ChildRuntime: Sendable {
 /// Keeps the signal sources alive for the life of the process.
 nonisolated(unsafe) private var signalSources: [any DispatchSourceSignal] = []
 
+/// What a child does when the master asks; each closure runs on the child's loop.
+public struct ChildCommands: Sendable {
+    /// Figures for the next heartbeat.
+    public var stats: @Sendable () -> ChildStats
+    /// Stop (at most once): by the master, SIGTERM, or a lost link. Call `finish()` when done.
+    public var stop: @Sendable (_ reason: StopReason, _ window: TimeAmount, _ keepAccepting: Bool) -> Void
+    public var kick: @Sendable (_ user: String) -> Void
+    public var rooms: @Sendable (_ top: Int) -> [RoomStat]
+
+    public init(
+        stats: @escaping @Sendable () -> ChildStats,
+        stop: @escaping @Sendable (StopReason, TimeAmount, Bool) -> Void,
+        kick: @escaping @Sendable (String) -> Void = { _ in },
+        rooms: @escaping @Sendable (Int) -> [RoomStat] = { _ in [] }
+    ) {
+        self.stats = stats
+        self.stop = stop
+        self.kick = kick
+        self.rooms = rooms
+    }
+}
+
 /// Runs the stop action the first time any of the stop triggers fires.
 private final class StopOnce: Sendable {
-    private let action: NIOLockedValueBox<(@Sendable (StopReason, TimeAmount) -> Void)?>
-    init(_ action: @escaping @Sendable (StopReason, TimeAmount) -> Void) { self.action = NIOLockedValueBox(action) }
+    private typealias Action = @Sendable (StopReason, TimeAmount, Bool) -> Void
+    private let action: NIOLockedValueBox<Action?>
+    init(_ action: @escaping @Sendable (StopReason, TimeAmount, Bool) -> Void) { self.action = NIOLockedValueBox(action) }
 
-    func fire(_ reason: StopReason, _ window: TimeAmount) {
+    func fire(_ reason: StopReason, _ window: TimeAmount, _ keepAccepting: Bool) {
         let pending = action.withLockedValue { action in
             defer { action = nil }
             return action
         }
-        pending?(reason, window)
+        pending?(reason, window, keepAccepting)
     }
 }
 
@@ -115,17 +143,23 @@ private final class LinkHandler: ChannelInboundHandler {
 
     private let logger: Logger
     private let stop: StopOnce
+    private let commands: ChildCommands
 
-    init(logger: Logger, stop: StopOnce) {
+    init(logger: Logger, stop: StopOnce, commands: ChildCommands) {
         self.logger = logger
         self.stop = stop
+        self.commands = commands
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let line = unwrapInboundIn(data)
         switch try? LinkMessage.decode(line: line.readableBytesView) {
-        case .stop(let reason, let windowMs):
-            stop.fire(reason, .milliseconds(Int64(windowMs)))
+        case .stop(let reason, let windowMs, let keepAccepting):
+            stop.fire(reason, .milliseconds(Int64(windowMs)), keepAccepting)
+        case .kick(let user):
+            commands.kick(user)
+        case .roomsRequest(let id, let top):
+            ChildRuntime.send(.rooms(id: id, rooms: commands.rooms(top)), on: context.channel)
         default:
             logger.warning("unexpected message on master link")
         }
@@ -133,7 +167,7 @@ private final class LinkHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         logger.warning("master link lost, stopping")
-        stop.fire(.shutdown, .zero)
+        stop.fire(.shutdown, .zero, false)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

@@ -1,22 +1,47 @@
+import ChatControl
 import Foundation
 
 // The master <-> child control link: a Unix socketpair, one JSON object per line.
 // It is low-rate (a heartbeat a second), so legibility wins over compactness.
 
-/// What a child reports about itself with every heartbeat.
+/// What a child reports about itself with every heartbeat. Counters are cumulative over
+/// the child's life; the master turns them into rates and into metrics that survive restarts.
 public struct ChildStats: Codable, Sendable, Equatable {
-    public var connections: Int
-    public var rooms: Int
-    public var messagesIn: Int
-    public var messagesOut: Int
-    public var residentBytes: Int
+    public var connections = 0
+    public var rooms = 0
+    /// Requests received (relay: messages sequenced).
+    public var messagesIn = 0
+    /// Frames sent (relay: messages forwarded to workers).
+    public var messagesOut = 0
+    public var residentBytes = 0
+    public var joins = 0
+    /// Room messages written to members.
+    public var deliveries = 0
+    public var bytesOut = 0
+    public var slowConsumerDisconnects = 0
+    public var floodDisconnects = 0
+    /// Bus round trips (publish to sequenced answer), cumulative count per bucket of
+    /// `BusLatency.bucketBounds` (the last bucket is +Inf).
+    public var busLatencyBuckets: [Int] = []
+    public var busLatencySumSeconds = 0.0
 
-    public init(connections: Int = 0, rooms: Int = 0, messagesIn: Int = 0, messagesOut: Int = 0, residentBytes: Int = 0) {
+    public init() {}
+
+    public init(connections: Int, rooms: Int, messagesIn: Int, messagesOut: Int) {
         self.connections = connections
         self.rooms = rooms
         self.messagesIn = messagesIn
         self.messagesOut = messagesOut
-        self.residentBytes = residentBytes
+    }
+}
+
+/// Fixed latency buckets shared by the children that observe and the master that exports.
+public enum BusLatency {
+    public static let bucketBounds: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
+
+    /// Index of the bucket `seconds` falls in (the last index is +Inf).
+    public static func bucket(for seconds: Double) -> Int {
+        bucketBounds.firstIndex { seconds <= $0 } ?? bucketBounds.count
     }
 }
 
@@ -35,12 +60,20 @@ public enum LinkMessage: Sendable, Equatable {
     case ready
     /// Child -> master: alive, with figures.
     case heartbeat(ChildStats)
-    /// Master -> child: stop accepting, say goodbye to clients within `windowMs`, exit.
-    case stop(reason: StopReason, windowMs: Int)
+    /// Master -> child: say goodbye to clients within `windowMs`, exit. With
+    /// `keepAccepting` (a removed slot, whose socket closes with it) new arrivals are
+    /// still accepted and sent on their way with `bye` instead of being left queued.
+    case stop(reason: StopReason, windowMs: Int, keepAccepting: Bool)
+    /// Master -> workers: close every connection of `user` with `bye kicked`.
+    case kick(user: String)
+    /// Master -> relay: the busiest rooms, answered with `rooms` and the same id.
+    case roomsRequest(id: Int, top: Int)
+    /// Relay -> master.
+    case rooms(id: Int, rooms: [RoomStat])
 }
 
 extension LinkMessage: Codable {
-    private enum CodingKeys: String, CodingKey { case type, stats, reason, windowMs = "window_ms" }
+    private enum CodingKeys: String, CodingKey { case type, stats, reason, windowMs = "window_ms", keepAccepting = "keep_accepting", user, id, top, rooms }
 
     public init(from decoder: Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -50,7 +83,13 @@ extension LinkMessage: Codable {
         case "stop":
             self = .stop(
                 reason: try container.decode(StopReason.self, forKey: .reason),
-                windowMs: try container.decode(Int.self, forKey: .windowMs))
+                windowMs: try container.decode(Int.self, forKey: .windowMs),
+                keepAccepting: try container.decodeIfPresent(Bool.self, forKey: .keepAccepting) ?? false)
+        case "kick": self = .kick(user: try container.decode(String.self, forKey: .user))
+        case "rooms_request":
+            self = .roomsRequest(id: try container.decode(Int.self, forKey: .id), top: try container.decode(Int.self, forKey: .top))
+        case "rooms":
+            self = .rooms(id: try container.decode(Int.self, forKey: .id), rooms: try container.decode([RoomStat].self, forKey: .rooms))
         case let other:
             throw DecodingError.dataCorruptedError(forKey: .type, in: container, debugDescription: "unknown link message \(other)")
         }
@@ -64,10 +103,22 @@ extension LinkMessage: Codable {
         case .heartbeat(let stats):
             try container.encode("heartbeat", forKey: .type)
             try container.encode(stats, forKey: .stats)
-        case .stop(let reason, let windowMs):
+        case .stop(let reason, let windowMs, let keepAccepting):
             try container.encode("stop", forKey: .type)
             try container.encode(reason, forKey: .reason)
             try container.encode(windowMs, forKey: .windowMs)
+            try container.encode(keepAccepting, forKey: .keepAccepting)
+        case .kick(let user):
+            try container.encode("kick", forKey: .type)
+            try container.encode(user, forKey: .user)
+        case .roomsRequest(let id, let top):
+            try container.encode("rooms_request", forKey: .type)
+            try container.encode(id, forKey: .id)
+            try container.encode(top, forKey: .top)
+        case .rooms(let id, let rooms):
+            try container.encode("rooms", forKey: .type)
+            try container.encode(id, forKey: .id)
+            try container.encode(rooms, forKey: .rooms)
         }
     }
 
@@ -100,6 +151,7 @@ public struct LineFramer {
         var lines: [[UInt8]] = []
         var start = 0
         while let newline = pending[start...].firstIndex(of: UInt8(ascii: "\n")) {
+            guard newline - start <= maximumLine else { throw LineTooLong() }
             lines.append(Array(pending[start..<newline]))
             start = newline + 1
         }

@@ -38,6 +38,8 @@ final class Child {
     var state: ChildState = .starting
     var lastHeartbeat: Double
     var stats = ChildStats()
+    /// Per-second rates from the last two heartbeats.
+    var rates = (messagesIn: 0.0, messagesOut: 0.0)
     var framer = LineFramer()
 
     init(pid: pid_t, slot: SlotID, generation: Int, linkFD: Int32, startedAt: Double) {
@@ -59,10 +61,14 @@ final class Child {
 /// What the master keeps per slot across its children's lives.
 struct SlotRecord {
     var policy: RestartPolicy
-    /// When the next child may start; nil while one is alive.
+    /// The config generation the slot's child must run; a child of an older one is
+    /// replaced (drained once its successor is ready).
+    var generation: Int
+    /// When the next child may start; nil while one of `generation` is alive.
     var nextStartAt: Double? = 0
-    /// The slot's own SO_REUSEPORT socket (workers only), kept across restarts so that
-    /// connections queued on it wait for the next child instead of being reset.
+    /// The slot's own SO_REUSEPORT socket (workers only), kept across restarts and
+    /// reloads so that connections queued on it wait for the next child instead of
+    /// being reset.
     var listenFD: Int32?
     var crashLoopReported = false
 }

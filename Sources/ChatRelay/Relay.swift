@@ -1,4 +1,5 @@
 import ChatBus
+import ChatControl
 import ChatProtocol
 import ChatSystem
 import Logging
@@ -76,6 +77,10 @@ final class Relay {
             logger.warning("worker sent a relay-only frame; closing its link", metadata: ["link": "\(link)"])
             links[link]?.close(promise: nil)
         }
+    }
+
+    func roomStats(top: Int) -> [RoomStat] {
+        book.stats(top: top, nowMs: Self.nowMs())
     }
 
     func sweep() {

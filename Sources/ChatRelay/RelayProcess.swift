@@ -49,13 +49,16 @@ public enum RelayProcess {
             chmod(settings.socketPath, 0o600)
             try runtime.connect(
                 heartbeatInterval: settings.heartbeatInterval,
-                stats: {
-                    let relay = relay.value
-                    return ChildStats(connections: relay.linkCount, rooms: relay.roomCount, messagesIn: relay.messagesIn, messagesOut: relay.messagesOut)
-                },
-                onStop: { _, _ in
-                    server.close().whenComplete { _ in runtime.finish() }
-                }
+                commands: ChildCommands(
+                    stats: {
+                        let relay = relay.value
+                        return ChildStats(connections: relay.linkCount, rooms: relay.roomCount, messagesIn: relay.messagesIn, messagesOut: relay.messagesOut)
+                    },
+                    stop: { _, _, _ in
+                        server.close().whenComplete { _ in runtime.finish() }
+                    },
+                    rooms: { top in relay.value.roomStats(top: top) }
+                )
             )
             loop.scheduleRepeatedTask(initialDelay: .seconds(60), delay: .seconds(60)) { _ in relay.value.sweep() }
             logger.info("relay serving", metadata: ["socket": "\(settings.socketPath)"])

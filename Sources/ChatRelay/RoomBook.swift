@@ -1,4 +1,5 @@
 import ChatBus
+import ChatControl
 import ChatProtocol
 
 // The relay's rooms. Per room: an epoch (random, new whenever the room's sequence starts
@@ -27,6 +28,28 @@ public struct RoomBook {
         var history: [RoomMessage] = []
         var interest: [LinkID: Int] = [:]
         var members: Int { interest.values.reduce(0, +) }
+        var rate = RateWindow()
+    }
+
+    /// Messages per second over the last whole second.
+    struct RateWindow {
+        var windowStartMs = 0
+        var count = 0
+        var lastRate = 0.0
+
+        mutating func record(nowMs: Int) {
+            roll(nowMs: nowMs)
+            count += 1
+        }
+
+        mutating func roll(nowMs: Int) {
+            let elapsed = nowMs - windowStartMs
+            guard elapsed >= 1000 else { return }
+            // A window that ended more than a second ago saw nothing since.
+            lastRate = elapsed < 2000 ? Double(count) * 1000 / Double(elapsed) : 0
+            windowStartMs = nowMs
+            count = 0
+        }
     }
 
     public let limits: Limits
@@ -48,6 +71,7 @@ public struct RoomBook {
     public mutating func publish(room name: String, from: String, text: String, nowMs: Int) -> RoomMessage {
         var room = rooms[name] ?? Room(epoch: makeEpoch())
         room.seq += 1
+        room.rate.record(nowMs: nowMs)
         let message = RoomMessage(room: name, seq: room.seq, epoch: room.epoch, from: from, text: text, ts: nowMs)
         room.history.append(message)
         Self.trim(&room.history, limits: limits, nowMs: nowMs)
@@ -137,6 +161,15 @@ public struct RoomBook {
         }
         let page = candidates.suffix(limit)
         return (Array(page), page.count < candidates.count)
+    }
+
+    /// The rooms with the most members, with their seq and message rate.
+    public mutating func stats(top: Int, nowMs: Int) -> [RoomStat] {
+        for name in rooms.keys { rooms[name]?.rate.roll(nowMs: nowMs) }
+        return rooms.map { RoomStat(room: $0.key, members: $0.value.members, seq: $0.value.seq, messagesPerSecond: $0.value.rate.lastRate) }
+            .sorted { ($0.members, $0.messagesPerSecond, $1.room) > ($1.members, $1.messagesPerSecond, $0.room) }
+            .prefix(max(0, top))
+            .map { $0 }
     }
 
     /// Forgets rooms nobody is in whose history has expired.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CSystemShims
 
 /// File descriptor plumbing for handing sockets to children across exec.
 public enum Descriptors {
@@ -30,6 +31,18 @@ public enum Descriptors {
     public static func setNonBlocking(_ fd: Int32) throws(SystemError) {
         let flags = fcntl(fd, F_GETFL)
         guard flags >= 0, fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 else { throw SystemError("fcntl(F_SETFL)") }
+    }
+
+    /// Accepts one pending connection, non-blocking and close-on-exec; nil when none is waiting.
+    public static func acceptNonBlocking(_ listenFD: Int32) -> Int32? {
+        let fd = chatgw_accept_nonblocking(listenFD)
+        return fd >= 0 ? fd : nil
+    }
+
+    /// The uid of the peer process of a Unix socket.
+    public static func peerUID(_ fd: Int32) -> uid_t? {
+        let uid = chatgw_peer_uid(fd)
+        return uid >= 0 ? uid_t(uid) : nil
     }
 
     /// A connected pair of Unix stream sockets, both close-on-exec and above the child slots.

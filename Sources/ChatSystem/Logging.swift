@@ -3,16 +3,24 @@ import Glibc
 #endif
 import Logging
 
-/// One line per event on stderr: `2026-11-26T22:10:00.123Z info worker1[4242] text key=value`.
-/// The role tag and pid are on every line so that the interleaved output of the master
-/// and its children stays attributable.
+/// One line per event on stderr, plain
+/// (`2026-11-26T22:10:00.123Z info worker1[4242] text key=value`) or JSON
+/// (`{"ts":"…","level":"info","role":"worker","slot":1,"pid":4242,"msg":"text","key":"value"}`).
+/// Role, slot and pid are on every line so that the interleaved output of the master and
+/// its children stays attributable.
 public struct ChatLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
     public var logLevel: Logger.Level
+    private let role: String
+    private let slot: Int?
+    private let json: Bool
     private let tag: String
 
-    public init(tag: String, level: Logger.Level) {
-        self.tag = "\(tag)[\(getpid())]"
+    public init(role: String, slot: Int?, level: Logger.Level, json: Bool) {
+        self.role = role
+        self.slot = slot
+        self.json = json
+        self.tag = "\(role)\(slot.map(String.init) ?? "")[\(getpid())]"
         self.logLevel = level
     }
 
@@ -22,10 +30,21 @@ public struct ChatLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line = "\(Self.timestamp()) \(event.level) \(tag) \(event.message)"
-        let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }
-        for (key, value) in merged.sorted(by: { $0.key < $1.key }) {
-            line += " \(key)=\(Self.quoted("\(value)"))"
+        let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }.sorted(by: { $0.key < $1.key })
+        var line: String
+        if json {
+            line = "{\"ts\":\"\(Self.timestamp())\",\"level\":\"\(event.level)\",\"role\":\"\(role)\""
+            if let slot { line += ",\"slot\":\(slot)" }
+            line += ",\"pid\":\(getpid()),\"msg\":\(Self.jsonString("\(event.message)"))"
+            for (key, value) in merged where !["ts", "level", "role", "slot", "pid", "msg"].contains(key) {
+                line += ",\(Self.jsonString(key)):\(Self.jsonString("\(value)"))"
+            }
+            line += "}"
+        } else {
+            line = "\(Self.timestamp()) \(event.level) \(tag) \(event.message)"
+            for (key, value) in merged {
+                line += " \(key)=\(Self.quoted("\(value)"))"
+            }
         }
         line += "\n"
         // One write(2) per line keeps lines from several processes on one stderr whole.
@@ -34,8 +53,26 @@ public struct ChatLogHandler: LogHandler {
     }
 
     /// Installs the handler process-wide. Call once, first thing in `main`.
-    public static func bootstrap(tag: String, level: Logger.Level) {
-        LoggingSystem.bootstrap { _ in ChatLogHandler(tag: tag, level: level) }
+    public static func bootstrap(role: String, slot: Int?, level: Logger.Level, json: Bool) {
+        LoggingSystem.bootstrap { _ in ChatLogHandler(role: role, slot: slot, level: level, json: json) }
+    }
+
+    private static func jsonString(_ value: String) -> String {
+        var result = "\""
+        for scalar in value.unicodeScalars {
+            switch scalar {
+            case "\"": result += "\\\""
+            case "\\": result += "\\\\"
+            case "\n": result += "\\n"
+            case "\r": result += "\\r"
+            case "\t": result += "\\t"
+            case _ where scalar.value < 0x20:
+                let hex = String(scalar.value, radix: 16)
+                result += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: result.unicodeScalars.append(scalar)
+            }
+        }
+        return result + "\""
     }
 
     private static func quoted(_ value: String) -> String {

@@ -26,10 +26,23 @@ public struct WorkerSettings: Sendable {
     var heartbeatSeconds: Int { config.server.heartbeatSeconds }
 }
 
-/// Figures the worker reports to the master.
+/// Figures the worker reports to the master (cumulative).
 struct WorkerCounters {
     var messagesIn = 0
     var messagesOut = 0
+    var joins = 0
+    /// Replayed messages written; live ones are counted by the room table.
+    var deliveries = 0
+    var bytesOut = 0
+    var slowConsumerDisconnects = 0
+    var floodDisconnects = 0
+    var busLatencyBuckets = [Int](repeating: 0, count: BusLatency.bucketBounds.count + 1)
+    var busLatencySumSeconds = 0.0
+
+    mutating func observeBusLatency(seconds: Double) {
+        busLatencyBuckets[BusLatency.bucket(for: seconds)] += 1
+        busLatencySumSeconds += seconds
+    }
 }
 
 /// One worker process: accepts on the socket the master bound for its slot and holds
@@ -43,7 +56,8 @@ final class Worker: BusDelegate {
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     private var nextConnection: UInt64 = 0
-    private var stopping = false
+    private(set) var stopping = false
+    private var stopReason = ByeReason.shutdown
     var onDrained: (() -> Void)?
 
     init(settings: WorkerSettings, bus: any Bus, eventLoop: any EventLoop, logger: Logger) {
@@ -63,6 +77,30 @@ final class Worker: BusDelegate {
 
     func register(_ session: SessionHandler) {
         sessions[ObjectIdentifier(session)] = session
+        if stopping {
+            // Accepted while draining a removed slot: send it straight on to another worker.
+            session.sayGoodbye(stopReason, retryMs: Int.random(in: 500...3_000))
+        }
+    }
+
+    /// Closes every connection of `user` with `bye kicked`.
+    func kick(user: String) -> Int {
+        let targets = sessions.values.filter { $0.user == user }
+        for session in targets { session.sayGoodbye(.kicked, retryMs: Int.random(in: 30_000...60_000)) }
+        if !targets.isEmpty { logger.info("kicked", metadata: ["user": "\(user)", "connections": "\(targets.count)"]) }
+        return targets.count
+    }
+
+    var stats: ChildStats {
+        var stats = ChildStats(connections: sessions.count, rooms: rooms.count, messagesIn: counters.messagesIn, messagesOut: counters.messagesOut)
+        stats.joins = counters.joins
+        stats.deliveries = counters.deliveries + rooms.deliveries
+        stats.bytesOut = counters.bytesOut
+        stats.slowConsumerDisconnects = counters.slowConsumerDisconnects
+        stats.floodDisconnects = counters.floodDisconnects
+        stats.busLatencyBuckets = counters.busLatencyBuckets
+        stats.busLatencySumSeconds = counters.busLatencySumSeconds
+        return stats
     }
 
     func unregister(_ session: SessionHandler) {
@@ -114,6 +152,7 @@ final class Worker: BusDelegate {
     /// reconnects do not arrive as one stampede; calls `onDrained` when all are gone.
     func stop(reason: ByeReason, window: TimeAmount, on loop: any EventLoop) {
         stopping = true
+        stopReason = reason
         logger.info("stopping", metadata: ["reason": "\(reason.rawValue)", "connections": "\(sessions.count)", "window_ms": "\(window.nanoseconds / 1_000_000)"])
         if sessions.isEmpty {
             onDrained?()
@@ -177,15 +216,20 @@ public enum WorkerProcess {
         loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in worker.value.sweepIdle() }
         try runtime.connect(
             heartbeatInterval: .milliseconds(Int64(config.supervisor.heartbeatIntervalMs)),
-            stats: {
-                let worker = worker.value
-                return ChildStats(connections: worker.connectionCount, rooms: worker.rooms.count,
-                                  messagesIn: worker.counters.messagesIn, messagesOut: worker.counters.messagesOut)
-            },
-            onStop: { reason, window in
-                server.close(promise: nil)
-                worker.value.stop(reason: reason == .reload ? .reload : .shutdown, window: window, on: loop)
-            }
+            commands: ChildCommands(
+                stats: { worker.value.stats },
+                stop: { reason, window, keepAccepting in
+                    let worker = worker.value
+                    if keepAccepting {
+                        // Our socket closes with us: keep taking what is queued on it until the end.
+                        worker.onDrained = { server.close().whenComplete { _ in runtime.finish() } }
+                    } else {
+                        server.close(promise: nil)
+                    }
+                    worker.stop(reason: reason == .reload ? .reload : .shutdown, window: window, on: loop)
+                },
+                kick: { user in _ = worker.value.kick(user: user) }
+            )
         )
         logger.info("serving", metadata: ["slot": "\(settings.slot)", "generation": "\(settings.generation)"])
         runtime.reportReady()

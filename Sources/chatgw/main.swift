@@ -7,7 +7,9 @@ import ChatMaster
 import ChatRelay
 import ChatSystem
 import ChatWorker
+import Dispatch
 import Foundation
+import Synchronization
 import Logging
 import NIOCore
 
@@ -60,7 +62,7 @@ struct Master: AsyncParsableCommand {
         // rather than silently ignored.
         if gateway.bus.kind == .redis { failStartup("invalid config: bus.kind: redis is not available in this build (use relay)") }
         if gateway.auth.mode == .jwt { failStartup("invalid config: auth.mode: jwt is not available in this build (use none)") }
-        ChatLogHandler.bootstrap(tag: "master", level: gateway.log.level.loggerLevel)
+        ChatLogHandler.bootstrap(role: "master", slot: nil, level: gateway.log.level.loggerLevel, json: gateway.log.format == .json)
         let logger = Logger(label: "chatgw.master")
 
         do {
@@ -68,26 +70,15 @@ struct Master: AsyncParsableCommand {
         } catch {
             failStartup("cannot create state directory \(gateway.server.stateDirectory): \(error.localizedDescription)")
         }
-        let settings = MasterSettings(
-            executable: Spawner.currentExecutable(),
-            host: gateway.server.listen.host,
-            port: gateway.server.listen.port,
-            backlog: Int32(gateway.server.backlog),
-            workerCount: gateway.server.workers.resolved(cores: ProcessControl.processorCount()),
-            restart: RestartPolicy.Settings(
-                initialDelay: Double(gateway.supervisor.restartBackoffInitialMs) / 1000,
-                maximumDelay: Double(gateway.supervisor.restartBackoffMaxMs) / 1000,
-                stableAfter: Double(gateway.supervisor.restartResetAfterSeconds),
-                crashLoopAfter: gateway.supervisor.crashLoopRestarts),
-            drainTimeout: gateway.supervisor.drainTimeoutSeconds,
-            heartbeatTimeout: gateway.supervisor.heartbeatTimeoutSeconds,
-            startTimeout: max(10, gateway.supervisor.heartbeatTimeoutSeconds),
-            childConfigJSON: gateway.encodedJSON(), childConfigVariable: GatewayConfig.environmentJSONVariable)
+        let file = config
+        let flags = overrides
         let arbiter: Arbiter
         do {
-            arbiter = try Arbiter(settings: settings, logger: logger)
+            arbiter = try Arbiter(
+                config: gateway, configPath: config, executable: Spawner.currentExecutable(), logger: logger,
+                loadConfig: { loadBlocking(file: file, overrides: flags) })
         } catch {
-            failStartup("cannot listen on \(gateway.server.listen): \(error.reason)")
+            failStartup(error.description)
         }
         let pidFile = gateway.pidFilePath
         _ = FileManager.default.createFile(atPath: pidFile, contents: Data("\(getpid())\n".utf8))
@@ -95,6 +86,25 @@ struct Master: AsyncParsableCommand {
         try? FileManager.default.removeItem(atPath: pidFile)
         throw ExitCode(status)
     }
+}
+
+/// Loads the config again for a reload. The supervision loop is synchronous; the loader
+/// is async, so it runs detached (off the main actor) while this thread waits.
+private func loadBlocking(file: String?, overrides: [String: String]) -> Result<GatewayConfig, ConfigError> {
+    let outcome = Mutex<Result<GatewayConfig, ConfigError>?>(nil)
+    let done = DispatchSemaphore(value: 0)
+    Task.detached {
+        let result: Result<GatewayConfig, ConfigError>
+        do throws(ConfigError) {
+            result = .success(try await ConfigLoader.load(file: file, environment: ProcessEnvironment.current(), overrides: overrides))
+        } catch {
+            result = .failure(error)
+        }
+        outcome.withLock { $0 = result }
+        done.signal()
+    }
+    done.wait()
+    return outcome.withLock { $0! }
 }
 
 /// What every child reads first: the config the master resolved, from its environment.
@@ -121,7 +131,7 @@ struct Worker: ParsableCommand {
 
     func run() throws {
         let config = childConfig()
-        ChatLogHandler.bootstrap(tag: "worker\(slot)", level: config.log.level.loggerLevel)
+        ChatLogHandler.bootstrap(role: "worker", slot: slot, level: config.log.level.loggerLevel, json: config.log.format == .json)
         let settings = WorkerSettings(slot: slot, generation: generation, config: config)
         WorkerProcess.run(settings: settings, logger: Logger(label: "chatgw.worker"))
     }
@@ -134,7 +144,7 @@ struct Relay: ParsableCommand {
 
     func run() throws {
         let config = childConfig()
-        ChatLogHandler.bootstrap(tag: "relay", level: config.log.level.loggerLevel)
+        ChatLogHandler.bootstrap(role: "relay", slot: nil, level: config.log.level.loggerLevel, json: config.log.format == .json)
         let settings = RelaySettings(
             socketPath: config.relaySocketPath, heartbeatInterval: heartbeatInterval(config),
             limits: RoomBook.Limits(historyMessages: config.history.messages, historyMaxAgeMs: config.history.maxAgeSeconds * 1000),

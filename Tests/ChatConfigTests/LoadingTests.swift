@@ -91,7 +91,7 @@ import Testing
         "limits.burst": "1", "limits.flood_violations": "3", "limits.rooms_per_connection": "2",
         "limits.outbound_buffer_bytes": "2048", "limits.idle_ping_s": "5", "limits.idle_timeout_s": "80",
         "auth.mode": "jwt", "auth.jwt_secret": "s3cret", "api.key": "k", "metrics.listen": "localhost:0",
-        "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical",
+        "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical", "log.format": "json",
     ]
 
     @Test func everyKeyCanBeSetFromTheEnvironment() async throws {

@@ -60,7 +60,11 @@ final class LocalRooms {
         room.lastSeq = message.seq
         rooms[message.room] = room
         broadcast(.message(message), to: room.members)
+        deliveries += room.members.count
     }
+
+    /// Room messages written to members so far.
+    private(set) var deliveries = 0
 
     /// After a bus outage: what the room's members missed, then the messages again available.
     func resynced(_ name: String, result: JoinResult) {

@@ -80,7 +80,8 @@ final class SessionHandler: ChannelInboundHandler {
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         // Over the outbound buffer: this reader is too slow for its rooms. Cut it off
         // rather than let its backlog grow or hold anyone else back.
-        if !context.channel.isWritable {
+        if !context.channel.isWritable, !closing {
+            worker.counters.slowConsumerDisconnects += 1
             sayGoodbye(.slowConsumer, retryMs: Int.random(in: 1_000...5_000))
         }
         context.fireChannelWritabilityChanged()
@@ -94,6 +95,7 @@ final class SessionHandler: ChannelInboundHandler {
         let now = monotonicSeconds()
         if bucket.take(now: now) { return true }
         if flood.recordViolation(now: now) {
+            worker.counters.floodDisconnects += 1
             sayGoodbye(.flood, retryMs: Int.random(in: 5_000...15_000))
         } else {
             send(.error(ProtocolError(.rateLimited, "slow down: at most \(worker.settings.limits.ratePerSecond) requests per second", ref: request.ref)))
@@ -129,6 +131,7 @@ final class SessionHandler: ChannelInboundHandler {
         }
         guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
         rooms[room] = .joining
+        worker.counters.joins += 1
         worker.bus.join(room: room, since: since, epoch: epoch, history: history, members: 1) { [self] result in
             guard context != nil, rooms[room] == .joining else {
                 // Left or disconnected while the bus was answering: undo the count.
@@ -146,6 +149,7 @@ final class SessionHandler: ChannelInboundHandler {
                 for message in answer.replay {
                     send(.message(message))
                 }
+                worker.counters.deliveries += answer.replay.count
             case .failure:
                 rooms[room] = nil
                 sendUnavailable(ref: ref, room: room)
@@ -170,7 +174,9 @@ final class SessionHandler: ChannelInboundHandler {
             return send(.error(ProtocolError(.notJoined, "join the room before sending to it", ref: ref, room: room)))
         }
         guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
+        let started = monotonicSeconds()
         worker.bus.publish(room: room, from: user, text: text) { [self] result in
+            worker.counters.observeBusLatency(seconds: monotonicSeconds() - started)
             switch result {
             case .success(let published):
                 if let ref { send(.ack(ref: ref, room: room, seq: published.seq)) }
@@ -217,6 +223,7 @@ final class SessionHandler: ChannelInboundHandler {
     func write(_ frame: ByteBuffer) {
         guard let context, !closing else { return }
         worker.counters.messagesOut += 1
+        worker.counters.bytesOut += frame.readableBytes
         context.write(wrapOutboundOut(frame), promise: nil)
     }
 

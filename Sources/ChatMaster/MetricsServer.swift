@@ -1,0 +1,162 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ChatLink
+import ChatSystem
+import Prometheus
+
+/// The master's figures for Prometheus. Children report cumulative counters with each
+/// heartbeat; the master adds each report's increase to counters labelled by role and
+/// slot, so the series keep counting across a child's restart, and sets gauges from the
+/// live children when scraped.
+final class MetricsBook {
+    let registry = PrometheusCollectorRegistry()
+    private var previous: [pid_t: ChildStats] = [:]
+    private var latency: [Labels: ValueHistogram] = [:]
+
+    private struct Labels: Hashable {
+        var role: String
+        var slot: Int
+        var pairs: [(String, String)] { [("role", role), ("slot", "\(slot)")] }
+    }
+
+    /// Adds what changed since the child's previous report.
+    func record(_ stats: ChildStats, role: String, slot: Int, pid: pid_t) {
+        let before = previous[pid] ?? ChildStats()
+        previous[pid] = stats
+        let labels = Labels(role: role, slot: slot)
+        func add(_ name: String, _ help: String, _ now: Int, _ then: Int) {
+            guard now > then else { return }
+            registry.makeCounter(descriptor: Self.descriptor(name, unit: "total", help: help), labels: labels.pairs).increment(by: Int64(now - then))
+        }
+        add("joins", "Room joins requested", stats.joins, before.joins)
+        add("messages_in", "Requests received from clients (relay: messages sequenced)", stats.messagesIn, before.messagesIn)
+        add("frames_out", "Frames sent (relay: messages forwarded to workers)", stats.messagesOut, before.messagesOut)
+        add("deliveries", "Room messages written to members", stats.deliveries, before.deliveries)
+        add("bytes_out", "Bytes of frames sent to clients", stats.bytesOut, before.bytesOut)
+        add("slow_consumer_disconnects", "Connections closed for falling behind", stats.slowConsumerDisconnects, before.slowConsumerDisconnects)
+        add("flood_disconnects", "Connections closed for flooding", stats.floodDisconnects, before.floodDisconnects)
+        recordLatency(stats, before: before, labels: labels)
+    }
+
+    func forget(pid: pid_t) {
+        previous[pid] = nil
+    }
+
+    func restarted(role: String, slot: Int) {
+        registry.makeCounter(descriptor: Self.descriptor("restarts", unit: "total", help: "Children restarted after an unplanned exit"),
+                             labels: [("role", role), ("slot", "\(slot)")]).increment()
+    }
+
+    func reloaded(ok: Bool) {
+        registry.makeCounter(descriptor: Self.descriptor("reloads", unit: "total", help: "Config reloads"),
+                             labels: [("result", ok ? "ok" : "failed")]).increment()
+    }
+
+    func watchdogKilled(role: String, slot: Int) {
+        registry.makeCounter(descriptor: Self.descriptor("watchdog_kills", unit: "total", help: "Children killed for a stopped heartbeat"),
+                             labels: [("role", role), ("slot", "\(slot)")]).increment()
+    }
+
+    /// Gauges from the children alive now.
+    func refreshGauges(children: [(role: String, slot: Int, stats: ChildStats)]) {
+        var totals: [Labels: (connections: Int, rooms: Int, resident: Int)] = [:]
+        for child in children {
+            let labels = Labels(role: child.role, slot: child.slot)
+            let sum = totals[labels] ?? (0, 0, 0)
+            totals[labels] = (sum.connections + child.stats.connections, sum.rooms + child.stats.rooms, sum.resident + child.stats.residentBytes)
+        }
+        for (labels, sum) in totals {
+            registry.makeGauge(descriptor: Self.descriptor("connections", unit: "", help: "Open client connections (relay: worker links)"),
+                               labels: labels.pairs).set(to: Double(sum.connections))
+            registry.makeGauge(descriptor: Self.descriptor("rooms", unit: "", help: "Rooms with members"), labels: labels.pairs).set(to: Double(sum.rooms))
+            registry.makeGauge(descriptor: Self.descriptor("resident", unit: "bytes", help: "Resident set size of the slot's processes"),
+                               labels: labels.pairs).set(to: Double(sum.resident))
+        }
+    }
+
+    private static func descriptor(_ name: String, unit: String, help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(namespace: "chatgw", metricName: name, unitName: unit, helpText: help)
+    }
+
+    func text() -> String {
+        registry.emitToString()
+    }
+
+    /// Children count round trips into fixed buckets; each bucket's increase is replayed
+    /// into the histogram at the bucket's bound (bucket counts are exact, the sum is an
+    /// upper estimate).
+    private func recordLatency(_ stats: ChildStats, before: ChildStats, labels: Labels) {
+        guard !stats.busLatencyBuckets.isEmpty else { return }
+        let histogram = latency[labels] ?? registry.makeValueHistogram(
+            descriptor: Self.descriptor("bus_latency", unit: "seconds", help: "Bus round trip from publish to sequenced answer"),
+            labels: labels.pairs, buckets: BusLatency.bucketBounds)
+        latency[labels] = histogram
+        let bounds = BusLatency.bucketBounds + [BusLatency.bucketBounds[BusLatency.bucketBounds.count - 1] * 2]
+        for (index, count) in stats.busLatencyBuckets.enumerated() where index < bounds.count {
+            let increase = count - (index < before.busLatencyBuckets.count ? before.busLatencyBuckets[index] : 0)
+            for _ in 0..<max(0, min(increase, 100_000)) { histogram.record(bounds[index]) }
+        }
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text) from the supervision loop. Requests are tiny
+/// and answered at once; anything else gets 404, a request over 8 KiB or slower than 5 s
+/// is dropped.
+final class MetricsServer {
+    private let listenFD: Int32
+    private var clients: [Int32: (buffer: [UInt8], openedAt: Double)] = [:]
+
+    init(host: String, port: Int) throws(SystemError) {
+        let fd = try ListeningSocket.bind(host: host, port: port, backlog: 64, reusePort: false)
+        try Descriptors.setNonBlocking(fd)
+        listenFD = fd
+    }
+
+    var pollDescriptors: [Int32] { [listenFD] + Array(clients.keys) }
+
+    func serve(body: () -> String) {
+        while true {
+            guard let fd = Descriptors.acceptNonBlocking(listenFD) else { break }
+            clients[fd] = ([], monotonicSeconds())
+        }
+        let now = monotonicSeconds()
+        for fd in Array(clients.keys) {
+            guard var client = clients[fd] else { continue }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let count = read(fd, &chunk, chunk.count)
+            if count == 0 || (count < 0 && errno != EAGAIN) || client.buffer.count > 8192 || now - client.openedAt > 5 {
+                drop(fd)
+                continue
+            }
+            if count > 0 { client.buffer += chunk[0..<count] }
+            clients[fd] = client
+            let request = String(decoding: client.buffer, as: UTF8.self)
+            guard request.contains("\r\n\r\n") || request.contains("\n\n") else { continue }
+            let firstLine = request.split(separator: "\n").first ?? ""
+            if firstLine.hasPrefix("GET /metrics ") || firstLine.hasPrefix("GET /metrics?") {
+                respond(fd, status: "200 OK", contentType: "text/plain; version=0.0.4", body: body())
+            } else {
+                respond(fd, status: "404 Not Found", contentType: "text/plain", body: "not found\n")
+            }
+        }
+    }
+
+    func closeAll() {
+        for fd in clients.keys { close(fd) }
+        clients.removeAll()
+        close(listenFD)
+    }
+
+    private func respond(_ fd: Int32, status: String, contentType: String, body: String) {
+        let payload = Array(body.utf8)
+        let head = "HTTP/1.1 \(status)\r\nContent-Type: \(contentType)\r\nContent-Length: \(payload.count)\r\nConnection: close\r\n\r\n"
+        SocketWriter.writeAll(Array(head.utf8) + payload, to: fd)
+        drop(fd)
+    }
+
+    private func drop(_ fd: Int32) {
+        close(fd)
+        clients[fd] = nil
+    }
+}
