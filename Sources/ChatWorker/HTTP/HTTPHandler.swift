@@ -8,6 +8,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private var request: HTTPRequestHead?
+    private let echoEnabled: Bool
+
+    init(echoEnabled: Bool) {
+        self.echoEnabled = echoEnabled
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -27,13 +32,16 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch (head.method, target.path) {
         case (.GET, "/healthz"):
             send(context: context, head: head, status: .ok, body: "ok\n", contentType: "text/plain")
-        case (_, "/ws"), (_, "/echo"):
+        case (_, "/ws"):
             if let problem = Identity.problem(in: target) {
                 send(context: context, head: head, status: .badRequest, body: problem.jsonBody, contentType: "application/json")
             } else {
                 send(context: context, head: head, status: .upgradeRequired,
                      body: #"{"code":"bad_request","message":"this endpoint takes a WebSocket upgrade"}"#, contentType: "application/json")
             }
+        case (_, "/echo") where echoEnabled:
+            send(context: context, head: head, status: .upgradeRequired,
+                 body: #"{"code":"bad_request","message":"this endpoint takes a WebSocket upgrade"}"#, contentType: "application/json")
         default:
             send(context: context, head: head, status: .notFound, body: #"{"code":"not_found","message":"no such endpoint"}"#, contentType: "application/json")
         }

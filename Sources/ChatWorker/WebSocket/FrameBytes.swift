@@ -8,6 +8,10 @@ public enum FrameBytes {
         make(opcode: .text, payload: payload, allocator: allocator)
     }
 
+    public static func binary(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
+        make(opcode: .binary, payload: payload, allocator: allocator)
+    }
+
     public static func close(code: UInt16, allocator: ByteBufferAllocator) -> ByteBuffer {
         var payload = allocator.buffer(capacity: 2)
         payload.writeInteger(code)

@@ -8,20 +8,21 @@ import NIOWebSocket
 /// message, written to every member as is).
 struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
     private let handshake: NIOWebSocketServerUpgrader
-    private let maxFrameSize: Int
+    private let maxFrameSize: @Sendable (HTTPRequestHead) -> Int
     private let configure: @Sendable (Channel, HTTPRequestHead) throws -> Void
 
     /// - Parameters:
     ///   - shouldUpgrade: extra response headers, or nil to refuse (the request then
     ///     reaches the HTTP handler).
+    ///   - maxFrameSize: the largest frame the endpoint of a request takes.
     ///   - configure: adds the handlers above the frame decoder.
     init(
-        maxFrameSize: Int,
+        maxFrameSize: @escaping @Sendable (HTTPRequestHead) -> Int,
         shouldUpgrade: @escaping @Sendable (Channel, HTTPRequestHead) -> EventLoopFuture<HTTPHeaders?>,
         configure: @escaping @Sendable (Channel, HTTPRequestHead) throws -> Void
     ) {
         handshake = NIOWebSocketServerUpgrader(
-            maxFrameSize: maxFrameSize, automaticErrorHandling: false, shouldUpgrade: shouldUpgrade,
+            automaticErrorHandling: false, shouldUpgrade: shouldUpgrade,
             upgradePipelineHandler: { channel, _ in channel.eventLoop.makeSucceededVoidFuture() })
         self.maxFrameSize = maxFrameSize
         self.configure = configure
@@ -37,7 +38,7 @@ struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
     func upgrade(context: ChannelHandlerContext, upgradeRequest: HTTPRequestHead) -> EventLoopFuture<Void> {
         let channel = context.channel
         return channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: maxFrameSize)))
+            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: maxFrameSize(upgradeRequest))))
             try configure(channel, upgradeRequest)
         }
     }

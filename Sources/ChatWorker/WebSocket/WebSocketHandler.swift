@@ -44,9 +44,6 @@ final class WebSocketHandler: ChannelDuplexHandler {
         let frame = unwrapInboundIn(data)
         activity.lastInbound = NIODeadline.now()
         activity.pingSent = false
-        guard !frame.rsv1, !frame.rsv2, !frame.rsv3 else {
-            return fail(context: context, code: CloseCode.protocolError)
-        }
         switch frame.opcode {
         case .connectionClose:
             receivedClose(context: context, frame: frame)
@@ -89,9 +86,11 @@ final class WebSocketHandler: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         switch error {
-        case NIOWebSocketError.invalidFrameLength, is NIOWebSocketFrameAggregator.Error:
+        case NIOWebSocketError.invalidFrameLength,
+             NIOWebSocketFrameAggregator.Error.tooManyFragments,
+             NIOWebSocketFrameAggregator.Error.accumulatedFrameSizeIsTooLarge:
             fail(context: context, code: CloseCode.tooBig)
-        case is NIOWebSocketError, is ByteToMessageDecoderError:
+        case is NIOWebSocketError, is NIOWebSocketFrameAggregator.Error, is ByteToMessageDecoderError, is FrameRuleViolation:
             fail(context: context, code: CloseCode.protocolError)
         default:
             context.close(promise: nil)
@@ -132,8 +131,17 @@ final class WebSocketHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Fails the connection (RFC 6455 7.1.7): a close frame with `code`, then the TCP
+    /// connection closes without waiting for the peer, whose further bytes are garbage.
     private func fail(context: ChannelHandlerContext, code: UInt16) {
-        sendClose(context: context, code: code)
+        guard case .open = state else {
+            context.close(promise: nil)
+            return
+        }
+        state = .closed
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(FrameBytes.close(code: code, allocator: channel.allocator)))
+            .whenComplete { _ in channel.close(promise: nil) }
     }
 
     private func sendClose(context: ChannelHandlerContext, code: UInt16) {
@@ -144,6 +152,28 @@ final class WebSocketHandler: ChannelDuplexHandler {
         context.eventLoop.scheduleTask(in: Self.closeHandshakeTimeout) {
             channel.close(promise: nil)
         }
+    }
+}
+
+/// A frame that breaks a rule of RFC 6455 that NIO's decoder does not check.
+struct FrameRuleViolation: Error {}
+
+/// Checks every frame as it arrives, before fragments are joined (which drops the mask
+/// and reserved bits): no extension is negotiated, so reserved bits are a protocol
+/// error, and (RFC 6455 5.1) a server must fail a connection whose frames are unmasked.
+final class FrameRuleChecker: ChannelInboundHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias InboundOut = WebSocketFrame
+    private var failed = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        let frame = unwrapInboundIn(data)
+        guard !frame.rsv1, !frame.rsv2, !frame.rsv3, frame.maskKey != nil else {
+            failed = true
+            return context.fireErrorCaught(FrameRuleViolation())
+        }
+        context.fireChannelRead(data)
     }
 }
 
