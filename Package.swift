@@ -21,6 +21,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["JSON", "YAML"]),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
     ],
     targets: [
         // PROTOCOL.md as types and codecs; no I/O.
@@ -32,6 +33,8 @@ let package = Package(
         .target(name: "CSystemShims"),
         // Messages on the master <-> child control link (newline-delimited JSON).
         .target(name: "ChatLink", dependencies: ["ChatSystem", "ChatControl", .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        // Who a client is: JWT verification and minting, API key comparison.
+        .target(name: "ChatAuth", dependencies: ["ChatProtocol", .product(name: "JWTKit", package: "jwt-kit")]),
         // The control socket's request/response types, shared by the master and chatctl.
         .target(name: "ChatControl"),
         // The bus interface and the relay wire format.
@@ -40,7 +43,7 @@ let package = Package(
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
         .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),
         // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
-        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
+        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatAuth", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
         // The supervisor: binds, spawns, reaps, restarts, handles signals.
@@ -48,12 +51,13 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus")]),
         .executableTarget(name: "chatgw", dependencies: ["ChatMaster", "ChatWorker", "ChatRelay", "ChatConfig", "ChatSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .executableTarget(name: "chatctl", dependencies: ["ChatControl", "ChatConfig",
+        .executableTarget(name: "chatctl", dependencies: ["ChatControl", "ChatConfig", "ChatAuth",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
         .testTarget(name: "ChatBusTests", dependencies: ["ChatBus", "ChatRelay"]),
+        .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
     ],
     swiftLanguageModes: [.v6]
 )

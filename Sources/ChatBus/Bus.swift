@@ -63,6 +63,8 @@ public protocol Bus: AnyObject {
     /// Sequences and fans out a message. The message itself is delivered (to this worker
     /// too, if it has members there) before the completion runs.
     func publish(room: String, from: String, text: String, completion: @escaping (Result<Published, BusError>) -> Void)
+    /// A room's state (seq, epoch, members over all workers) without joining it.
+    func info(room: String, completion: @escaping (Result<RoomSnapshot, BusError>) -> Void)
     /// Older messages for scroll-back.
     func fetch(room: String, before: HistoryPosition?, limit: Int,
                completion: @escaping (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void)

@@ -57,6 +57,12 @@ public final class RelayBusClient: Bus {
         send(.publish(request: request, room: room, from: from, text: text))
     }
 
+    public func info(room: String, completion: @escaping (Result<RoomSnapshot, BusError>) -> Void) {
+        let answer: (Result<JoinResult, BusError>) -> Void = { completion($0.map(\.room)) }
+        guard let request = register(.join(answer)) else { return completion(.failure(.unavailable)) }
+        send(.info(request: request, room: room))
+    }
+
     public func fetch(room: String, before: HistoryPosition?, limit: Int,
                       completion: @escaping (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void) {
         guard let request = register(.fetch(completion)) else { return completion(.failure(.unavailable)) }
@@ -167,7 +173,7 @@ public final class RelayBusClient: Bus {
             case .fetch(let completion)?: completion(.failure(error))
             case nil: break
             }
-        case .hello, .join, .leave, .publish, .fetch:
+        case .hello, .join, .leave, .publish, .fetch, .info:
             logger.error("relay sent a worker-only frame; dropping the link")
             channel?.close(promise: nil)
         }

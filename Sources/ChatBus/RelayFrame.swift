@@ -28,6 +28,8 @@ public enum RelayFrame: Equatable, Sendable {
     case publish(request: UInt32, room: String, from: String, text: String)
     /// Scroll-back; answer: `fetched`.
     case fetch(request: UInt32, room: String, before: HistoryPosition?, limit: Int)
+    /// A room's state without joining it; answer: `joined` with no replay.
+    case info(request: UInt32, room: String)
 
     // relay -> worker
     case joined(request: UInt32, room: RoomSnapshot, replay: [RoomMessage], gap: Gap?)
@@ -73,7 +75,7 @@ public struct RelayFrameError: Error, CustomStringConvertible, Sendable {
 }
 
 private enum FrameType: UInt8 {
-    case hello = 1, join, leave, publish, fetch
+    case hello = 1, join, leave, publish, fetch, info
     case joined = 101, message, published, fetched, failed
 }
 
@@ -110,6 +112,10 @@ extension RelayFrame {
             buffer.writeRelayString(before?.epoch ?? "")
             buffer.writeInteger(Int64(before?.seq ?? -1))
             buffer.writeInteger(UInt32(limit))
+        case .info(let request, let room):
+            buffer.writeInteger(FrameType.info.rawValue)
+            buffer.writeInteger(request)
+            buffer.writeRelayString(room)
         case .joined(let request, let room, let replay, let gap):
             buffer.writeInteger(FrameType.joined.rawValue)
             buffer.writeInteger(request)
@@ -175,6 +181,8 @@ extension RelayFrame {
             let seq = try reader.optionalInt()
             let before = seq.map { HistoryPosition(epoch: epoch, seq: $0) }
             result = .fetch(request: request, room: room, before: before, limit: Int(try reader.u32()))
+        case .info:
+            result = .info(request: try reader.u32(), room: try reader.string())
         case .joined:
             let request = try reader.u32()
             let name = try reader.string()

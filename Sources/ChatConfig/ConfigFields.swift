@@ -140,6 +140,9 @@ struct ConfigField: Sendable {
         ConfigField("server.state_dir", \.server.stateDirectory, "a non-empty path", valid: { !$0.isEmpty }),
         ConfigField("server.pid_file", \.server.pidFile, "a path"),
         .int("server.heartbeat_s", \.server.heartbeatSeconds, 1...3600),
+        ConfigField("server.web_page", \.server.webPage, "true or false"),
+        ConfigField("server.allowed_origins", \.server.allowedOrigins, "a comma-separated list of origins, or \"\" for any",
+                    valid: { $0.split(separator: ",").allSatisfy { !$0.trimmingCharacters(in: .whitespaces).isEmpty } }),
 
         .int("supervisor.restart_backoff_initial_ms", \.supervisor.restartBackoffInitialMs, 1...60000),
         // Also >= restart_backoff_initial_ms, and the heartbeat timeout must exceed the

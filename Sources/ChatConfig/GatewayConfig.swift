@@ -48,7 +48,17 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public var pidFile = ""
         /// `server.heartbeat_s`: heartbeat interval announced to clients in hello, 1...3600 s.
         public var heartbeatSeconds = 30
+        /// `server.web_page`: serve the built-in web chat page at `GET /`.
+        public var webPage = true
+        /// `server.allowed_origins`: comma-separated `Origin` values a WebSocket upgrade may
+        /// carry; "" allows any (and requests without Origin, from non-browser clients).
+        public var allowedOrigins = ""
         public init() {}
+
+        /// `allowedOrigins` as a list; empty means any origin.
+        public var originList: [String] {
+            allowedOrigins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        }
     }
 
     public struct Supervisor: Sendable, Codable, Equatable {

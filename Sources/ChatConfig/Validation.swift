@@ -24,11 +24,12 @@ extension GatewayConfig {
             "limits.idle_timeout_s",
             mustBe: "greater than limits.idle_ping_s (\(limits.idlePingSeconds))",
             got: limits.idleTimeoutSeconds.configText)
+        // HS256 keys shorter than the hash output are guessable (and jwt-kit refuses them).
         try require(
-            auth.mode != .jwt || !auth.jwtSecret.isEmpty,
+            auth.mode != .jwt || auth.jwtSecret.utf8.count >= 32,
             "auth.jwt_secret",
-            mustBe: "set when auth.mode is jwt",
-            got: "")
+            mustBe: "at least 32 bytes when auth.mode is jwt",
+            got: auth.jwtSecret.isEmpty ? "" : "<secret of \(auth.jwtSecret.utf8.count) bytes>")
         // bind(2) on a longer Unix socket path fails with a less helpful error, in a child.
         try require(
             controlSocketPath.utf8.count <= Self.maxSocketPathBytes,

@@ -227,7 +227,6 @@ public final class Arbiter {
             config = loaded
         }
         if config.bus.kind != .relay { return reloadFailed("invalid config: bus.kind: redis is not available in this build (use relay)") }
-        if config.auth.mode != .none { return reloadFailed("invalid config: auth.mode: jwt is not available in this build (use none)") }
         let next = MasterSettings(config: config, executable: settings.executable)
         let listenChanged = next.config.server.listen != settings.config.server.listen
         var newSockets: [Int: Int32] = [:]

@@ -70,6 +70,8 @@ final class Relay {
             }
             // After the message itself, so the sender's worker acks only once it has delivered it.
             send(.published(request: request, room: room, seq: message.seq, epoch: message.epoch), to: link)
+        case .info(let request, let room):
+            send(.joined(request: request, room: book.snapshot(room: room), replay: [], gap: nil), to: link)
         case .fetch(let request, let room, let before, let limit):
             let page = book.fetch(room: room, before: before, limit: limit, nowMs: now)
             send(.fetched(request: request, room: room, messages: page.messages, more: page.more), to: link)

@@ -28,6 +28,8 @@ public struct RelaySettings: Sendable {
 public enum RelayProcess {
     public static func run(settings: RelaySettings, logger: Logger) -> Never {
         do {
+            // Only the gateway's own user may reach the relay socket and the journal.
+            umask(0o077)
             let runtime = ChildRuntime(logger: logger)
             let loop = runtime.eventLoop
             let relay = try loop.submit {
@@ -45,7 +47,7 @@ public enum RelayProcess {
                 }
                 .bind(unixDomainSocketPath: settings.socketPath, cleanupExistingSocketFile: true)
                 .wait()
-            // Only the gateway's own processes (same user) may speak to the relay.
+            // Belt and braces: created under umask 077 below, and 0600 whatever the umask was.
             chmod(settings.socketPath, 0o600)
             try runtime.connect(
                 heartbeatInterval: settings.heartbeatInterval,

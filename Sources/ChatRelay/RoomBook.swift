@@ -131,6 +131,13 @@ public struct RoomBook {
         return (RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members), replay, gap)
     }
 
+    /// A room's state; a room nobody has used yet gets its epoch now.
+    public mutating func snapshot(room name: String) -> RoomSnapshot {
+        let room = rooms[name] ?? Room(epoch: makeEpoch())
+        rooms[name] = room
+        return RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members)
+    }
+
     /// Counts `members` fewer members of `link` in `room`.
     public mutating func leave(room name: String, link: LinkID, members: Int) {
         guard var room = rooms[name], let count = room.interest[link] else { return }

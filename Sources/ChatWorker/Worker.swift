@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatAuth
 import ChatBus
 import ChatConfig
 import ChatLink
@@ -53,6 +54,8 @@ final class Worker: BusDelegate {
     let logger: Logger
     let bus: any Bus
     let rooms: LocalRooms
+    /// Set in auth mode `jwt`.
+    let verifier: TokenVerifier?
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     private var nextConnection: UInt64 = 0
@@ -60,8 +63,9 @@ final class Worker: BusDelegate {
     private var stopReason = ByeReason.shutdown
     var onDrained: (() -> Void)?
 
-    init(settings: WorkerSettings, bus: any Bus, eventLoop: any EventLoop, logger: Logger) {
+    init(settings: WorkerSettings, bus: any Bus, verifier: TokenVerifier?, eventLoop: any EventLoop, logger: Logger) {
         self.settings = settings
+        self.verifier = verifier
         self.logger = logger
         self.bus = bus
         self.rooms = LocalRooms(eventLoop: eventLoop)
@@ -161,7 +165,8 @@ final class Worker: BusDelegate {
         let windowMs = max(0, Int(window.nanoseconds / 1_000_000))
         let everyone = Array(sessions.values)
         for (index, session) in everyone.enumerated() {
-            let retryMs = Int.random(in: 500...(1_500 + windowMs))
+            // Reconnects spread over the window, so the new workers see no stampede.
+            let retryMs = windowMs > 500 ? Int.random(in: 500...windowMs) : Int.random(in: 500...3_000)
             let delay = everyone.count > 1 ? windowMs * index / (everyone.count - 1) : 0
             if delay == 0 {
                 session.sayGoodbye(reason, retryMs: retryMs)
@@ -191,10 +196,13 @@ public enum WorkerProcess {
         let runtime = ChildRuntime(logger: logger)
         let loop = runtime.eventLoop
         let config = settings.config
+        let secret = config.auth.jwtSecret
+        // The config was validated (a secret of at least 32 bytes), so this cannot fail.
+        let verifier = config.auth.mode == .jwt ? runBlocking { try? await TokenVerifier(secret: secret) } : nil
         let worker = try loop.submit {
             let bus = RelayBusClient(socketPath: config.relaySocketPath, workerName: "worker\(settings.slot)-\(getpid())",
                                      eventLoop: loop, logger: logger)
-            let worker = Worker(settings: settings, bus: bus, eventLoop: loop, logger: logger)
+            let worker = Worker(settings: settings, bus: bus, verifier: verifier, eventLoop: loop, logger: logger)
             worker.onDrained = { runtime.finish() }
             bus.start()
             return NIOLoopBound(worker, eventLoop: loop)

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ArgumentParser
+import ChatAuth
 import ChatConfig
 import ChatControl
 import Foundation
@@ -16,7 +17,7 @@ struct ChatCtl: AsyncParsableCommand {
             The control socket is found from --socket, else $CHATGW_CONTROL_SOCKET, else the config \
             given with --config (control.socket, server.state_dir), else run/chatgw.ctl.
             """,
-        subcommands: [Status.self, Workers.self, Rooms.self, Reload.self, Stop.self, Scale.self, Kick.self]
+        subcommands: [Status.self, Workers.self, Rooms.self, Reload.self, Stop.self, Scale.self, Kick.self, Token.self]
     )
 }
 
@@ -143,5 +144,37 @@ struct Kick: AsyncParsableCommand {
     func run() async throws {
         let response = try await connection.send(ControlRequest(command: .kick, user: user))
         if !connection.json { print(response.message ?? "kicked") }
+    }
+}
+
+struct Token: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Mint a JWT (HS256) for local testing of auth.mode jwt.",
+        discussion: "The secret comes from --secret, else $CHATGW_AUTH_JWT_SECRET, else auth.jwt_secret of --config.")
+    @Option(help: "The user name (the sub claim).") var user: String
+    @Option(help: "Lifetime in seconds.") var ttl = 3600
+    @Option(help: "Rooms the user may join, comma-separated; a trailing * matches a prefix. Default: any room.") var rooms: String?
+    @Option(help: "The HMAC secret.") var secret: String?
+    @Option(help: "The chatgw config file, to read auth.jwt_secret.") var config: String?
+
+    func run() async throws {
+        let environment = ProcessInfo.processInfo.environment
+        var key = secret ?? environment["CHATGW_AUTH_JWT_SECRET"]
+        if key == nil, let config, let loaded = try? await ConfigLoader.load(file: config, environment: environment, overrides: [:]) {
+            key = loaded.auth.jwtSecret
+        }
+        guard let key, !key.isEmpty else {
+            printError("no secret: pass --secret, set CHATGW_AUTH_JWT_SECRET, or --config with auth.jwt_secret")
+            throw ExitCode(1)
+        }
+        let verifier: TokenVerifier
+        do {
+            verifier = try await TokenVerifier(secret: key)
+        } catch {
+            printError(error.description)
+            throw ExitCode(1)
+        }
+        let list = rooms.map { $0.split(separator: ",").map { String($0) } }
+        print(try await verifier.mint(user: user, lifetime: TimeInterval(ttl), rooms: list))
     }
 }

@@ -7,9 +7,7 @@ import ChatMaster
 import ChatRelay
 import ChatSystem
 import ChatWorker
-import Dispatch
 import Foundation
-import Synchronization
 import Logging
 import NIOCore
 
@@ -61,7 +59,6 @@ struct Master: AsyncParsableCommand {
         // Accepted by the config model for the releases that bring them, refused until then
         // rather than silently ignored.
         if gateway.bus.kind == .redis { failStartup("invalid config: bus.kind: redis is not available in this build (use relay)") }
-        if gateway.auth.mode == .jwt { failStartup("invalid config: auth.mode: jwt is not available in this build (use none)") }
         ChatLogHandler.bootstrap(role: "master", slot: nil, level: gateway.log.level.loggerLevel, json: gateway.log.format == .json)
         let logger = Logger(label: "chatgw.master")
 
@@ -88,23 +85,15 @@ struct Master: AsyncParsableCommand {
     }
 }
 
-/// Loads the config again for a reload. The supervision loop is synchronous; the loader
-/// is async, so it runs detached (off the main actor) while this thread waits.
+/// Loads the config again for a reload (the supervision loop is synchronous).
 private func loadBlocking(file: String?, overrides: [String: String]) -> Result<GatewayConfig, ConfigError> {
-    let outcome = Mutex<Result<GatewayConfig, ConfigError>?>(nil)
-    let done = DispatchSemaphore(value: 0)
-    Task.detached {
-        let result: Result<GatewayConfig, ConfigError>
+    runBlocking {
         do throws(ConfigError) {
-            result = .success(try await ConfigLoader.load(file: file, environment: ProcessEnvironment.current(), overrides: overrides))
+            return .success(try await ConfigLoader.load(file: file, environment: ProcessEnvironment.current(), overrides: overrides))
         } catch {
-            result = .failure(error)
+            return .failure(error)
         }
-        outcome.withLock { $0 = result }
-        done.signal()
     }
-    done.wait()
-    return outcome.withLock { $0! }
 }
 
 /// What every child reads first: the config the master resolved, from its environment.

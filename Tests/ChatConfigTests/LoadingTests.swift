@@ -90,8 +90,8 @@ import Testing
         "limits.max_frame_bytes": "125", "limits.max_text_bytes": "100", "limits.rate_per_s": "0.5",
         "limits.burst": "1", "limits.flood_violations": "3", "limits.rooms_per_connection": "2",
         "limits.outbound_buffer_bytes": "2048", "limits.idle_ping_s": "5", "limits.idle_timeout_s": "80",
-        "auth.mode": "jwt", "auth.jwt_secret": "s3cret", "api.key": "k", "metrics.listen": "localhost:0",
-        "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical", "log.format": "json",
+        "auth.mode": "jwt", "auth.jwt_secret": "0123456789abcdef0123456789abcdef", "api.key": "k", "metrics.listen": "localhost:0",
+        "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical", "log.format": "json", "server.web_page": "false", "server.allowed_origins": "http://a.example, http://b.example",
     ]
 
     @Test func everyKeyCanBeSetFromTheEnvironment() async throws {
@@ -100,7 +100,7 @@ import Testing
         for (key, value) in Self.samples.sorted(by: { $0.key < $1.key }) {
             // auth.jwt_secret alone is not observable with mode none, so set both.
             var env = [ConfigLoader.environmentName(for: key): value]
-            if key == "auth.mode" { env["CHATGW_AUTH_JWT_SECRET"] = "x" }
+            if key == "auth.mode" { env["CHATGW_AUTH_JWT_SECRET"] = "0123456789abcdef0123456789abcdef" }
             let config = try await load(env: env)
             #expect(config != defaults, "\(ConfigLoader.environmentName(for: key)) had no effect")
         }

@@ -103,7 +103,7 @@ struct Violation: Sendable, CustomTestStringConvertible {
         config.limits.idleTimeoutSeconds = config.limits.idlePingSeconds + 1
         config.history.messages = 0
         config.auth.mode = .jwt
-        config.auth.jwtSecret = "k"
+        config.auth.jwtSecret = "0123456789abcdef0123456789abcdef"
         config.metrics.listen = nil
         try config.validate()
     }

@@ -37,7 +37,7 @@ import Testing
         config.limits.ratePerSecond = 2.5
         config.auth = .init()
         config.auth.mode = .jwt
-        config.auth.jwtSecret = "s3cret"
+        config.auth.jwtSecret = "0123456789abcdef0123456789abcdef"
         config.log.level = .trace
         let json = config.encodedJSON()
         #expect(!json.contains("\n"))

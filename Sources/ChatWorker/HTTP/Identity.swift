@@ -1,22 +1,54 @@
+import ChatAuth
 import ChatProtocol
+import NIOCore
+import NIOHTTP1
 
-/// Who a connection is, decided at the upgrade (auth mode `none`: the `user` query
-/// parameter, or a generated guest name).
-struct Identity {
-    struct Problem {
-        var code: String
-        var message: String
-        var jsonBody: String { #"{"code":"\#(code)","message":"\#(message)"}"# }
+/// An HTTP answer that ends a request: status, a protocol-style error code and message.
+struct HTTPRefusal: Error, Sendable {
+    var status: HTTPResponseStatus
+    var code: String
+    var message: String
+
+    static let upgradeRequired = HTTPRefusal(status: .upgradeRequired, code: "bad_request", message: "this endpoint takes a WebSocket upgrade")
+}
+
+/// What the upgrade decided about one connection. The upgrader writes it; the HTTP
+/// handler reads it when the upgrade was refused, the session when it went through.
+final class UpgradeVerdict {
+    var user: AuthorizedUser?
+    var refusal: HTTPRefusal?
+}
+
+/// Who a connection is, decided at the upgrade.
+enum Identity {
+    /// Auth mode `none`: the `user` query parameter, or a generated guest name.
+    static func fromQuery(_ target: RequestTarget) -> Result<AuthorizedUser, HTTPRefusal> {
+        guard let user = target.query["user"], !user.isEmpty else {
+            return .success(AuthorizedUser(name: "guest-" + String(UInt32.random(in: 0...UInt32.max), radix: 16), rooms: .any))
+        }
+        guard Names.isValidUser(user) else {
+            return .failure(HTTPRefusal(status: .badRequest, code: "bad_user", message: "user names are 1 to 32 characters from [A-Za-z0-9_.-]"))
+        }
+        return .success(AuthorizedUser(name: String(user), rooms: .any))
     }
 
-    static func problem(in target: RequestTarget) -> Problem? {
-        guard let user = target.query["user"], !user.isEmpty else { return nil }
-        return Names.isValidUser(user) ? nil : Problem(code: "bad_user", message: "user names are 1 to 32 characters from [A-Za-z0-9_.-]")
+    /// Auth mode `jwt`: the token from `?token=` or `Authorization: Bearer`.
+    static func token(in head: HTTPRequestHead, target: RequestTarget) -> String? {
+        if let token = target.query["token"], !token.isEmpty { return String(token) }
+        return bearer(in: head)
     }
 
-    static func user(in target: RequestTarget) -> String? {
-        if problem(in: target) != nil { return nil }
-        if let user = target.query["user"], !user.isEmpty { return String(user) }
-        return "guest-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
+    static func bearer(in head: HTTPRequestHead) -> String? {
+        guard let value = head.headers.first(name: "Authorization") else { return nil }
+        let parts = value.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
+        return String(parts[1].drop(while: \.isWhitespace))
+    }
+
+    /// `server.allowed_origins`: an upgrade whose Origin is not listed is refused.
+    static func originRefusal(_ head: HTTPRequestHead, allowed: [String]) -> HTTPRefusal? {
+        guard !allowed.isEmpty else { return nil }
+        let origin = head.headers.first(name: "Origin") ?? ""
+        return allowed.contains(origin) ? nil : HTTPRefusal(status: .forbidden, code: "forbidden", message: "origin not allowed")
     }
 }

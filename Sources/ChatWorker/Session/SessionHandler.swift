@@ -1,3 +1,4 @@
+import ChatAuth
 import ChatBus
 import ChatProtocol
 import ChatSystem
@@ -17,6 +18,7 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     let user: String
+    let permission: RoomPermission
     let connectionID: String
     let activity: ConnectionActivity
     private let worker: Worker
@@ -26,8 +28,9 @@ final class SessionHandler: ChannelInboundHandler {
     private var flood: FloodDetector
     private var closing = false
 
-    init(user: String, connectionID: String, activity: ConnectionActivity, worker: Worker) {
-        self.user = user
+    init(user: AuthorizedUser, connectionID: String, activity: ConnectionActivity, worker: Worker) {
+        self.user = user.name
+        self.permission = user.rooms
         self.connectionID = connectionID
         self.activity = activity
         self.worker = worker
@@ -126,6 +129,9 @@ final class SessionHandler: ChannelInboundHandler {
         guard rooms[room] == nil else {
             return send(.error(ProtocolError(.badJSON, "already joining this room", ref: ref, room: room)))
         }
+        guard permission.allows(room) else {
+            return send(.error(ProtocolError(.forbidden, "your token does not allow this room", ref: ref, room: room)))
+        }
         guard rooms.count < worker.settings.limits.roomsPerConnection else {
             return send(.error(ProtocolError(.tooManyRooms, "at most \(worker.settings.limits.roomsPerConnection) rooms per connection", ref: ref, room: room)))
         }
@@ -188,6 +194,9 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     private func history(_ room: String, before: HistoryPosition?, limit: Int, ref: String?) {
+        guard permission.allows(room) else {
+            return send(.error(ProtocolError(.forbidden, "your token does not allow this room", ref: ref, room: room)))
+        }
         guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
         worker.bus.fetch(room: room, before: before, limit: limit) { [self] result in
             switch result {

@@ -1,0 +1,761 @@
+"""Rooms end to end: fan-out over workers, ordering, resume and gaps, history, relay
+crash, slow consumers, leave, ping, scroll-back (PROTOCOL.md).
+
+Black-box: the binary (CHATGW_BIN), WebSocket clients, ps and signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+from conftest import (
+    RawWS,
+    close_all,
+    conn_slot,
+    connect_hello,
+    connect_on_slot,
+    join_room,
+    one_per_slot,
+    open_many,
+    ping_ok,
+    recv_json,
+    run_async,
+    send_json,
+    send_message,
+    wait_bus_ready,
+)
+from websockets.exceptions import ConnectionClosed
+
+FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
+
+
+def _first(items, n=5):
+    return "\n".join(str(x) for x in list(items)[:n])
+
+
+class Inbox:
+    """Reads every frame of one connection in the background (JSON, with loop time)."""
+
+    def __init__(self, ws, name: str = ""):
+        self.ws, self.name = ws, name
+        self.msgs: list[dict] = []
+        self.times: list[float] = []
+        self.counts: Counter = Counter()  # frames per type
+        self.closed: ConnectionClosed | None = None
+        self.error: str | None = None
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        try:
+            async for raw in self.ws:
+                self.times.append(loop.time())
+                m = json.loads(raw) if isinstance(raw, str) else {"type": "<binary>", "raw": raw}
+                self.msgs.append(m)
+                self.counts[m.get("type")] += 1
+        except ConnectionClosed as e:
+            self.closed = e
+        except Exception as e:  # noqa: BLE001
+            self.error = f"{type(e).__name__}: {e}"
+        else:
+            self.closed = True
+
+    def of(self, type_: str, room: str | None = None) -> list[dict]:
+        return [m for m in self.msgs if m.get("type") == type_ and (room is None or m.get("room") == room)]
+
+    async def wait(self, pred, timeout: float, what: str = "condition") -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not pred(self):
+            if loop.time() >= deadline:
+                raise AssertionError(f"{self.name}: no {what} within {timeout}s; last frames {self.msgs[-5:]}")
+            if self._task.done() and not pred(self):
+                raise AssertionError(f"{self.name}: connection ended ({self.closed or self.error}) before {what}; "
+                                     f"last frames {self.msgs[-5:]}")
+            await asyncio.sleep(0.01)
+
+    def stop(self):
+        self._task.cancel()
+
+
+async def wait_all(inboxes, pred, timeout: float, what: str):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        pending = [ib for ib in inboxes if not pred(ib)]
+        if not pending:
+            return
+        dead = [ib for ib in pending if ib._task.done()]
+        if dead:
+            ib = dead[0]
+            raise AssertionError(f"{len(dead)} connections ended before {what}, e.g. {ib.name}: "
+                                 f"{ib.closed or ib.error}; last frames {ib.msgs[-3:]}")
+        if loop.time() >= deadline:
+            ib = pending[0]
+            raise AssertionError(f"{len(pending)} of {len(inboxes)} connections without {what} after {timeout}s; "
+                                 f"e.g. {ib.name} has {len(ib.msgs)} frames, last {ib.msgs[-3:]}")
+        await asyncio.sleep(0.02)
+
+
+async def read_frames(ws, n: int, timeout: float = 5.0) -> list[dict]:
+    """Exactly the next n frames."""
+    out = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(out) < n:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise AssertionError(f"got {len(out)} of {n} frames in {timeout}s; last {out[-3:]}")
+        out.append(await recv_json(ws, left))
+    return out
+
+
+async def assert_quiet_until_pong(ws, what: str, timeout: float = 5.0) -> None:
+    """Ping; the very next frame must be the pong (nothing else was pending)."""
+    ref = f"q{time.monotonic_ns()}"
+    await send_json(ws, {"type": "ping", "ref": ref})
+    msg = await recv_json(ws, timeout)
+    assert msg == {"type": "pong", "ref": ref}, f"{what}: expected only the pong, got {msg}"
+
+
+async def send_many(ws, room: str, texts: list[str], ref_prefix: str, timeout: float = 15.0) -> list[dict]:
+    """Send each text with a ref; read until every ack; return the sender's frames."""
+    for i, t in enumerate(texts):
+        await send_json(ws, {"type": "send", "room": room, "text": t, "ref": f"{ref_prefix}{i}"})
+    want = {f"{ref_prefix}{i}" for i in range(len(texts))}
+    frames = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while want:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise AssertionError(f"{len(want)} of {len(texts)} sends without ack after {timeout}s; last {frames[-3:]}")
+        m = await recv_json(ws, left)
+        frames.append(m)
+        if m.get("type") == "error" and m.get("ref") in want:
+            raise AssertionError(f"send refused: {m}")
+        if m.get("type") == "ack":
+            want.discard(m.get("ref"))
+    return frames
+
+
+def check_consecutive(seqs: list[int], what: str) -> None:
+    bad = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
+    assert not bad, f"{what}: seq not rising by 1 at {bad[:5]} (of {len(seqs)} messages)"
+
+
+# 0 ---------------------------------------------------------------------------
+
+
+def test_rooms_work_as_soon_as_gateway_is_ready(make_gateway):
+    """Once every child logged `child ready`, a join on any worker succeeds (no `unavailable`)."""
+    gw = make_gateway(workers=2, env=FAST)
+
+    async def main():
+        res = await open_many(gw, 16, concurrency=16, timeout=5, user_prefix="early")
+        try:
+            assert not res.errors, res.errors[:3]
+            replies = await asyncio.gather(*(join_room(ws, "early") for ws in res.conns))
+            bad = [(conn_slot(h), r) for h, (r, _) in zip(res.hellos, replies) if r.get("type") != "joined"]
+            assert not bad, (
+                f"{len(bad)} of 16 joins right after the gateway was ready were refused "
+                f"(slot, reply): {bad[:3]}"
+            )
+        finally:
+            await close_all(res.conns)
+
+    run_async(main(), 20)
+
+
+# 1 ---------------------------------------------------------------------------
+
+
+def test_fanout_300_clients_3_workers_same_sequence(make_gateway):
+    gw = make_gateway(workers=3, env=FAST)
+    n_clients, n_senders, per_sender = 300, 20, 50
+    total = n_senders * per_sender
+    room = "fan"
+
+    async def main():
+        await wait_bus_ready(gw)
+        res = await open_many(gw, n_clients, concurrency=100, timeout=15, user_prefix="f")
+        try:
+            assert not res.errors, f"{len(res.errors)} connections failed: {_first(res.errors)}"
+            slots = Counter(res.slots())
+            assert set(slots) == {0, 1, 2}, f"clients per slot: {dict(slots)}"
+            users = [h["user"] for h in res.hellos]
+
+            # everyone but the last joins, then the last one: it must count all 300
+            replies = await asyncio.gather(*(join_room(ws, room, timeout=15) for ws in res.conns[:-1]))
+            for (reply, before), u in zip(replies, users):
+                assert reply.get("type") == "joined", f"{u}: {reply}"
+                assert not before, f"{u}: frames before joined: {before}"
+            last, _ = await join_room(res.conns[-1], room)
+            assert last.get("type") == "joined", last
+            assert last.get("members") == n_clients, (
+                f"joined.members of the last joiner: {last.get('members')}, expected {n_clients} "
+                f"(slots {dict(slots)})"
+            )
+            epochs = {r.get("epoch") for r, _ in replies} | {last.get("epoch")}
+            assert len(epochs) == 1, f"joined epochs differ: {epochs}"
+            start_seq = last["seq"]
+            assert all(r["seq"] == start_seq for r, _ in replies), {r["seq"] for r, _ in replies}
+
+            inboxes = [Inbox(ws, u) for ws, u in zip(res.conns, users)]
+            senders = list(range(0, n_clients, n_clients // n_senders))[:n_senders]
+            sender_slots = Counter(conn_slot(res.hellos[i]) for i in senders)
+
+            async def sender(i):
+                ws, u = res.conns[i], users[i]
+                for k in range(per_sender):
+                    await send_json(ws, {"type": "send", "room": room, "text": f"{u}:{k}", "ref": f"{u}-{k}"})
+
+            t0 = time.monotonic()
+            await asyncio.gather(*(sender(i) for i in senders))
+            await wait_all(inboxes, lambda ib: ib.counts["message"] >= total, 45, f"{total} messages")
+            await wait_all([inboxes[i] for i in senders], lambda ib: ib.counts["ack"] >= per_sender, 10,
+                           f"{per_sender} acks")
+            took = time.monotonic() - t0
+            await asyncio.sleep(0.2)  # anything extra (duplicates) would show up now
+            for ib in inboxes:
+                ib.stop()
+
+            expected_texts = {f"{users[i]}:{k}" for i in senders for k in range(per_sender)}
+            reference = None
+            for ib in inboxes:
+                errors = ib.of("error")
+                assert not errors, f"{ib.name}: errors {errors[:3]}"
+                msgs = ib.of("message", room)
+                assert len(msgs) == total, f"{ib.name}: {len(msgs)} messages, expected {total}"
+                seqs = [m["seq"] for m in msgs]
+                check_consecutive(seqs, ib.name)
+                assert seqs[0] == start_seq + 1, f"{ib.name}: first seq {seqs[0]}, joined.seq was {start_seq}"
+                assert {m["epoch"] for m in msgs} == epochs, f"{ib.name}: epochs {set(m['epoch'] for m in msgs)}"
+                texts = [m["text"] for m in msgs]
+                assert set(texts) == expected_texts and len(set(texts)) == total, f"{ib.name}: texts differ"
+                seq_list = [(m["seq"], m["from"], m["text"]) for m in msgs]
+                if reference is None:
+                    reference = seq_list
+                else:
+                    assert seq_list == reference, f"{ib.name}: sequence differs from {inboxes[0].name}"
+                bad_from = [m for m in msgs if m["text"].split(":")[0] != m["from"]]
+                assert not bad_from, f"{ib.name}: from does not match the sender: {bad_from[:3]}"
+                # per sender, its messages arrive in the order sent
+                per = {}
+                for m in msgs:
+                    per.setdefault(m["from"], []).append(int(m["text"].split(":")[1]))
+                assert all(v == list(range(per_sender)) for v in per.values()), f"{ib.name}: per-sender order broken"
+
+            for i in senders:
+                ib = inboxes[i]
+                u = users[i]
+                acks = ib.of("ack")
+                assert len(acks) == per_sender, f"{u}: {len(acks)} acks"
+                index_of_msg = {m["text"]: (j, m) for j, m in enumerate(ib.msgs) if m.get("type") == "message"}
+                for j, a in enumerate(ib.msgs):
+                    if a.get("type") != "ack":
+                        continue
+                    k = int(a["ref"].split("-")[1])
+                    mj, m = index_of_msg[f"{u}:{k}"]
+                    assert mj < j, f"{u}: ack {a} arrived before its message {m}"
+                    assert a.get("seq") == m["seq"] and a.get("room") == room, f"{u}: ack {a} for message {m}"
+            return took, dict(slots), dict(sender_slots)
+        finally:
+            await close_all(res.conns)
+
+    took, slots, sender_slots = run_async(main(), 85)
+    print(f"fan-out: {total} messages to {n_clients} clients in {took:.2f}s; clients/slot {slots}; senders/slot {sender_slots}")
+
+
+# 2 ---------------------------------------------------------------------------
+
+
+def _resume_test(gw, history_len: int | None):
+    room = "res"
+    n_missed = 100
+
+    async def main():
+        await wait_bus_ready(gw)
+        b, bh = await connect_hello(gw, "bob")
+        a = a2 = None
+        try:
+            jb, _ = await join_room(b, room)
+            assert jb.get("type") == "joined", jb
+            await send_many(b, room, [f"pre{i}" for i in range(3)], "p")
+            a, ah = await connect_hello(gw, "alice")
+            ja, before = await join_room(a, room)
+            assert ja.get("type") == "joined" and not before, (ja, before)
+            since, epoch = ja["seq"], ja["epoch"]
+            assert since == jb["seq"] + 3, f"joined.seq {since} after 3 messages on {jb['seq']}"
+            await close_all([a])
+            a = None
+
+            await send_many(b, room, [f"m{k}" for k in range(1, n_missed + 1)], "b")
+            # back on the other worker than bob's (the replay must come through the bus)
+            other = 1 - conn_slot(bh)
+            a2, _ = await connect_on_slot(gw, other, user_prefix="alice")
+            await send_json(a2, {"type": "join", "room": room, "since": since, "epoch": epoch, "ref": "rj"})
+            held = n_missed if history_len is None else min(n_missed, history_len)
+            n_gap = 0 if history_len is None or history_len >= n_missed + 3 else 1
+            frames = await read_frames(a2, 1 + n_gap + held, timeout=10)
+
+            joined = frames[0]
+            assert joined.get("type") == "joined" and joined.get("ref") == "rj", f"first frame: {joined}"
+            assert joined.get("seq") == since + n_missed and joined.get("epoch") == epoch, joined
+            rest = frames[1:]
+            if n_gap:
+                gap = rest[0]
+                assert gap == {"type": "gap", "room": room, "from": since + 1, "to": since + n_missed - held,
+                               "epoch": epoch}, f"expected the gap first, got {gap}"
+                rest = rest[1:]
+            assert all(m.get("type") == "message" and m.get("room") == room for m in rest), (
+                f"replay holds other frames: {[m for m in rest if m.get('type') != 'message'][:3]}"
+            )
+            seqs = [m["seq"] for m in rest]
+            assert seqs == list(range(since + n_missed - held + 1, since + n_missed + 1)), f"replayed seqs {seqs}"
+            assert [m["text"] for m in rest] == [f"m{k}" for k in range(n_missed - held + 1, n_missed + 1)]
+            assert all(m["epoch"] == epoch and m["from"] == "bob" for m in rest)
+
+            # then live
+            await send_message(b, room, "live")
+            live = await recv_json(a2, 5)
+            assert live.get("type") == "message" and live.get("seq") == since + n_missed + 1 and \
+                live.get("text") == "live", f"after the replay: {live}"
+            await assert_quiet_until_pong(a2, "after the live message")
+        finally:
+            await close_all([c for c in (a, a2, b) if c is not None])
+
+    run_async(main(), 40)
+
+
+def test_resume_replays_exactly_what_was_missed(make_gateway):
+    gw = make_gateway(workers=2, env=FAST)
+    _resume_test(gw, None)
+
+
+def test_resume_beyond_history_gets_gap_then_the_rest(make_gateway):
+    gw = make_gateway(workers=2, env={**FAST, "CHATGW_HISTORY_MESSAGES": "50"})
+    _resume_test(gw, 50)
+
+
+# 3 ---------------------------------------------------------------------------
+
+
+def test_join_with_history_replays_last_n(make_gateway):
+    gw = make_gateway(workers=2, env=FAST)
+    room = "hist"
+
+    async def main():
+        await wait_bus_ready(gw)
+        b, _ = await connect_hello(gw, "bob")
+        others = []
+        try:
+            jb, _ = await join_room(b, room)
+            await send_many(b, room, [f"h{i}" for i in range(1, 9)], "h")
+            latest = jb["seq"] + 8
+            for n, expect in [(5, 5), (0, 0), (100, 8), (1, 1)]:
+                c, _ = await connect_hello(gw, f"c{n}")
+                others.append(c)
+                await send_json(c, {"type": "join", "room": room, "history": n, "ref": f"jh{n}"})
+                frames = await read_frames(c, 1 + expect, 5)
+                joined, msgs = frames[0], frames[1:]
+                assert joined.get("type") == "joined" and joined.get("seq") == latest, f"history {n}: {joined}"
+                assert [m.get("type") for m in msgs] == ["message"] * expect, f"history {n}: {msgs}"
+                assert [m["seq"] for m in msgs] == list(range(latest - expect + 1, latest + 1)), f"history {n}: {msgs}"
+                assert [m["text"] for m in msgs] == [f"h{i}" for i in range(9 - expect, 9)], f"history {n}: {msgs}"
+                await assert_quiet_until_pong(c, f"after history {n}")
+        finally:
+            await close_all([b] + others)
+
+    run_async(main(), 40)
+
+
+# 4 ---------------------------------------------------------------------------
+
+
+def test_relay_kill_during_traffic(make_gateway):
+    gw = make_gateway(workers=2, env=FAST)
+    room = "crash"
+
+    async def main():
+        await wait_bus_ready(gw)
+        placed = await one_per_slot(gw, [0, 1], user_prefix="rx")
+        extra = await one_per_slot(gw, [0, 1], user_prefix="ry")
+        s_ws, s_hello = await connect_on_slot(gw, 0, user_prefix="snd")
+        conns = [ws for ws, _ in placed.values()] + [ws for ws, _ in extra.values()] + [s_ws]
+        try:
+            # base seq of a fresh room, to know where a new epoch starts
+            j0, _ = await join_room(s_ws, "fresh-probe")
+            base = j0["seq"] + 1
+            js = []
+            for ws in conns:
+                j, _ = await join_room(ws, room)
+                assert j.get("type") == "joined", j
+                js.append(j)
+            epoch0 = js[-1]["epoch"]
+            receivers = [Inbox(ws, f"rx{k}") for k, ws in enumerate(conns[:-1])]
+            sender = Inbox(s_ws, "sender")
+            workers_before = gw.workers_by_slot()
+            relay_before = gw.relay_pid()
+            assert relay_before
+
+            loop = asyncio.get_running_loop()
+            sent_at: dict[str, float] = {}
+            t_kill = None
+
+            async def send_loop():
+                nonlocal t_kill
+                i = 0
+                t_start = loop.time()
+                while loop.time() - t_start < 4.0:
+                    ref = f"k{i}"
+                    sent_at[ref] = loop.time()
+                    await send_json(s_ws, {"type": "send", "room": room, "text": ref, "ref": ref})
+                    i += 1
+                    if t_kill is None and loop.time() - t_start >= 1.0:
+                        os.kill(relay_before, signal.SIGKILL)
+                        t_kill = loop.time()
+                    await asyncio.sleep(0.005)
+                return i
+
+            n_sent = await send_loop()
+            # every send gets an answer: ack or error
+            def answered(ib):
+                refs = {m.get("ref") for m in ib.msgs if m.get("type") in ("ack", "error")}
+                return len(refs & set(sent_at)) == len(sent_at)
+            try:
+                await sender.wait(answered, 5, "answer (ack or error) to every send")
+            except AssertionError as e:
+                refs = {m.get("ref") for m in sender.msgs if m.get("type") in ("ack", "error")}
+                missing = sorted(set(sent_at) - refs, key=lambda r: int(r[1:]))
+                raise AssertionError(
+                    f"{len(missing)} of {n_sent} sends never answered, sent at "
+                    f"{[round(sent_at[r] - t_kill, 3) for r in missing[:10]]}s after the kill: {missing[:10]}; {e}"
+                ) from None
+            acks = {m["ref"]: m for m in sender.msgs if m.get("type") == "ack"}
+            errors = {m["ref"]: m for m in sender.msgs if m.get("type") == "error"}
+            ack_time = {}
+            for m, t in zip(sender.msgs, sender.times):
+                if m.get("type") == "ack":
+                    ack_time[m["ref"]] = t
+            bad_codes = {m.get("code") for m in errors.values()} - {"unavailable"}
+            assert not bad_codes, f"send errors other than unavailable: {[e for e in errors.values() if e.get('code') in bad_codes][:3]}"
+            assert not set(acks) & set(errors), "a send got both ack and error"
+
+            after_kill = [r for r in acks if sent_at[r] > t_kill]
+            assert after_kill, f"no send after the kill was acked ({len(errors)} errors): {list(errors.values())[:3]}"
+            first_ok = min(ack_time[r] for r in after_kill) - t_kill
+            assert first_ok <= 2.0, f"first ack for a post-kill send came {first_ok:.2f}s after the kill"
+
+            # receivers end with the last acked message
+            own = {m["text"]: m for m in sender.of("message", room)}
+            last_ref = max(acks, key=lambda r: int(r[1:]))
+            last = own[last_ref]
+            await wait_all(receivers, lambda ib: any(m.get("text") == last_ref for m in ib.of("message", room)), 5,
+                           f"the last acked message {last_ref}")
+            await asyncio.sleep(0.2)
+            for ib in receivers + [sender]:
+                ib.stop()
+
+            new_epoch = last["epoch"]
+            assert new_epoch != epoch0, f"epoch did not change over a relay restart without disk history: {epoch0}"
+            relay_after = gw.relay_pid()
+            assert relay_after and relay_after != relay_before, (relay_before, relay_after)
+            assert gw.workers_by_slot() == workers_before, f"worker pids changed: {workers_before} -> {gw.workers_by_slot()}"
+            assert gw.alive()
+
+            # ack after own message with the same seq
+            for j, a in enumerate(sender.msgs):
+                if a.get("type") == "ack":
+                    m = own.get(a["ref"])
+                    assert m is not None, f"ack without own message: {a}"
+                    assert sender.msgs.index(m) < j and m["seq"] == a["seq"], (a, m)
+
+            new_epoch_acked = [own[r] for r in acks if own[r]["epoch"] == new_epoch]
+            report = []
+            for ib in receivers + [sender]:
+                assert not [m for m in ib.msgs if m.get("type") == "error"] or ib is sender, ib.of("error")
+                frames = [m for m in ib.msgs if m.get("room") == room and m.get("type") in ("message", "gap")]
+                seen_epochs = []
+                by_epoch: dict[str, list[int]] = {}
+                gaps: dict[str, list[tuple[int, int]]] = {}
+                for m in frames:
+                    if m["type"] == "gap":
+                        gaps.setdefault(m["epoch"], []).append((m["from"], m["to"]))
+                        continue
+                    e = m["epoch"]
+                    if not seen_epochs or seen_epochs[-1] != e:
+                        assert e not in seen_epochs, f"{ib.name}: epoch {e} came back after {seen_epochs}"
+                        seen_epochs.append(e)
+                    by_epoch.setdefault(e, []).append(m["seq"])
+                assert seen_epochs[0] == epoch0 and seen_epochs[-1] == new_epoch, f"{ib.name}: epochs {seen_epochs}"
+
+                def covered(a, b, e):
+                    return all(any(f <= s <= t for f, t in gaps.get(e, [])) for s in range(a, b + 1))
+
+                for e, seqs in by_epoch.items():
+                    assert len(seqs) == len(set(seqs)), f"{ib.name}: duplicates in epoch {e}"
+                    holes = [(x + 1, y - 1) for x, y in zip(seqs, seqs[1:]) if y != x + 1]
+                    assert all(y > x for x, y in zip(seqs, seqs[1:])), f"{ib.name}: seq goes back in epoch {e}: {seqs[:20]}"
+                    unexplained = [h for h in holes if not covered(h[0], h[1], e)]
+                    assert not unexplained, f"{ib.name}: holes without gap in epoch {e}: {unexplained[:5]} (gaps {gaps.get(e)})"
+                    if e != epoch0 and seqs[0] != base:
+                        assert covered(base, seqs[0] - 1, e), (
+                            f"{ib.name}: new epoch {e} starts at seq {seqs[0]} (base {base}) without a gap: gaps {gaps}"
+                        )
+                got = {m["text"] for m in ib.of("message", room)}
+                missing = [m["text"] for m in new_epoch_acked if m["text"] not in got]
+                assert not missing, f"{ib.name}: acked messages of the new epoch not delivered: {missing[:5]}"
+                report.append((ib.name, len(frames), {k[:6]: len(v) for k, v in by_epoch.items()}, gaps))
+            return n_sent, len(acks), len(errors), first_ok, report
+        finally:
+            await close_all(conns)
+
+    n_sent, n_acks, n_err, first_ok, report = run_async(main(), 50)
+    print(f"relay kill: {n_sent} sends, {n_acks} acks, {n_err} unavailable, first post-kill ack after {first_ok:.3f}s")
+    for r in report:
+        print("  ", r)
+
+
+# 5 ---------------------------------------------------------------------------
+
+
+def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
+    gw = make_gateway(workers=2, env={**FAST, "CHATGW_LIMITS_OUTBOUND_BUFFER_BYTES": "65536"})
+    room = "slow"
+    n = 10_000
+
+    async def main():
+        await wait_bus_ready(gw)
+        normal, nh = await connect_hello(gw, "normal")
+        slot = conn_slot(nh)
+        pub, ph = await connect_hello(gw, "pub")
+        conns = [normal, pub]
+        slow = None
+        try:
+            # the slow one sits on the normal member's worker, reads its hello and joined, then never reads
+            for i in range(60):
+                c = await RawWS.open(gw, f"slow{i}", rcvbuf=4096, limit=1024)
+                h = await c.recv_json()
+                if conn_slot(h) == slot:
+                    slow = c
+                    break
+                c.abort()
+            assert slow is not None, f"no raw connection landed on slot {slot}"
+            await slow.send_json({"type": "join", "room": room, "ref": "sj"})
+            sj = await slow.recv_json(5)
+            assert sj.get("type") == "joined", sj
+            for ws in conns:
+                j, _ = await join_room(ws, room)
+                assert j.get("type") == "joined", j
+            base = j["seq"]
+
+            rx = Inbox(normal, "normal")
+            px = Inbox(pub, "pub")  # the publisher gets its own messages: keep reading them
+            loop = asyncio.get_running_loop()
+            pad = "x" * 180
+            t0 = loop.time()
+            for i in range(n):
+                await send_json(pub, {"type": "send", "room": room, "text": f"{i}:{loop.time():.6f}:{pad}"})
+                if i % 10 == 9:
+                    # about 1,000 messages/s (290 KB/s into every member); catch up if the loop
+                    # fell behind. At 2,000/s a worker stall of ~100 ms (a loaded machine) is
+                    # enough to queue 64 KB for a member that reads fine, within one loop tick.
+                    target = t0 + (i + 1) / 1000
+                    await asyncio.sleep(max(0.0, target - loop.time()))
+            publish_s = loop.time() - t0
+            await rx.wait(lambda ib: ib.counts["message"] >= n, 30, f"{n} messages")
+            rx.stop()
+            px.stop()
+            msgs = rx.of("message", room)
+            times = [t for m, t in zip(rx.msgs, rx.times) if m.get("type") == "message"]
+            assert len(msgs) == n, f"normal member got {len(msgs)} of {n}"
+            assert [m["seq"] for m in msgs] == list(range(base + 1, base + n + 1)), "normal member: seqs not consecutive"
+            assert not rx.of("bye") and not rx.of("error"), (rx.of("bye"), rx.of("error"))
+            lat = sorted(t - float(m["text"].split(":")[1]) for m, t in zip(msgs, times))
+            p50, p99, mx = lat[len(lat) // 2], lat[int(len(lat) * 0.99)], lat[-1]
+            pub_bye = px.of("bye")
+            assert not pub_bye, f"the publisher was dropped: {pub_bye}"
+
+            # the slow one: its connection must end; if the close frame can be read, 4000
+            end = await slow.wait_close(10)
+            room_frames = [m for m in end.json_messages() if isinstance(m, dict) and m.get("type") == "message"]
+            byes = [m for m in end.json_messages() if isinstance(m, dict) and m.get("type") == "bye"]
+            assert end.error is None, (
+                f"slow consumer still connected after {n} messages ({len(room_frames)} read back): {end.error}"
+            )
+            assert len(room_frames) < n, f"the slow consumer got all {n} messages: it was never dropped"
+            if byes:
+                assert byes[-1].get("reason") == "slow_consumer", byes
+            if end.close_code is not None:
+                assert end.close_code == 4000, f"slow consumer close code {end.close_code}"
+            assert p99 < 0.5, f"normal member latency p50 {p50*1000:.1f} ms p99 {p99*1000:.1f} ms max {mx*1000:.1f} ms"
+            return publish_s, p50, p99, mx, len(room_frames), end
+        finally:
+            if slow is not None:
+                slow.abort()
+            await close_all(conns)
+
+    publish_s, p50, p99, mx, got, end = run_async(main(), 60)
+    print(f"slow consumer: published {n} in {publish_s:.2f}s; normal member latency p50 {p50*1000:.1f} ms, "
+          f"p99 {p99*1000:.1f} ms, max {mx*1000:.1f} ms; slow one read {got} before its end "
+          f"(close {end.close_code}, eof {end.eof})")
+
+
+# 6 ---------------------------------------------------------------------------
+
+
+def test_leave_stops_delivery_and_lowers_members(make_gateway):
+    gw = make_gateway(workers=2, env=FAST)
+    room = "lv"
+
+    async def main():
+        await wait_bus_ready(gw)
+        placed = await one_per_slot(gw, [0, 1], user_prefix="m")
+        a, ah = placed[0]
+        b, bh = placed[1]
+        c, _ = await connect_hello(gw, "carol")
+        conns = [a, b, c]
+        try:
+            ja, _ = await join_room(a, room)
+            jb, _ = await join_room(b, room)
+            jc, _ = await join_room(c, room)
+            assert [ja["members"], jb["members"], jc["members"]] == [1, 2, 3], (ja, jb, jc)
+            await send_json(a, {"type": "leave", "room": room, "ref": "bye1"})
+            left = await recv_json(a, 5)
+            assert left == {"type": "left", "room": room, "ref": "bye1"}, left
+
+            d, _ = await connect_hello(gw, "dave")
+            conns.append(d)
+            jd, _ = await join_room(d, room)
+            assert jd.get("members") == 3, f"after a leave, a new joiner sees members {jd.get('members')} (expected 3): {jd}"
+
+            # messages after the leave reach b, c, d but not a
+            await send_many(b, room, ["after1", "after2"], "al")
+            for ws in (c, d):
+                got = [m["text"] for m in await read_frames(ws, 2, 5)]
+                assert got == ["after1", "after2"], got
+            await asyncio.sleep(0.3)
+            await assert_quiet_until_pong(a, "after leaving, messages of the room")
+
+            # leave without ref: left without ref
+            await send_json(c, {"type": "leave", "room": room})
+            left = await recv_json(c, 5)
+            assert left.get("type") == "left" and left.get("room") == room and "ref" not in left, left
+
+            # a closed connection is no member either
+            await close_all([b])
+            await asyncio.sleep(0.5)
+            e, _ = await connect_hello(gw, "erin")
+            conns.append(e)
+            je, _ = await join_room(e, room)
+            assert je.get("members") == 2, f"after a leave and a disconnect: members {je.get('members')} (d and e expected)"
+            # rejoin after leave works and delivers again
+            ja2, _ = await join_room(a, room)
+            assert ja2.get("type") == "joined" and ja2.get("members") == 3, ja2
+            await send_message(d, room, "back")
+            m = await recv_json(a, 5)
+            assert m.get("type") == "message" and m.get("text") == "back", m
+        finally:
+            await close_all(conns)
+
+    run_async(main(), 40)
+
+
+# 7 ---------------------------------------------------------------------------
+
+
+def test_ping_pong_and_pings_are_not_rate_limited(make_gateway):
+    gw = make_gateway(workers=2, env={"CHATGW_LIMITS_RATE_PER_S": "1", "CHATGW_LIMITS_BURST": "2",
+                                      "CHATGW_LIMITS_FLOOD_VIOLATIONS": "3"})
+
+    async def main():
+        await wait_bus_ready(gw)
+        ws, _ = await connect_hello(gw, "pinger")
+        try:
+            await send_json(ws, {"type": "ping", "ref": "p-1"})
+            assert await recv_json(ws) == {"type": "pong", "ref": "p-1"}
+            await send_json(ws, {"type": "ping"})
+            pong = await recv_json(ws)
+            assert pong.get("type") == "pong" and "ref" not in pong, pong
+            assert await ping_ok(ws, 3), "no pong frame for a WebSocket ping"
+            # 200 application pings in a burst: all answered, in order, none limited
+            for i in range(200):
+                await send_json(ws, {"type": "ping", "ref": f"b{i}"})
+            frames = await read_frames(ws, 200, 10)
+            assert frames == [{"type": "pong", "ref": f"b{i}"} for i in range(200)], \
+                [f for f in frames if f.get("type") != "pong"][:3]
+            # and they took no tokens: the burst of 2 is still there
+            for r in ("x1", "x2"):
+                j, _ = await join_room(ws, f"room-{r}", ref=r)
+                assert j.get("type") == "joined", f"join after pings: {j}"
+            await send_json(ws, {"type": "join", "room": "room-x3", "ref": "x3"})
+            lim = await recv_json(ws)
+            assert lim.get("type") == "error" and lim.get("code") == "rate_limited" and lim.get("ref") == "x3", lim
+            assert await ping_ok(ws, 3)
+        finally:
+            await close_all([ws])
+
+    run_async(main(), 30)
+
+
+# 8 ---------------------------------------------------------------------------
+
+
+def test_history_request_pages_back(make_gateway):
+    gw = make_gateway(workers=2, env=FAST)
+    room = "scroll"
+
+    async def main():
+        await wait_bus_ready(gw)
+        b, _ = await connect_hello(gw, "bob")
+        r, _ = await connect_hello(gw, "reader")  # never joins: history needs no membership
+        try:
+            jb, _ = await join_room(b, room)
+            frames = await send_many(b, room, [f"s{i}" for i in range(1, 31)], "s")
+            own = [m for m in frames if m.get("type") == "message"]
+            assert len(own) == 30
+            epoch = own[0]["epoch"]
+            seqs = [m["seq"] for m in own]
+
+            async def page(ref, **kw):
+                await send_json(r, {"type": "history", "room": room, "ref": ref, **kw})
+                h = await recv_json(r, 5)
+                assert h.get("type") == "history" and h.get("room") == room and h.get("ref") == ref, h
+                return h
+
+            h1 = await page("h1", limit=10)
+            assert [m["seq"] for m in h1["messages"]] == seqs[20:], h1["messages"]
+            assert h1["more"] is True, h1
+            for m, o in zip(h1["messages"], own[20:]):
+                assert {k: m.get(k) for k in ("epoch", "seq", "from", "text", "ts")} == \
+                    {k: o.get(k) for k in ("epoch", "seq", "from", "text", "ts")}, (m, o)
+            first = h1["messages"][0]
+            h2 = await page("h2", limit=10, before={"epoch": first["epoch"], "seq": first["seq"]})
+            assert [m["text"] for m in h2["messages"]] == [f"s{i}" for i in range(11, 21)], h2
+            assert h2["more"] is True, h2
+            first = h2["messages"][0]
+            h3 = await page("h3", limit=10, before={"epoch": first["epoch"], "seq": first["seq"]})
+            assert [m["text"] for m in h3["messages"]] == [f"s{i}" for i in range(1, 11)], h3
+            assert h3["more"] is False, h3
+            # default limit 50: everything, oldest first
+            h4 = await page("h4")
+            assert [m["seq"] for m in h4["messages"]] == seqs and h4["more"] is False, h4
+            # a page that ends exactly at the oldest message
+            h5 = await page("h5", limit=5, before={"epoch": epoch, "seq": seqs[5]})
+            assert [m["seq"] for m in h5["messages"]] == seqs[:5] and h5["more"] is False, h5
+            # an empty room
+            await send_json(r, {"type": "history", "room": "empty-room", "ref": "h6"})
+            h6 = await recv_json(r, 5)
+            assert h6.get("type") == "history" and h6.get("messages") == [] and h6.get("more") is False, h6
+            # the reader never joined: no live messages arrive
+            await assert_quiet_until_pong(r, "history without joining")
+        finally:
+            await close_all([b, r])
+
+    run_async(main(), 30)
