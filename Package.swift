@@ -37,8 +37,10 @@ let package = Package(
         .target(name: "ChatAuth", dependencies: ["ChatProtocol", .product(name: "JWTKit", package: "jwt-kit")]),
         // The control socket's request/response types, shared by the master and chatctl.
         .target(name: "ChatControl"),
-        // The bus interface and the relay wire format.
-        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem",
+        // hiredis (Debian's libhiredis-dev): its RESP reader and command formatter.
+        .systemLibrary(name: "CHiredis", providers: [.apt(["libhiredis-dev"])]),
+        // The bus interface, the relay wire format and client, and the Redis client.
+        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem", "CHiredis",
             .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
         .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),

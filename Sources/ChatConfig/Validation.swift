@@ -41,6 +41,11 @@ extension GatewayConfig {
             "bus.relay_socket",
             mustBe: "a path of at most \(Self.maxSocketPathBytes) bytes",
             got: relaySocketPath)
+        try require(
+            bus.kind != .redis || RedisEndpoint(url: bus.redisURL) != nil,
+            "bus.redis_url",
+            mustBe: "redis://[:password@]host[:port][/db] or unix:///path[?db=N]",
+            got: bus.redisURL)
     }
 
     /// sun_path less its terminating NUL: 107 on Linux, 103 on macOS.

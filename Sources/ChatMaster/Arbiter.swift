@@ -93,7 +93,9 @@ public final class Arbiter {
         } else {
             metrics = nil
         }
-        slots[SlotID(role: .relay, index: 0)] = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
+        if config.bus.kind == .relay {
+            slots[SlotID(role: .relay, index: 0)] = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
+        }
         applyWorkerCount(settings.workerCount, sockets: Dictionary(uniqueKeysWithValues: sockets.enumerated().map { ($0.offset, $0.element) }))
         logger.info("listening on \(settings.host):\(boundPort)", metadata: [
             "backlog": "\(settings.backlog)", "sockets": "\(settings.workerCount)",
@@ -226,7 +228,6 @@ public final class Arbiter {
         case .success(let loaded):
             config = loaded
         }
-        if config.bus.kind != .relay { return reloadFailed("invalid config: bus.kind: redis is not available in this build (use relay)") }
         let next = MasterSettings(config: config, executable: settings.executable)
         let listenChanged = next.config.server.listen != settings.config.server.listen
         var newSockets: [Int: Int32] = [:]
@@ -258,8 +259,12 @@ public final class Arbiter {
         }
         if relayChanged {
             let relay = SlotID(role: .relay, index: 0)
-            slots[relay]?.generation = generation
-            slots[relay]?.nextStartAt = 0
+            if next.config.bus.kind == .relay {
+                slots[relay, default: SlotRecord(policy: RestartPolicy(settings: next.restart), generation: generation)].generation = generation
+                slots[relay]?.nextStartAt = 0
+            } else {
+                slots[relay] = nil
+            }
             for child in children.values where child.slot == relay { drain(child, reason: .shutdown, keepAccepting: false) }
         }
         lastReload = ReloadReport(ok: true, at: Date().timeIntervalSince1970, generation: generation, error: nil)

@@ -111,23 +111,7 @@ public struct RoomBook {
         room.interest[link, default: 0] += members
         Self.trim(&room.history, limits: limits, nowMs: nowMs)
         rooms[name] = room
-        let firstHeld = room.history.first?.seq ?? room.seq + 1
-        var replayFrom = room.seq - history + 1
-        var gap: Gap?
-        if let since {
-            if let epoch, epoch != room.epoch {
-                // The sequence the client knew is gone; it gets the new one from its start,
-                // and a gap that says so ({0,0}: nothing of the new epoch is missing).
-                replayFrom = 1
-                gap = firstHeld > 1 ? Gap(from: 1, to: firstHeld - 1, epoch: room.epoch) : Gap(from: 0, to: 0, epoch: room.epoch)
-            } else {
-                replayFrom = min(replayFrom, since + 1)
-                if since + 1 < firstHeld {
-                    gap = Gap(from: since + 1, to: firstHeld - 1, epoch: room.epoch)
-                }
-            }
-        }
-        let replay = room.history.filter { $0.seq >= replayFrom }
+        let (replay, gap) = HistoryRules.replay(held: room.history, epoch: room.epoch, seq: room.seq, since: since, epoch: epoch, history: history)
         return (RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members), replay, gap)
     }
 
@@ -158,16 +142,7 @@ public struct RoomBook {
         guard var room = rooms[name] else { return ([], false) }
         Self.trim(&room.history, limits: limits, nowMs: nowMs)
         rooms[name] = room
-        var candidates = room.history[...]
-        if let before {
-            if before.epoch != room.epoch {
-                // An older epoch's messages are not in memory any more.
-                return ([], false)
-            }
-            candidates = candidates.prefix { $0.seq < before.seq }
-        }
-        let page = candidates.suffix(limit)
-        return (Array(page), page.count < candidates.count)
+        return HistoryRules.page(held: room.history, epoch: room.epoch, before: before, limit: limit)
     }
 
     /// The rooms with the most members, with their seq and message rate.

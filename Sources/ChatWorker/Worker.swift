@@ -8,6 +8,7 @@ import ChatLink
 import ChatProtocol
 import ChatSystem
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -118,10 +119,18 @@ final class Worker: BusDelegate {
         rooms.deliver(message)
     }
 
+    /// Called once, when the bus is first reachable (the worker reports ready then, so a
+    /// reload never hands clients to a worker that would answer `unavailable`).
+    var whenBusFirstConnected: (() -> Void)?
+
     /// (Re)joins every room that has local members, resuming where this worker left off.
     func busConnected() {
+        if let first = whenBusFirstConnected {
+            whenBusFirstConnected = nil
+            first()
+        }
         for (name, room) in rooms.rooms {
-            bus.join(room: name, since: room.lastSeq, epoch: room.epoch, history: 0, members: room.members.count) { [self] result in
+            bus.join(room: name, since: room.lastSeq, epoch: room.epoch, history: 0, members: rooms.memberCount(name)) { [self] result in
                 if case .success(let answer) = result {
                     rooms.resynced(name, result: answer)
                 }
@@ -177,6 +186,25 @@ final class Worker: BusDelegate {
     }
 }
 
+/// The configured bus: the embedded relay, or Redis.
+private func makeBus(config: GatewayConfig, slot: Int, eventLoop: any EventLoop, logger: Logger) -> any Bus {
+    var host = [CChar](repeating: 0, count: 256)
+    gethostname(&host, host.count - 1)
+    let hostname = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    let workerID = "\(hostname):\(getpid()):w\(slot)"
+    switch config.bus.kind {
+    case .relay:
+        return RelayBusClient(socketPath: config.relaySocketPath, workerName: workerID, eventLoop: eventLoop, logger: logger)
+    case .redis:
+        // The URL was validated with the config.
+        let endpoint = RedisEndpoint(url: config.bus.redisURL) ?? RedisEndpoint(url: "redis://127.0.0.1:6379/0")!
+        return RedisBusClient(
+            settings: .init(endpoint: endpoint, historyMessages: config.history.messages,
+                            historyMaxAgeMs: config.history.maxAgeSeconds * 1000, workerID: workerID),
+            eventLoop: eventLoop, logger: logger)
+    }
+}
+
 /// Starts a worker process and never returns.
 public enum WorkerProcess {
     public static func run(settings: WorkerSettings, logger: Logger) -> Never {
@@ -200,8 +228,7 @@ public enum WorkerProcess {
         // The config was validated (a secret of at least 32 bytes), so this cannot fail.
         let verifier = config.auth.mode == .jwt ? runBlocking { try? await TokenVerifier(secret: secret) } : nil
         let worker = try loop.submit {
-            let bus = RelayBusClient(socketPath: config.relaySocketPath, workerName: "worker\(settings.slot)-\(getpid())",
-                                     eventLoop: loop, logger: logger)
+            let bus = makeBus(config: config, slot: settings.slot, eventLoop: loop, logger: logger)
             let worker = Worker(settings: settings, bus: bus, verifier: verifier, eventLoop: loop, logger: logger)
             worker.onDrained = { runtime.finish() }
             bus.start()
@@ -239,8 +266,18 @@ public enum WorkerProcess {
                 kick: { user in _ = worker.value.kick(user: user) }
             )
         )
-        logger.info("serving", metadata: ["slot": "\(settings.slot)", "generation": "\(settings.generation)"])
-        runtime.reportReady()
+        // Ready once the bus answers, or after a few seconds without it (the worker still
+        // serves; joins get `unavailable` until the bus is back).
+        let ready = NIOLockedValueBox(false)
+        let reportReady: @Sendable () -> Void = {
+            guard !ready.withLockedValue({ let was = $0; $0 = true; return was }) else { return }
+            logger.info("serving", metadata: ["slot": "\(settings.slot)", "generation": "\(settings.generation)"])
+            runtime.reportReady()
+        }
+        loop.execute {
+            if worker.value.bus.isAvailable { reportReady() } else { worker.value.whenBusFirstConnected = reportReady }
+        }
+        loop.scheduleTask(in: .seconds(3)) { reportReady() }
         runtime.runUntilFinished()
     }
 }

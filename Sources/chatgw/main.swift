@@ -56,9 +56,6 @@ struct Master: AsyncParsableCommand {
         } catch {
             failStartup(error.description)
         }
-        // Accepted by the config model for the releases that bring them, refused until then
-        // rather than silently ignored.
-        if gateway.bus.kind == .redis { failStartup("invalid config: bus.kind: redis is not available in this build (use relay)") }
         ChatLogHandler.bootstrap(role: "master", slot: nil, level: gateway.log.level.loggerLevel, json: gateway.log.format == .json)
         let logger = Logger(label: "chatgw.master")
 

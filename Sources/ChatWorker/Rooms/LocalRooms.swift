@@ -12,6 +12,10 @@ import NIOCore
 final class LocalRooms {
     struct Room {
         var members: [ObjectIdentifier: SessionHandler] = [:]
+        /// Joined at a seq this worker has not delivered up to yet (a bus whose live feed
+        /// and answers travel on different connections): they become members once the
+        /// room's delivery reaches the seq they were given.
+        var pending: [(session: SessionHandler, fromSeq: Int)] = []
         var epoch: String
         var lastSeq: Int
         var knownMembers: Int
@@ -31,36 +35,56 @@ final class LocalRooms {
 
     func room(_ name: String) -> Room? { rooms[name] }
 
-    /// Adds a member once the bus answered its join.
+    /// Adds a member once the bus answered its join (the answer's seq is where its live
+    /// messages start).
     func add(_ session: SessionHandler, to name: String, snapshot: RoomSnapshot) {
-        var room = rooms[name] ?? Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members)
-        if room.epoch != snapshot.epoch || snapshot.seq > room.lastSeq {
-            room.epoch = snapshot.epoch
-            room.lastSeq = snapshot.seq
+        guard var room = rooms[name] else {
+            var room = Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members)
+            room.members[ObjectIdentifier(session)] = session
+            rooms[name] = room
+            return
         }
         room.knownMembers = snapshot.members
-        room.members[ObjectIdentifier(session)] = session
+        if room.epoch == snapshot.epoch && room.lastSeq < snapshot.seq {
+            room.pending.append((session, snapshot.seq))
+        } else {
+            room.members[ObjectIdentifier(session)] = session
+        }
         rooms[name] = room
     }
 
     /// Removes a member; the room goes away with its last member.
     func remove(_ session: SessionHandler, from name: String) {
         rooms[name]?.members[ObjectIdentifier(session)] = nil
-        if rooms[name]?.members.isEmpty == true {
+        rooms[name]?.pending.removeAll { $0.session === session }
+        if let room = rooms[name], room.members.isEmpty, room.pending.isEmpty {
             rooms[name] = nil
         }
         dirty[ObjectIdentifier(session)] = nil
+    }
+
+    /// Local members of a room, pending ones included.
+    func memberCount(_ name: String) -> Int {
+        guard let room = rooms[name] else { return 0 }
+        return room.members.count + room.pending.count
     }
 
     /// A live message from the bus: one encoding, the same bytes to every member.
     func deliver(_ message: RoomMessage) {
         guard var room = rooms[message.room] else { return }
         if message.epoch == room.epoch && message.seq <= room.lastSeq { return }
+        let epochChanged = room.epoch != message.epoch
         room.epoch = message.epoch
         room.lastSeq = message.seq
-        rooms[message.room] = room
         broadcast(.message(message), to: room.members)
         deliveries += room.members.count
+        if !room.pending.isEmpty {
+            for (session, fromSeq) in room.pending where epochChanged || fromSeq <= message.seq {
+                room.members[ObjectIdentifier(session)] = session
+            }
+            room.pending.removeAll { epochChanged || $0.fromSeq <= message.seq }
+        }
+        rooms[message.room] = room
     }
 
     /// Room messages written to members so far.
@@ -83,6 +107,12 @@ final class LocalRooms {
         }
         if let latest = rooms[name], result.room.seq > latest.lastSeq {
             rooms[name]?.lastSeq = result.room.seq
+        }
+        // Whoever was waiting for a seq is now as far as the room will get.
+        if var latest = rooms[name], !latest.pending.isEmpty {
+            for (session, _) in latest.pending { latest.members[ObjectIdentifier(session)] = session }
+            latest.pending.removeAll()
+            rooms[name] = latest
         }
     }
 

@@ -77,17 +77,17 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        context.flush()
+        flush()
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // Over the outbound buffer: this reader is too slow for its rooms. Cut it off
-        // rather than let its backlog grow or hold anyone else back.
-        if !context.channel.isWritable, !closing {
-            worker.counters.slowConsumerDisconnects += 1
-            sayGoodbye(.slowConsumer, retryMs: Int.random(in: 1_000...5_000))
-        }
-        context.fireChannelWritabilityChanged()
+    /// Still over the outbound buffer after a flush gave the kernel all it would take:
+    /// this reader is too slow for its rooms. Cut it off rather than let its backlog grow
+    /// or hold anyone else back. (Judged after the flush, not on every write, so a burst
+    /// queued within one loop tick does not count against a client that reads.)
+    private func checkBacklog() {
+        guard let context, !closing, !context.channel.isWritable else { return }
+        worker.counters.slowConsumerDisconnects += 1
+        sayGoodbye(.slowConsumer, retryMs: Int.random(in: 1_000...5_000))
     }
 
     // MARK: requests
@@ -238,15 +238,17 @@ final class SessionHandler: ChannelInboundHandler {
 
     func flush() {
         context?.flush()
+        checkBacklog()
     }
 
     /// Sends `bye` and starts the close handshake with the matching close code. The
     /// connection leaves its rooms at once, so nothing more is queued for it.
     func sayGoodbye(_ reason: ByeReason, retryMs: Int) {
         guard let context, !closing else { return }
-        send(.bye(reason: reason, retryMs: retryMs))
-        flush()
         closing = true
+        let allocator = context.channel.allocator
+        let bye = FrameBytes.text(ServerMessage.bye(reason: reason, retryMs: retryMs).encoded(allocator), allocator: allocator)
+        context.writeAndFlush(wrapOutboundOut(bye), promise: nil)
         departedRooms()
         context.triggerUserOutboundEvent(WebSocketCloseRequest(code: CloseCode.forBye(reason)), promise: nil)
     }
