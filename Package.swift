@@ -22,6 +22,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["JSON", "YAML"]),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // PROTOCOL.md as types and codecs; no I/O.
@@ -33,6 +35,13 @@ let package = Package(
         .target(name: "CSystemShims"),
         // Messages on the master <-> child control link (newline-delimited JSON).
         .target(name: "ChatLink", dependencies: ["ChatSystem", "ChatControl", .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        // The durable archive: SQLite (GRDB) or PostgreSQL (postgres-nio) behind one interface.
+        .target(name: "ChatArchive", dependencies: ["ChatProtocol", "ChatConfig",
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "PostgresNIO", package: "postgres-nio"),
+            .product(name: "Logging", package: "swift-log")]),
+        // The archiver process: every sequenced message from the bus into the archive.
+        .target(name: "ChatArchiver", dependencies: ["ChatArchive", "ChatBus", "ChatLink", "ChatConfig", "ChatSystem", "ChatControl"] + nio),
         // Who a client is: JWT verification and minting, API key comparison.
         .target(name: "ChatAuth", dependencies: ["ChatProtocol", .product(name: "JWTKit", package: "jwt-kit")]),
         // The control socket's request/response types, shared by the master and chatctl.
@@ -45,13 +54,13 @@ let package = Package(
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
         .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),
         // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
-        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatAuth", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
+        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatAuth", "ChatArchive", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
         // The supervisor: binds, spawns, reaps, restarts, handles signals.
         .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
             .product(name: "Prometheus", package: "swift-prometheus")]),
-        .executableTarget(name: "chatgw", dependencies: ["ChatMaster", "ChatWorker", "ChatRelay", "ChatConfig", "ChatSystem",
+        .executableTarget(name: "chatgw", dependencies: ["ChatMaster", "ChatWorker", "ChatRelay", "ChatArchiver", "ChatArchive", "ChatConfig", "ChatSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(name: "chatctl", dependencies: ["ChatControl", "ChatConfig", "ChatAuth",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
@@ -60,6 +69,7 @@ let package = Package(
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
         .testTarget(name: "ChatBusTests", dependencies: ["ChatBus", "ChatRelay"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
+        .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive"]),
     ],
     swiftLanguageModes: [.v6]
 )

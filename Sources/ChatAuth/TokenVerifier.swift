@@ -74,8 +74,10 @@ public struct TokenVerifier: Sendable {
     }
 
     public func verify(_ token: String) async -> Result<AuthorizedUser, AuthRefusal> {
-        guard Self.headerAlgorithm(of: token) == "HS256" else {
-            return .failure(AuthRefusal("tokens must be signed with HS256"))
+        switch Self.headerAlgorithm(of: token) {
+        case "HS256": break
+        case nil: return .failure(AuthRefusal("invalid token"))
+        default: return .failure(AuthRefusal("tokens must be signed with HS256"))
         }
         let claims: ChatClaims
         do {

@@ -65,6 +65,10 @@ public protocol Bus: AnyObject {
     func publish(room: String, from: String, text: String, completion: @escaping (Result<Published, BusError>) -> Void)
     /// A room's state (seq, epoch, members over all workers) without joining it.
     func info(room: String, completion: @escaping (Result<RoomSnapshot, BusError>) -> Void)
+    /// Every message of every room from now on (the archiver), until the link drops.
+    func subscribeAll()
+    /// The names of the rooms the bus holds a sequence for.
+    func listRooms(completion: @escaping (Result<[String], BusError>) -> Void)
     /// Older messages for scroll-back.
     func fetch(room: String, before: HistoryPosition?, limit: Int,
                completion: @escaping (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void)

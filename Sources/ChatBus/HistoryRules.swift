@@ -43,3 +43,11 @@ public enum HistoryRules {
         return (Array(page), page.count < candidates.count)
     }
 }
+
+/// A new random epoch: 16 hex digits.
+public enum Epoch {
+    public static func random() -> String {
+        let text = String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        return String(repeating: "0", count: 16 - text.count) + text
+    }
+}

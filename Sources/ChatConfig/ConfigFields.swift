@@ -76,6 +76,7 @@ extension BusKind: ConfigText {}
 extension AuthMode: ConfigText {}
 extension LogLevel: ConfigText {}
 extension LogFormat: ConfigText {}
+extension GatewayConfig.ArchiveKind: ConfigText {}
 
 /// One config key: its name, how to read it into a `GatewayConfig` and its allowed range.
 /// `ConfigField.all` is the single list of keys the loader, the validator and the file check use.
@@ -164,6 +165,16 @@ struct ConfigField: Sendable {
         .int("history.max_age_s", \.history.maxAgeSeconds, 1...31_536_000),
         ConfigField("history.persist", \.history.persist, "true or false"),
         ConfigField("history.dir", \.history.directory, "a path"),
+
+        ConfigField("archive.kind", \.archive.kind, GatewayConfig.ArchiveKind.allowed),
+        ConfigField("archive.sqlite_path", \.archive.sqlitePath, "a path"),
+        ConfigField("archive.postgres_url", \.archive.postgresURL, "postgres://user[:password]@host[:port]/database",
+                    valid: { $0.hasPrefix("postgres://") || $0.hasPrefix("postgresql://") }),
+        .int("archive.batch_messages", \.archive.batchMessages, 1...100_000),
+        .int("archive.batch_ms", \.archive.batchMilliseconds, 1...60_000),
+        .int("archive.backlog_messages", \.archive.backlogMessages, 1_000...100_000_000),
+        .int("archive.retention_days", \.archive.retentionDays, 0...36_500),
+        .int("archive.retention_messages", \.archive.retentionMessages, 0...1_000_000_000),
 
         .int("limits.max_frame_bytes", \.limits.maxFrameBytes, 125...67_108_864),
         .int("limits.max_text_bytes", \.limits.maxTextBytes, 1...16_777_216),

@@ -18,6 +18,8 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
     public var history = History()
     /// `limits.*`: per-connection protocol limits.
     public var limits = Limits()
+    /// `archive.*`
+    public var archive = Archive()
     /// `auth.*`: client authentication.
     public var auth = Auth()
     /// `api.*`: the HTTP API.
@@ -107,6 +109,32 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public init() {}
     }
 
+    /// Where every sequenced message is kept for scroll-back and long resumes.
+    public enum ArchiveKind: String, Sendable, Codable, Equatable, CaseIterable {
+        case none, sqlite, postgres
+    }
+
+    public struct Archive: Sendable, Codable, Equatable {
+        /// `archive.kind`: none, sqlite (a file under the state dir) or postgres (shared by a fleet).
+        public var kind = ArchiveKind.sqlite
+        /// `archive.sqlite_path`: "" means `<state_dir>/archive.sqlite`; use `GatewayConfig.archiveSQLitePath`.
+        public var sqlitePath = ""
+        /// `archive.postgres_url`: postgres://user[:password]@host[:port]/database.
+        public var postgresURL = "postgres://chatgw@127.0.0.1:5432/chatgw"
+        /// `archive.batch_messages`: most messages written in one transaction.
+        public var batchMessages = 1000
+        /// `archive.batch_ms`: longest a message waits before its batch is written.
+        public var batchMilliseconds = 100
+        /// `archive.backlog_messages`: messages held in memory while the database is down;
+        /// beyond that the oldest are dropped (and fetched again from the bus history later).
+        public var backlogMessages = 200_000
+        /// `archive.retention_days`: messages older than this are deleted; 0 keeps them forever.
+        public var retentionDays = 30
+        /// `archive.retention_messages`: newest messages kept per room; 0 keeps all.
+        public var retentionMessages = 0
+        public init() {}
+    }
+
     public struct Limits: Sendable, Codable, Equatable {
         /// `limits.max_frame_bytes`: largest WebSocket frame accepted, 125...67108864.
         public var maxFrameBytes = 65536
@@ -179,6 +207,7 @@ extension GatewayConfig {
     /// The embedded relay's Unix socket.
     public var relaySocketPath: String { bus.relaySocket.isEmpty ? inStateDirectory("relay.sock") : bus.relaySocket }
     /// Where the relay keeps history when `history.persist` is on.
+    public var archiveSQLitePath: String { archive.sqlitePath.isEmpty ? inStateDirectory("archive.sqlite") : archive.sqlitePath }
     public var historyDirectory: String { history.directory.isEmpty ? inStateDirectory("history") : history.directory }
 
     private func inStateDirectory(_ name: String) -> String {

@@ -24,6 +24,9 @@ public struct ChildStats: Codable, Sendable, Equatable {
     /// `BusLatency.bucketBounds` (the last bucket is +Inf).
     public var busLatencyBuckets: [Int] = []
     public var busLatencySumSeconds = 0.0
+    /// Archiver: messages waiting to be written, and messages it could not get at all.
+    public var archiveBacklog = 0
+    public var archiveLost = 0
 
     public init() {}
 

@@ -96,6 +96,9 @@ public final class Arbiter {
         if config.bus.kind == .relay {
             slots[SlotID(role: .relay, index: 0)] = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
         }
+        if config.archive.kind != .none {
+            slots[SlotID(role: .archiver, index: 0)] = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
+        }
         applyWorkerCount(settings.workerCount, sockets: Dictionary(uniqueKeysWithValues: sockets.enumerated().map { ($0.offset, $0.element) }))
         logger.info("listening on \(settings.host):\(boundPort)", metadata: [
             "backlog": "\(settings.backlog)", "sockets": "\(settings.workerCount)",
@@ -189,7 +192,7 @@ public final class Arbiter {
         stopRelayIfWorkersGone()
     }
 
-    /// Workers go first so that the relay can serve their last messages.
+    /// Workers go first so that the relay (and the archiver) can serve their last messages.
     private func advanceStop() {
         stopRelayIfWorkersGone()
         guard case .stopping(_, let deadline) = phase, monotonicSeconds() >= deadline else { return }
@@ -201,7 +204,7 @@ public final class Arbiter {
 
     private func stopRelayIfWorkersGone() {
         guard case .stopping = phase, !children.values.contains(where: { $0.slot.role == .worker }) else { return }
-        for child in children.values where child.slot.role == .relay {
+        for child in children.values where child.slot.role != .worker {
             if case .draining = child.state { continue }
             drain(child, reason: .shutdown, keepAccepting: false)
         }
@@ -243,6 +246,7 @@ public final class Arbiter {
             }
         }
         let relayChanged = next.relayDiffers(from: settings)
+        let archiverChanged = next.archiverDiffers(from: settings)
         generation += 1
         settings = next
         if listenChanged {
@@ -266,6 +270,16 @@ public final class Arbiter {
                 slots[relay] = nil
             }
             for child in children.values where child.slot == relay { drain(child, reason: .shutdown, keepAccepting: false) }
+        }
+        if archiverChanged {
+            let archiver = SlotID(role: .archiver, index: 0)
+            if next.config.archive.kind != .none {
+                slots[archiver, default: SlotRecord(policy: RestartPolicy(settings: next.restart), generation: generation)].generation = generation
+                slots[archiver]?.nextStartAt = 0
+            } else {
+                slots[archiver] = nil
+            }
+            for child in children.values where child.slot == archiver { drain(child, reason: .shutdown, keepAccepting: false) }
         }
         lastReload = ReloadReport(ok: true, at: Date().timeIntervalSince1970, generation: generation, error: nil)
         book.reloaded(ok: true)
@@ -321,8 +335,8 @@ public final class Arbiter {
                 slots[slot]?.nextStartAt = nil
                 continue
             }
-            // One relay at a time: a replaced relay must let go of the socket and journal first.
-            if slot.role == .relay && !alive.isEmpty { continue }
+            // One relay (archiver) at a time: a replaced one must let go of its socket, journal or database first.
+            if slot.role != .worker && !alive.isEmpty { continue }
             spawn(slot)
         }
     }

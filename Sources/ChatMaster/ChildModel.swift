@@ -8,6 +8,7 @@ import ChatSystem
 public enum ChildRole: String, Sendable, Codable {
     case worker
     case relay
+    case archiver
 }
 
 /// A place in the wanted set: "worker 1", "relay 0". Restarts keep the slot.

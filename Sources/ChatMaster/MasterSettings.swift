@@ -31,6 +31,12 @@ public struct MasterSettings: Sendable, Equatable {
     var port: Int { config.server.listen.port }
     var backlog: Int32 { Int32(config.server.backlog) }
 
+    /// Whether the archiver must be replaced to apply `other`.
+    func archiverDiffers(from other: MasterSettings) -> Bool {
+        config.archive != other.config.archive || config.bus != other.config.bus
+            || config.archiveSQLitePath != other.config.archiveSQLitePath
+    }
+
     /// Whether the relay must be replaced to apply `other` (its own settings changed).
     func relayDiffers(from other: MasterSettings) -> Bool {
         config.bus != other.config.bus || config.history != other.config.history

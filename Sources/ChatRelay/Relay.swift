@@ -13,6 +13,8 @@ final class Relay {
     private var links: [LinkID: ChannelHandlerContext] = [:]
     private var nextLinkID: LinkID = 0
     private var dirty: Set<LinkID> = []
+    /// Links that get every message of every room (the archiver).
+    private var everything: Set<LinkID> = []
     private var flushScheduled = false
     private let logger: Logger
     private(set) var messagesIn = 0
@@ -46,6 +48,7 @@ final class Relay {
     func detach(_ link: LinkID) {
         links[link] = nil
         dirty.remove(link)
+        everything.remove(link)
         book.dropLink(link)
     }
 
@@ -64,9 +67,12 @@ final class Relay {
             let message = book.publish(room: room, from: from, text: text, nowMs: now)
             journal?.append(message)
             let bytes = RelayCodec.encode(.message(message), allocator: links[link]?.channel.allocator ?? ByteBufferAllocator())
-            for interested in book.interestedLinks(in: room) ?? [:].keys {
+            for interested in book.interestedLinks(in: room) ?? [:].keys where !everything.contains(interested) {
                 write(bytes, to: interested)
                 messagesOut += 1
+            }
+            for archiver in everything {
+                write(bytes, to: archiver)
             }
             // After the message itself, so the sender's worker acks only once it has delivered it.
             send(.published(request: request, room: room, seq: message.seq, epoch: message.epoch), to: link)
@@ -75,7 +81,11 @@ final class Relay {
         case .fetch(let request, let room, let before, let limit):
             let page = book.fetch(room: room, before: before, limit: limit, nowMs: now)
             send(.fetched(request: request, room: room, messages: page.messages, more: page.more), to: link)
-        case .joined, .message, .published, .fetched, .failed:
+        case .subscribeAll:
+            everything.insert(link)
+        case .listRooms(let request):
+            send(.roomList(request: request, rooms: book.roomNames), to: link)
+        case .joined, .message, .published, .fetched, .failed, .roomList:
             logger.warning("worker sent a relay-only frame; closing its link", metadata: ["link": "\(link)"])
             links[link]?.close(promise: nil)
         }

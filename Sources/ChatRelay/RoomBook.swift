@@ -62,7 +62,7 @@ public struct RoomBook {
     }
 
     public static func randomEpoch() -> String {
-        String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        Epoch.random()
     }
 
     public var roomCount: Int { rooms.count }
@@ -93,6 +93,9 @@ public struct RoomBook {
         }
     }
 
+    /// Every room the relay knows.
+    public var roomNames: [String] { Array(rooms.keys) }
+
     /// Every message still held, room by room, oldest first (what a journal must keep).
     public var heldMessages: [RoomMessage] {
         rooms.values.flatMap(\.history)
@@ -108,7 +111,9 @@ public struct RoomBook {
         -> (snapshot: RoomSnapshot, replay: [RoomMessage], gap: Gap?)
     {
         var room = rooms[name] ?? Room(epoch: makeEpoch())
-        room.interest[link, default: 0] += members
+        if members > 0 {
+            room.interest[link, default: 0] += members
+        }
         Self.trim(&room.history, limits: limits, nowMs: nowMs)
         rooms[name] = room
         let (replay, gap) = HistoryRules.replay(held: room.history, epoch: room.epoch, seq: room.seq, since: since, epoch: epoch, history: history)

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatArchive
 import ChatAuth
 import ChatBus
 import ChatConfig
@@ -57,6 +58,9 @@ final class Worker: BusDelegate {
     let rooms: LocalRooms
     /// Set in auth mode `jwt`.
     let verifier: TokenVerifier?
+    /// The archive, read for scroll-back and long resumes (nil when off or unreadable).
+    let archive: (any ArchiveStore)?
+    let eventLoop: any EventLoop
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     private var nextConnection: UInt64 = 0
@@ -64,9 +68,11 @@ final class Worker: BusDelegate {
     private var stopReason = ByeReason.shutdown
     var onDrained: (() -> Void)?
 
-    init(settings: WorkerSettings, bus: any Bus, verifier: TokenVerifier?, eventLoop: any EventLoop, logger: Logger) {
+    init(settings: WorkerSettings, bus: any Bus, verifier: TokenVerifier?, archive: (any ArchiveStore)?, eventLoop: any EventLoop, logger: Logger) {
         self.settings = settings
         self.verifier = verifier
+        self.archive = archive
+        self.eventLoop = eventLoop
         self.logger = logger
         self.bus = bus
         self.rooms = LocalRooms(eventLoop: eventLoop)
@@ -142,6 +148,37 @@ final class Worker: BusDelegate {
         logger.warning("bus unavailable; joins and sends get `unavailable` until it is back", metadata: ["rooms": "\(rooms.count)"])
     }
 
+    // MARK: history
+
+    /// Scroll-back: the archive's page merged with the bus's newest messages (which the
+    /// archiver may not have written yet), in time order, without duplicates.
+    func history(room: String, before: HistoryPosition?, limit: Int,
+                 completion: @escaping (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void) {
+        guard let archive else {
+            guard bus.isAvailable else { return completion(.failure(.unavailable)) }
+            return bus.fetch(room: room, before: before, limit: limit, completion: completion)
+        }
+        let fromArchive = eventLoop.makeFutureWithTask { try await archive.page(room: room, before: before, limit: limit) }
+        let busAnswer: (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void = { busPage in
+            fromArchive.assumeIsolated().whenComplete { archivePage in
+                let archived = try? archivePage.get()
+                let recent = try? busPage.get()
+                guard archived != nil || recent != nil else { return completion(.failure(.unavailable)) }
+                var seen = Set<String>()
+                let merged = ((archived?.messages ?? []) + (recent?.messages ?? []))
+                    .filter { seen.insert("\($0.epoch):\($0.seq)").inserted }
+                    .sorted { ($0.ts, $0.epoch, $0.seq) < ($1.ts, $1.epoch, $1.seq) }
+                let page = Array(merged.suffix(limit))
+                completion(.success((page, merged.count > limit || archived?.more == true || recent?.more == true)))
+            }
+        }
+        if bus.isAvailable {
+            bus.fetch(room: room, before: before, limit: limit, completion: busAnswer)
+        } else {
+            busAnswer(.failure(.unavailable))
+        }
+    }
+
     // MARK: housekeeping
 
     /// One shared sweep instead of a timer per connection: pings connections that went
@@ -186,25 +223,6 @@ final class Worker: BusDelegate {
     }
 }
 
-/// The configured bus: the embedded relay, or Redis.
-private func makeBus(config: GatewayConfig, slot: Int, eventLoop: any EventLoop, logger: Logger) -> any Bus {
-    var host = [CChar](repeating: 0, count: 256)
-    gethostname(&host, host.count - 1)
-    let hostname = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    let workerID = "\(hostname):\(getpid()):w\(slot)"
-    switch config.bus.kind {
-    case .relay:
-        return RelayBusClient(socketPath: config.relaySocketPath, workerName: workerID, eventLoop: eventLoop, logger: logger)
-    case .redis:
-        // The URL was validated with the config.
-        let endpoint = RedisEndpoint(url: config.bus.redisURL) ?? RedisEndpoint(url: "redis://127.0.0.1:6379/0")!
-        return RedisBusClient(
-            settings: .init(endpoint: endpoint, historyMessages: config.history.messages,
-                            historyMaxAgeMs: config.history.maxAgeSeconds * 1000, workerID: workerID),
-            eventLoop: eventLoop, logger: logger)
-    }
-}
-
 /// Starts a worker process and never returns.
 public enum WorkerProcess {
     public static func run(settings: WorkerSettings, logger: Logger) -> Never {
@@ -225,11 +243,22 @@ public enum WorkerProcess {
         let loop = runtime.eventLoop
         let config = settings.config
         let secret = config.auth.jwtSecret
-        // The config was validated (a secret of at least 32 bytes), so this cannot fail.
-        let verifier = config.auth.mode == .jwt ? runBlocking { try? await TokenVerifier(secret: secret) } : nil
+        let verifier: TokenVerifier? = config.auth.mode == .jwt ? runBlocking { try? await TokenVerifier(secret: secret) } : nil
+        if config.auth.mode == .jwt && verifier == nil {
+            // The config was validated (a secret of at least 32 bytes); never fall back to no auth.
+            logger.critical("cannot set up JWT verification; refusing to serve without it")
+            exit(1)
+        }
+        let archive: (any ArchiveStore)?
+        do {
+            archive = try Archive.open(config, readOnly: true)
+        } catch {
+            logger.warning("archive not readable; scroll-back uses the bus history only", metadata: ["error": "\(error)"])
+            archive = nil
+        }
         let worker = try loop.submit {
-            let bus = makeBus(config: config, slot: settings.slot, eventLoop: loop, logger: logger)
-            let worker = Worker(settings: settings, bus: bus, verifier: verifier, eventLoop: loop, logger: logger)
+            let bus = BusFactory.make(config: config, processName: "w\(settings.slot)", eventLoop: loop, logger: logger)
+            let worker = Worker(settings: settings, bus: bus, verifier: verifier, archive: archive, eventLoop: loop, logger: logger)
             worker.onDrained = { runtime.finish() }
             bus.start()
             return NIOLoopBound(worker, eventLoop: loop)

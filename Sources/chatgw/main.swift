@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import ArgumentParser
+import ChatArchive
+import ChatArchiver
 import ChatConfig
 import ChatMaster
 import ChatRelay
@@ -16,7 +18,7 @@ struct ChatGW: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "chatgw",
         abstract: "A prefork, multiprocess WebSocket chat gateway.",
-        subcommands: [Master.self, Worker.self, Relay.self],
+        subcommands: [Master.self, Worker.self, Relay.self, Archiver.self],
         defaultSubcommand: Master.self
     )
 }
@@ -63,6 +65,14 @@ struct Master: AsyncParsableCommand {
             try FileManager.default.createDirectory(atPath: gateway.server.stateDirectory, withIntermediateDirectories: true)
         } catch {
             failStartup("cannot create state directory \(gateway.server.stateDirectory): \(error.localizedDescription)")
+        }
+        // A corrupt or unwritable archive stops start-up here, not in a crash-looping child.
+        if gateway.archive.kind == .sqlite {
+            do {
+                try SQLiteArchive.check(path: gateway.archiveSQLitePath)
+            } catch {
+                failStartup("\(error)")
+            }
         }
         let file = config
         let flags = overrides
@@ -136,6 +146,18 @@ struct Relay: ParsableCommand {
             limits: RoomBook.Limits(historyMessages: config.history.messages, historyMaxAgeMs: config.history.maxAgeSeconds * 1000),
             journalDirectory: config.history.persist ? config.historyDirectory : nil)
         RelayProcess.run(settings: settings, logger: Logger(label: "chatgw.relay"))
+    }
+}
+
+struct Archiver: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "archiver", abstract: "Internal: the archiver process (started by the master).", shouldDisplay: false)
+
+    @Option var generation: Int = 1
+
+    func run() throws {
+        let config = childConfig()
+        ChatLogHandler.bootstrap(role: "archiver", slot: nil, level: config.log.level.loggerLevel, json: config.log.format == .json)
+        ArchiverProcess.run(config: config, logger: Logger(label: "chatgw.archiver"))
     }
 }
 

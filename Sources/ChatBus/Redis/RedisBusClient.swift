@@ -56,6 +56,8 @@ public final class RedisBusClient: Bus {
     private var stopped = false
     private var connecting = false
     private var aliveTask: RepeatedTask?
+    /// Archiver mode: every room's messages (PSUBSCRIBE), no per-room bookkeeping.
+    private var allRooms = false
 
     /// Room keys outlive their history by a day, then an idle room is forgotten.
     private var keyLifetime: Int { settings.historyMaxAgeMs / 1000 + 86_400 }
@@ -85,6 +87,15 @@ public final class RedisBusClient: Bus {
     public func join(room: String, since: Int?, epoch: String?, history: Int, members: Int,
                      completion: @escaping (Result<JoinResult, BusError>) -> Void) {
         guard isAvailable else { return completion(.failure(.unavailable)) }
+        if allRooms {
+            return runJoin(room: room, delta: 0) { result in
+                completion(result.map { state in
+                    let (replay, gap) = HistoryRules.replay(held: state.held, epoch: state.snapshot.epoch, seq: state.snapshot.seq,
+                                                            since: since, epoch: epoch, history: history)
+                    return JoinResult(room: state.snapshot, replay: replay, gap: gap)
+                })
+            }
+        }
         rooms[room, default: Room()].members += members
         rooms[room]?.joinsInFlight += 1
         whenSubscribed(room) { [self] in
@@ -130,6 +141,31 @@ public final class RedisBusClient: Bus {
     public func info(room: String, completion: @escaping (Result<RoomSnapshot, BusError>) -> Void) {
         guard isAvailable else { return completion(.failure(.unavailable)) }
         runJoin(room: room, delta: 0) { completion($0.map(\.snapshot)) }
+    }
+
+    public func subscribeAll() {
+        allRooms = true
+        subscriber?.sendForPush([b("PSUBSCRIBE"), b(Self.channelPrefix + "*")])
+    }
+
+    public func listRooms(completion: @escaping (Result<[String], BusError>) -> Void) {
+        guard let commands else { return completion(.failure(.unavailable)) }
+        scan(commands, cursor: "0", found: [], completion: completion)
+    }
+
+    /// SCAN for `chatgw:{ROOM}:seq` keys, cursor by cursor.
+    private func scan(_ connection: RedisConnection, cursor: String, found: [String], completion: @escaping (Result<[String], BusError>) -> Void) {
+        connection.send([b("SCAN"), b(cursor), b("MATCH"), b("chatgw:{*}:seq"), b("COUNT"), b("1000")]) { [self] reply in
+            guard let parts = reply.array, parts.count == 2, let next = parts[0].text, let keys = parts[1].array else {
+                logUnexpected(reply, during: "SCAN")
+                return completion(.failure(.unavailable))
+            }
+            let rooms = found + keys.compactMap { key -> String? in
+                guard let text = key.text, text.hasPrefix("chatgw:{"), text.hasSuffix("}:seq") else { return nil }
+                return String(text.dropFirst("chatgw:{".count).dropLast("}:seq".count))
+            }
+            if next == "0" { completion(.success(rooms)) } else { scan(connection, cursor: next, found: rooms, completion: completion) }
+        }
     }
 
     public func fetch(room: String, before: HistoryPosition?, limit: Int,
@@ -201,6 +237,12 @@ public final class RedisBusClient: Bus {
     // MARK: live messages
 
     private func received(push: RedisValue) {
+        if allRooms, let parts = push.array, parts.count == 4, parts[0].text == "pmessage", let channelName = parts[2].text,
+           channelName.hasPrefix(Self.channelPrefix), case .string(let payload) = parts[3] {
+            let room = String(channelName.dropFirst(Self.channelPrefix.count))
+            if let message = Self.message(fromPayload: payload, room: room) { delegate?.bus(received: message) }
+            return
+        }
         guard let parts = push.array, parts.count >= 3, let kind = parts[0].text, let channelName = parts[1].text,
               channelName.hasPrefix(Self.channelPrefix) else { return }
         let room = String(channelName.dropFirst(Self.channelPrefix.count))
@@ -374,7 +416,7 @@ public final class RedisBusClient: Bus {
     private func channel(_ room: String) -> [UInt8] { b(Self.channelPrefix + room) }
 
     static func newEpoch() -> String {
-        String(UInt64.random(in: 0...UInt64.max), radix: 16)
+        Epoch.random()
     }
 
     /// "seq\nepoch\nts\nfrom\ntext" (the text may hold newlines; it comes last).

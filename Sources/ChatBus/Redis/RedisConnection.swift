@@ -73,7 +73,7 @@ final class RedisConnection {
     fileprivate func received(_ value: RedisValue) {
         // A subscriber connection gets pushes interleaved with ordinary replies.
         if let onPush, case .array(let parts) = value, let kind = parts.first?.text,
-           kind == "message" || kind == "subscribe" || kind == "unsubscribe" {
+           ["message", "subscribe", "unsubscribe", "pmessage", "psubscribe"].contains(kind) {
             return onPush(value)
         }
         guard waitingStart < waiting.count else { return }

@@ -9,6 +9,7 @@ public final class RelayBusClient: Bus {
         case join((Result<JoinResult, BusError>) -> Void)
         case publish((Result<Published, BusError>) -> Void)
         case fetch((Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void)
+        case rooms((Result<[String], BusError>) -> Void)
     }
 
     public weak var delegate: BusDelegate?
@@ -61,6 +62,15 @@ public final class RelayBusClient: Bus {
         let answer: (Result<JoinResult, BusError>) -> Void = { completion($0.map(\.room)) }
         guard let request = register(.join(answer)) else { return completion(.failure(.unavailable)) }
         send(.info(request: request, room: room))
+    }
+
+    public func subscribeAll() {
+        send(.subscribeAll)
+    }
+
+    public func listRooms(completion: @escaping (Result<[String], BusError>) -> Void) {
+        guard let request = register(.rooms(completion)) else { return completion(.failure(.unavailable)) }
+        send(.listRooms(request: request))
     }
 
     public func fetch(room: String, before: HistoryPosition?, limit: Int,
@@ -136,6 +146,7 @@ public final class RelayBusClient: Bus {
             case .join(let completion): completion(.failure(.unavailable))
             case .publish(let completion): completion(.failure(.unavailable))
             case .fetch(let completion): completion(.failure(.unavailable))
+            case .rooms(let completion): completion(.failure(.unavailable))
             }
         }
         delegate?.busLost()
@@ -165,15 +176,20 @@ public final class RelayBusClient: Bus {
             if case .fetch(let completion)? = pending.removeValue(forKey: request) {
                 completion(.success((messages, more)))
             }
+        case .roomList(let request, let rooms):
+            if case .rooms(let completion)? = pending.removeValue(forKey: request) {
+                completion(.success(rooms))
+            }
         case .failed(let request, let code, let message):
             let error = BusError.refused(code: code, message: message)
             switch pending.removeValue(forKey: request) {
             case .join(let completion)?: completion(.failure(error))
             case .publish(let completion)?: completion(.failure(error))
             case .fetch(let completion)?: completion(.failure(error))
+            case .rooms(let completion)?: completion(.failure(error))
             case nil: break
             }
-        case .hello, .join, .leave, .publish, .fetch, .info:
+        case .hello, .join, .leave, .publish, .fetch, .info, .subscribeAll, .listRooms:
             logger.error("relay sent a worker-only frame; dropping the link")
             channel?.close(promise: nil)
         }

@@ -30,6 +30,10 @@ public enum RelayFrame: Equatable, Sendable {
     case fetch(request: UInt32, room: String, before: HistoryPosition?, limit: Int)
     /// A room's state without joining it; answer: `joined` with no replay.
     case info(request: UInt32, room: String)
+    /// Send this link every message of every room (the archiver).
+    case subscribeAll
+    /// The names of every room the relay knows; answer: `roomList`.
+    case listRooms(request: UInt32)
 
     // relay -> worker
     case joined(request: UInt32, room: RoomSnapshot, replay: [RoomMessage], gap: Gap?)
@@ -37,6 +41,7 @@ public enum RelayFrame: Equatable, Sendable {
     case published(request: UInt32, room: String, seq: Int, epoch: String)
     case fetched(request: UInt32, room: String, messages: [RoomMessage], more: Bool)
     case failed(request: UInt32, code: String, message: String)
+    case roomList(request: UInt32, rooms: [String])
 
     public static let version: UInt8 = 1
 }
@@ -75,8 +80,8 @@ public struct RelayFrameError: Error, CustomStringConvertible, Sendable {
 }
 
 private enum FrameType: UInt8 {
-    case hello = 1, join, leave, publish, fetch, info
-    case joined = 101, message, published, fetched, failed
+    case hello = 1, join, leave, publish, fetch, info, subscribeAll, listRooms
+    case joined = 101, message, published, fetched, failed, roomList
 }
 
 extension RelayFrame {
@@ -116,6 +121,16 @@ extension RelayFrame {
             buffer.writeInteger(FrameType.info.rawValue)
             buffer.writeInteger(request)
             buffer.writeRelayString(room)
+        case .subscribeAll:
+            buffer.writeInteger(FrameType.subscribeAll.rawValue)
+        case .listRooms(let request):
+            buffer.writeInteger(FrameType.listRooms.rawValue)
+            buffer.writeInteger(request)
+        case .roomList(let request, let rooms):
+            buffer.writeInteger(FrameType.roomList.rawValue)
+            buffer.writeInteger(request)
+            buffer.writeInteger(UInt32(rooms.count))
+            for room in rooms { buffer.writeRelayString(room) }
         case .joined(let request, let room, let replay, let gap):
             buffer.writeInteger(FrameType.joined.rawValue)
             buffer.writeInteger(request)
@@ -183,6 +198,18 @@ extension RelayFrame {
             result = .fetch(request: request, room: room, before: before, limit: Int(try reader.u32()))
         case .info:
             result = .info(request: try reader.u32(), room: try reader.string())
+        case .subscribeAll:
+            result = .subscribeAll
+        case .listRooms:
+            result = .listRooms(request: try reader.u32())
+        case .roomList:
+            let request = try reader.u32()
+            let count = Int(try reader.u32())
+            // Each name takes at least 4 bytes; a larger count is a lie.
+            guard count <= reader.buffer.readableBytes / 4 else { throw RelayFrameError("room count exceeds relay frame") }
+            var rooms: [String] = []
+            for _ in 0..<count { rooms.append(try reader.string()) }
+            result = .roomList(request: request, rooms: rooms)
         case .joined:
             let request = try reader.u32()
             let name = try reader.string()

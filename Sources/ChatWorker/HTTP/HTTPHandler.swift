@@ -116,7 +116,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard text.utf8.count <= limit else {
             return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "too_large", message: "text is over \(limit) bytes"))
         }
-        let from = object["from"] as? String ?? "system"
+        let from = object["from"] == nil || object["from"] is NSNull ? "system" : object["from"] as? String ?? ""
         guard Names.isValidUser(from) else {
             return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_user", message: #"field "from" must be 1 to 32 characters from [A-Za-z0-9_.-]"#))
         }
@@ -155,11 +155,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if let epoch = target.query["before_epoch"], let seq = target.query["before_seq"].flatMap({ Int($0) }), seq >= 0 {
             before = HistoryPosition(epoch: String(epoch), seq: seq)
         }
-        let limit = target.query["limit"].flatMap { Int($0) } ?? 50
+        let limit = target.query["limit"].map { Int($0) ?? 0 } ?? 50
         guard (1...200).contains(limit) else {
             return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_json", message: "limit must be an integer from 1 to 200"))
         }
-        worker.bus.fetch(room: room, before: before, limit: limit) { [self] result in
+        worker.history(room: room, before: before, limit: limit) { [self] result in
             switch result {
             case .success(let page):
                 var buffer = context.channel.allocator.buffer(capacity: 256)

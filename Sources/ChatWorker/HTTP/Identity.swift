@@ -45,10 +45,11 @@ enum Identity {
         return String(parts[1].drop(while: \.isWhitespace))
     }
 
-    /// `server.allowed_origins`: an upgrade whose Origin is not listed is refused.
+    /// `server.allowed_origins`: a browser's upgrade whose Origin is not listed is refused.
+    /// Requests without Origin come from non-browser clients, which Origin checks cannot
+    /// protect against anyway (they would just send an allowed one); they pass.
     static func originRefusal(_ head: HTTPRequestHead, allowed: [String]) -> HTTPRefusal? {
-        guard !allowed.isEmpty else { return nil }
-        let origin = head.headers.first(name: "Origin") ?? ""
+        guard !allowed.isEmpty, let origin = head.headers.first(name: "Origin") else { return nil }
         return allowed.contains(origin) ? nil : HTTPRefusal(status: .forbidden, code: "forbidden", message: "origin not allowed")
     }
 }

@@ -1,4 +1,5 @@
 import ChatAuth
+import ChatArchive
 import ChatBus
 import ChatProtocol
 import ChatSystem
@@ -27,6 +28,9 @@ final class SessionHandler: ChannelInboundHandler {
     private var bucket: TokenBucket
     private var flood: FloodDetector
     private var closing = false
+    /// While a join is filled from the archive, everything else waits here, so that the
+    /// join's replay comes before any live message.
+    private var holding: [ByteBuffer]?
 
     init(user: AuthorizedUser, connectionID: String, activity: ConnectionActivity, worker: Worker) {
         self.user = user.name
@@ -77,6 +81,14 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        flush()
+    }
+
+    private func releaseHeld() {
+        guard let held = holding, let context else { return }
+        holding = nil
+        for frame in held { write(frame) }
+        _ = context
         flush()
     }
 
@@ -148,20 +160,60 @@ final class SessionHandler: ChannelInboundHandler {
             case .success(let answer):
                 rooms[room] = .joined
                 worker.rooms.add(self, to: room, snapshot: answer.room)
-                send(.joined(room: room, seq: answer.room.seq, epoch: answer.room.epoch, members: answer.room.members, ref: ref))
-                if let gap = answer.gap {
-                    send(.gap(room: room, from: gap.from, to: gap.to, epoch: gap.epoch))
+                if let gap = answer.gap, let since, let archive = worker.archive {
+                    // The history no longer reaches back to `since`: fill from the archive
+                    // (the rest of the client's old epoch, and the current epoch's part the
+                    // history lost). Live messages that arrive meanwhile wait behind it.
+                    holding = []
+                    let oldEpoch = epoch.flatMap { $0 == gap.epoch ? nil : $0 }
+                    context!.eventLoop.makeFutureWithTask { () async throws -> [[RoomMessage]] in
+                        var tail: [RoomMessage] = []
+                        if let oldEpoch {
+                            tail = try await archive.range(room: room, epoch: oldEpoch, from: since + 1, to: Int(Int32.max))
+                        }
+                        let filled = gap.from > 0 ? try await archive.range(room: room, epoch: gap.epoch, from: gap.from, to: gap.to) : []
+                        return [tail, filled]
+                    }
+                    .assumeIsolated()
+                    .whenComplete { [self] result in
+                        let parts = (try? result.get()) ?? [[], []]
+                        let (tail, filled) = (parts[0], parts[1])
+                        sendJoin(room, answer: answer, previousEpoch: tail, archived: filled, ref: ref)
+                        releaseHeld()
+                    }
+                    return
                 }
-                for message in answer.replay {
-                    send(.message(message))
-                }
-                worker.counters.deliveries += answer.replay.count
+                sendJoin(room, answer: answer, previousEpoch: [], archived: [], ref: ref)
             case .failure:
                 rooms[room] = nil
                 sendUnavailable(ref: ref, room: room)
             }
             flush()
         }
+    }
+
+    /// `joined`, then what the room's history could not give (from the archive: the rest
+    /// of the client's previous epoch, then the current epoch's lost part, with a `gap`
+    /// only for what the archive lacks too), then the replay.
+    private func sendJoin(_ room: String, answer: JoinResult, previousEpoch: [RoomMessage], archived: [RoomMessage], ref: String?) {
+        send(.joined(room: room, seq: answer.room.seq, epoch: answer.room.epoch, members: answer.room.members, ref: ref))
+        for message in previousEpoch { send(.message(message)) }
+        if let gap = answer.gap {
+            let firstArchived = archived.first?.seq ?? gap.to + 1
+            let lastArchived = archived.last?.seq ?? gap.to
+            if gap.from == 0 || firstArchived > gap.from {
+                send(.gap(room: room, from: gap.from, to: gap.from == 0 ? gap.to : min(gap.to, firstArchived - 1), epoch: gap.epoch))
+            }
+            for message in archived { send(.message(message)) }
+            if !archived.isEmpty && lastArchived < gap.to {
+                send(.gap(room: room, from: lastArchived + 1, to: gap.to, epoch: gap.epoch))
+            }
+        }
+        for message in answer.replay {
+            send(.message(message))
+        }
+        worker.counters.deliveries += answer.replay.count + archived.count + previousEpoch.count
+        flush()
     }
 
     private func leave(_ room: String, ref: String?) {
@@ -197,8 +249,7 @@ final class SessionHandler: ChannelInboundHandler {
         guard permission.allows(room) else {
             return send(.error(ProtocolError(.forbidden, "your token does not allow this room", ref: ref, room: room)))
         }
-        guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
-        worker.bus.fetch(room: room, before: before, limit: limit) { [self] result in
+        worker.history(room: room, before: before, limit: limit) { [self] result in
             switch result {
             case .success(let page):
                 send(.history(room: room, messages: page.messages, more: page.more, ref: ref))
@@ -231,6 +282,10 @@ final class SessionHandler: ChannelInboundHandler {
     /// Queues an already framed message (the same bytes go to every member of a room).
     func write(_ frame: ByteBuffer) {
         guard let context, !closing else { return }
+        if holding != nil {
+            holding!.append(frame)
+            return
+        }
         worker.counters.messagesOut += 1
         worker.counters.bytesOut += frame.readableBytes
         context.write(wrapOutboundOut(frame), promise: nil)

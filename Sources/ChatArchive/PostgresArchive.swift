@@ -1,0 +1,126 @@
+import ChatProtocol
+import Foundation
+import Logging
+import PostgresNIO
+
+/// The archive in PostgreSQL, which several gateways (on one Redis) share: every
+/// archiver writes every message, and the primary key keeps one copy.
+public final class PostgresArchive: ArchiveStore {
+    private let client: PostgresClient
+    private let runner: Task<Void, Never>
+
+    public init(url: String) throws {
+        guard let components = URLComponents(string: url), let host = components.host,
+              ["postgres", "postgresql"].contains(components.scheme ?? "") else {
+            throw ArchiveError("archive.postgres_url is not a postgres:// URL")
+        }
+        let database = components.path.split(separator: "/").first.map(String.init)
+        var configuration = PostgresClient.Configuration(
+            host: host, port: components.port ?? 5432, username: components.user ?? "postgres",
+            password: components.password, database: database, tls: .disable)
+        configuration.options.maximumConnections = 4
+        configuration.options.connectionIdleTimeout = .seconds(60)
+        let client = PostgresClient(configuration: configuration, backgroundLogger: Logger(label: "chatgw.archive.postgres"))
+        self.client = client
+        runner = Task { await client.run() }
+    }
+
+    public func prepare() async throws {
+        try await client.query("""
+            CREATE TABLE IF NOT EXISTS chat_messages (
+                room TEXT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL,
+                sender TEXT NOT NULL, body TEXT NOT NULL, ts BIGINT NOT NULL,
+                PRIMARY KEY (room, epoch, seq))
+            """)
+        try await client.query("CREATE INDEX IF NOT EXISTS chat_messages_time ON chat_messages (room, ts, epoch, seq)")
+    }
+
+    public func insert(_ messages: [RoomMessage]) async throws {
+        guard !messages.isEmpty else { return }
+        let rooms = messages.map(\.room), epochs = messages.map(\.epoch), seqs = messages.map { Int64($0.seq) }
+        let senders = messages.map(\.from), bodies = messages.map(\.text), times = messages.map { Int64($0.ts) }
+        try await client.query("""
+            INSERT INTO chat_messages (room, epoch, seq, sender, body, ts)
+            SELECT * FROM UNNEST(\(rooms)::text[], \(epochs)::text[], \(seqs)::bigint[], \(senders)::text[], \(bodies)::text[], \(times)::bigint[])
+            ON CONFLICT DO NOTHING
+            """)
+    }
+
+    public func tips() async throws -> [ArchivedTip] {
+        let rows = try await client.query("""
+            SELECT DISTINCT ON (room) room, epoch, seq FROM chat_messages ORDER BY room, ts DESC, seq DESC
+            """)
+        var tips: [ArchivedTip] = []
+        for try await (room, epoch, seq) in rows.decode((String, String, Int64).self) {
+            tips.append(ArchivedTip(room: room, epoch: epoch, seq: Int(seq)))
+        }
+        return tips
+    }
+
+    public func page(room: String, before: HistoryPosition?, limit: Int) async throws -> (messages: [RoomMessage], more: Bool) {
+        let rows: PostgresRowSequence
+        let fetch = limit + 1
+        if let before {
+            let epoch = before.epoch, seq = Int64(before.seq)
+            var anchor = Int64.max
+            for try await (ts,) in try await client.query("""
+                SELECT COALESCE(
+                  (SELECT ts FROM chat_messages WHERE room = \(room) AND epoch = \(epoch) AND seq = \(seq)),
+                  (SELECT MIN(ts) FROM chat_messages WHERE room = \(room) AND epoch = \(epoch) AND seq > \(seq)),
+                  9223372036854775807)
+                """).decode((Int64,).self) { anchor = ts }
+            rows = try await client.query("""
+                SELECT room, epoch, seq, sender, body, ts FROM chat_messages WHERE room = \(room)
+                  AND (ts < \(anchor) OR (ts = \(anchor) AND (epoch < \(epoch) OR (epoch = \(epoch) AND seq < \(seq)))))
+                ORDER BY ts DESC, epoch DESC, seq DESC LIMIT \(fetch)
+                """)
+        } else {
+            rows = try await client.query("""
+                SELECT room, epoch, seq, sender, body, ts FROM chat_messages WHERE room = \(room)
+                ORDER BY ts DESC, epoch DESC, seq DESC LIMIT \(fetch)
+                """)
+        }
+        var messages = try await Self.messages(rows)
+        let more = messages.count > limit
+        messages = Array(messages.prefix(limit))
+        return (messages.reversed(), more)
+    }
+
+    public func range(room: String, epoch: String, from: Int, to: Int) async throws -> [RoomMessage] {
+        let low = Int64(from), high = Int64(to)
+        return try await Self.messages(try await client.query("""
+            SELECT room, epoch, seq, sender, body, ts FROM chat_messages
+            WHERE room = \(room) AND epoch = \(epoch) AND seq BETWEEN \(low) AND \(high) ORDER BY seq
+            """))
+    }
+
+    public func applyRetention(nowMs: Int, maxAgeMs: Int, maxPerRoom: Int) async throws -> Int {
+        if maxAgeMs > 0 {
+            let cutoff = Int64(nowMs - maxAgeMs)
+            try await client.query("DELETE FROM chat_messages WHERE ts < \(cutoff)")
+        }
+        if maxPerRoom > 0 {
+            let keep = Int64(maxPerRoom)
+            try await client.query("""
+                DELETE FROM chat_messages m USING (
+                  SELECT room, epoch, seq FROM (
+                    SELECT room, epoch, seq, ROW_NUMBER() OVER (PARTITION BY room ORDER BY ts DESC, epoch DESC, seq DESC) AS n
+                    FROM chat_messages) ranked WHERE n > \(keep)) old
+                WHERE m.room = old.room AND m.epoch = old.epoch AND m.seq = old.seq
+                """)
+        }
+        return 0
+    }
+
+    public func close() async {
+        runner.cancel()
+    }
+
+    private static func messages(_ rows: PostgresRowSequence) async throws -> [RoomMessage] {
+        var messages: [RoomMessage] = []
+        for try await (room, epoch, seq, sender, body, ts) in rows.decode((String, String, Int64, String, String, Int64).self) {
+            messages.append(RoomMessage(room: room, seq: Int(seq), epoch: epoch, from: sender, text: body, ts: Int(ts)))
+        }
+        return messages
+    }
+}

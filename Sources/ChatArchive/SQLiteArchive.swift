@@ -1,0 +1,139 @@
+import ChatProtocol
+import Foundation
+import GRDB
+
+/// The archive in a SQLite file (WAL mode: the archiver writes while workers read).
+public final class SQLiteArchive: ArchiveStore {
+    private let pool: DatabasePool
+
+    /// Opens (and, unless read-only, creates) the file. Throws with a one-line reason.
+    public init(path: String, readOnly: Bool) throws {
+        var configuration = Configuration()
+        configuration.readonly = readOnly
+        configuration.busyMode = .timeout(5)
+        do {
+            if !readOnly {
+                let directory = (path as NSString).deletingLastPathComponent
+                if !directory.isEmpty { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+            }
+            pool = try DatabasePool(path: path, configuration: configuration)
+        } catch {
+            throw ArchiveError("cannot open the archive \(path): \(Self.reason(error))")
+        }
+    }
+
+    /// Opens the file, creates the schema and checks the file's integrity, synchronously
+    /// (start-up check in the master: a corrupt or unwritable file stops start-up).
+    public static func check(path: String) throws {
+        let archive = try SQLiteArchive(path: path, readOnly: false)
+        do {
+            try archive.pool.write { db in try Self.createSchema(db) }
+            let verdict = try archive.pool.read { db in try String.fetchOne(db, sql: "PRAGMA quick_check") }
+            guard verdict == "ok" else { throw ArchiveError("integrity check failed: \(verdict ?? "no answer")") }
+        } catch let error as ArchiveError {
+            throw ArchiveError("the archive \(path) is not usable: \(error.description)")
+        } catch {
+            throw ArchiveError("the archive \(path) is not usable: \(reason(error))")
+        }
+        try? archive.pool.close()
+    }
+
+    public func prepare() async throws {
+        try await pool.write { db in try Self.createSchema(db) }
+    }
+
+    private static func createSchema(_ db: Database) throws {
+        try db.execute(sql: """
+            CREATE TABLE IF NOT EXISTS chat_messages (
+                room TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL,
+                sender TEXT NOT NULL, body TEXT NOT NULL, ts INTEGER NOT NULL,
+                PRIMARY KEY (room, epoch, seq)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS chat_messages_time ON chat_messages (room, ts, epoch, seq);
+            """)
+    }
+
+    public func insert(_ messages: [RoomMessage]) async throws {
+        guard !messages.isEmpty else { return }
+        try await pool.write { db in
+            let statement = try db.cachedStatement(sql: "INSERT OR IGNORE INTO chat_messages VALUES (?, ?, ?, ?, ?, ?)")
+            for message in messages {
+                try statement.execute(arguments: [message.room, message.epoch, message.seq, message.from, message.text, message.ts])
+            }
+        }
+    }
+
+    public func tips() async throws -> [ArchivedTip] {
+        try await pool.read { db in
+            // The newest epoch of each room (by time), and its highest seq.
+            try Row.fetchAll(db, sql: """
+                SELECT room, epoch, MAX(seq) AS seq FROM chat_messages m
+                WHERE epoch = (SELECT epoch FROM chat_messages WHERE room = m.room ORDER BY ts DESC, seq DESC LIMIT 1)
+                GROUP BY room, epoch
+                """).map { ArchivedTip(room: $0["room"], epoch: $0["epoch"], seq: $0["seq"]) }
+        }
+    }
+
+    public func page(room: String, before: HistoryPosition?, limit: Int) async throws -> (messages: [RoomMessage], more: Bool) {
+        try await pool.read { db in
+            var rows: [Row]
+            if let before {
+                let anchor = try Int.fetchOne(db, sql: "SELECT ts FROM chat_messages WHERE room = ? AND epoch = ? AND seq = ?",
+                                              arguments: [room, before.epoch, before.seq])
+                    ?? Int.fetchOne(db, sql: "SELECT MIN(ts) FROM chat_messages WHERE room = ? AND epoch = ? AND seq > ?",
+                                    arguments: [room, before.epoch, before.seq])
+                    ?? Int.max
+                rows = try Row.fetchAll(db, sql: """
+                    SELECT * FROM chat_messages WHERE room = ?
+                      AND (ts < ? OR (ts = ? AND (epoch < ? OR (epoch = ? AND seq < ?))))
+                    ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?
+                    """, arguments: [room, anchor, anchor, before.epoch, before.epoch, before.seq, limit + 1])
+            } else {
+                rows = try Row.fetchAll(db, sql: "SELECT * FROM chat_messages WHERE room = ? ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?",
+                                        arguments: [room, limit + 1])
+            }
+            let more = rows.count > limit
+            rows = Array(rows.prefix(limit))
+            return (rows.reversed().map(Self.message), more)
+        }
+    }
+
+    public func range(room: String, epoch: String, from: Int, to: Int) async throws -> [RoomMessage] {
+        try await pool.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM chat_messages WHERE room = ? AND epoch = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+                             arguments: [room, epoch, from, to]).map(Self.message)
+        }
+    }
+
+    public func applyRetention(nowMs: Int, maxAgeMs: Int, maxPerRoom: Int) async throws -> Int {
+        try await pool.write { db in
+            var removed = 0
+            if maxAgeMs > 0 {
+                try db.execute(sql: "DELETE FROM chat_messages WHERE ts < ?", arguments: [nowMs - maxAgeMs])
+                removed += db.changesCount
+            }
+            if maxPerRoom > 0 {
+                try db.execute(sql: """
+                    DELETE FROM chat_messages WHERE (room, epoch, seq) IN (
+                      SELECT room, epoch, seq FROM (
+                        SELECT room, epoch, seq, ROW_NUMBER() OVER (PARTITION BY room ORDER BY ts DESC, epoch DESC, seq DESC) AS n
+                        FROM chat_messages) WHERE n > ?)
+                    """, arguments: [maxPerRoom])
+                removed += db.changesCount
+            }
+            return removed
+        }
+    }
+
+    public func close() async {
+        try? pool.close()
+    }
+
+    private static func message(_ row: Row) -> RoomMessage {
+        RoomMessage(room: row["room"], seq: row["seq"], epoch: row["epoch"], from: row["sender"], text: row["body"], ts: row["ts"])
+    }
+
+    private static func reason(_ error: Error) -> String {
+        if let error = error as? DatabaseError { return error.message ?? "\(error.resultCode)" }
+        return "\(error)"
+    }
+}

@@ -1,0 +1,278 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ChatArchive
+import ChatBus
+import ChatConfig
+import ChatLink
+import ChatProtocol
+import ChatSystem
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// Messages received from the bus, waiting to be written: bounded, so a long database
+/// outage costs memory up to `archive.backlog_messages`, then the oldest are dropped
+/// (and fetched again from the bus's history by the next catch-up, if it still has them).
+final class ArchiveBacklog: Sendable {
+    private struct State {
+        var messages: [RoomMessage] = []
+        var dropped = 0
+        var received = 0
+        var written = 0
+        var lost = 0
+    }
+
+    private let state = NIOLockedValueBox(State())
+    private let capacity: Int
+
+    init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    func append(_ messages: [RoomMessage]) {
+        state.withLockedValue { state in
+            state.messages.append(contentsOf: messages)
+            state.received += messages.count
+            if state.messages.count > capacity {
+                let excess = state.messages.count - capacity
+                state.messages.removeFirst(excess)
+                state.dropped += excess
+            }
+        }
+    }
+
+    func take(_ count: Int) -> [RoomMessage] {
+        state.withLockedValue { state in
+            let batch = Array(state.messages.prefix(count))
+            state.messages.removeFirst(batch.count)
+            return batch
+        }
+    }
+
+    /// A batch the database refused goes back to the front.
+    func putBack(_ batch: [RoomMessage]) {
+        state.withLockedValue { state in
+            state.messages.insert(contentsOf: batch, at: 0)
+        }
+    }
+
+    func recordWritten(_ count: Int) { state.withLockedValue { $0.written += count } }
+    func recordLost(_ count: Int) { state.withLockedValue { $0.lost += count } }
+
+    /// Messages dropped from memory since the last call (to be caught up).
+    func takeDropped() -> Int {
+        state.withLockedValue { state in
+            defer { state.dropped = 0 }
+            return state.dropped
+        }
+    }
+
+    var stats: ChildStats {
+        state.withLockedValue { state in
+            var stats = ChildStats()
+            stats.messagesIn = state.received
+            stats.messagesOut = state.written
+            stats.archiveBacklog = state.messages.count
+            stats.archiveLost = state.lost
+            return stats
+        }
+    }
+
+    var count: Int { state.withLockedValue { $0.messages.count } }
+}
+
+/// Hears every sequenced message from the bus (on the archiver's loop).
+private final class Feed: BusDelegate {
+    let backlog: ArchiveBacklog
+    let connected: NIOLockedValueBox<Bool>
+
+    init(backlog: ArchiveBacklog, connected: NIOLockedValueBox<Bool>) {
+        self.backlog = backlog
+        self.connected = connected
+    }
+
+    var bus: (any Bus)?
+
+    func bus(received message: RoomMessage) {
+        backlog.append([message])
+    }
+
+    func busConnected() {
+        bus?.subscribeAll()
+        connected.withLockedValue { $0 = true }
+    }
+
+    func busLost() {
+        connected.withLockedValue { $0 = false }
+    }
+}
+
+/// The archiver process: every message from the bus into the archive, in batches, off
+/// the fan-out path; catches up from the bus's history after its own restart, a bus
+/// reconnect, or a database outage; applies retention.
+public enum ArchiverProcess {
+    public static func run(config: GatewayConfig, logger: Logger) -> Never {
+        let store: any ArchiveStore
+        do {
+            guard let opened = try Archive.open(config, readOnly: false) else {
+                logger.critical("archive.kind is none; nothing to archive")
+                exit(2)
+            }
+            store = opened
+        } catch {
+            logger.critical("cannot open the archive", metadata: ["error": "\(error)"])
+            exit(1)
+        }
+        let runtime = ChildRuntime(logger: logger)
+        let loop = runtime.eventLoop
+        let backlog = ArchiveBacklog(capacity: config.archive.backlogMessages)
+        let connected = NIOLockedValueBox(false)
+        let stopping = NIOLockedValueBox(false)
+        let bus = try! loop.submit {
+            let feed = Feed(backlog: backlog, connected: connected)
+            let bus = BusFactory.make(config: config, processName: "archiver", eventLoop: loop, logger: logger)
+            feed.bus = bus
+            bus.delegate = feed
+            bus.start()
+            return NIOLoopBound((bus, feed), eventLoop: loop)
+        }.wait()
+        let writer = Writer(store: store, backlog: backlog, bus: bus, loop: loop, connected: connected, config: config, logger: logger)
+        let task = Task { await writer.run(until: stopping) }
+        do {
+            try runtime.connect(
+                heartbeatInterval: .milliseconds(Int64(config.supervisor.heartbeatIntervalMs)),
+                commands: ChildCommands(
+                    stats: { backlog.stats },
+                    stop: { _, _, _ in
+                        stopping.withLockedValue { $0 = true }
+                        Task {
+                            await task.value
+                            await store.close()
+                            runtime.finish()
+                        }
+                    }
+                )
+            )
+        } catch {
+            logger.critical("archiver failed to start", metadata: ["error": "\(error)"])
+            exit(1)
+        }
+        logger.info("archiver serving", metadata: ["kind": "\(config.archive.kind.rawValue)"])
+        runtime.reportReady()
+        runtime.runUntilFinished()
+    }
+}
+
+/// The writing side, in Swift concurrency (the database clients are async).
+private struct Writer: Sendable {
+    let store: any ArchiveStore
+    let backlog: ArchiveBacklog
+    let bus: NIOLoopBound<(any Bus, Feed)>
+    let loop: any EventLoop
+    let connected: NIOLockedValueBox<Bool>
+    let config: GatewayConfig
+    let logger: Logger
+
+    func run(until stopping: NIOLockedValueBox<Bool>) async {
+        var databaseUp = false
+        var caughtUpWhileConnected = false
+        var lastRetention = 0.0
+        let batchSize = config.archive.batchMessages
+        let pause = UInt64(config.archive.batchMilliseconds) * 1_000_000
+        while true {
+            let stop = stopping.withLockedValue { $0 }
+            if !databaseUp {
+                do {
+                    try await store.prepare()
+                    databaseUp = true
+                    caughtUpWhileConnected = false
+                    logger.info("archive database reachable")
+                } catch {
+                    if stop { return }
+                    logger.warning("archive database unreachable; messages wait in memory", metadata: [
+                        "error": "\(error)", "backlog": "\(backlog.count)"])
+                    try? await Task.sleep(nanoseconds: 1_000_000_000)
+                    continue
+                }
+            }
+            // Catch up once per bus connection (and after anything was dropped).
+            let busUp = connected.withLockedValue { $0 }
+            if !busUp { caughtUpWhileConnected = false }
+            if busUp && (!caughtUpWhileConnected || backlog.takeDropped() > 0) && !stop {
+                caughtUpWhileConnected = await catchUp()
+            }
+            let batch = backlog.take(batchSize)
+            if !batch.isEmpty {
+                do {
+                    try await store.insert(batch)
+                    backlog.recordWritten(batch.count)
+                } catch {
+                    backlog.putBack(batch)
+                    databaseUp = false
+                    logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
+                    continue
+                }
+            }
+            if stop && backlog.count == 0 { return }
+            let now = monotonicSeconds()
+            if now - lastRetention > 60 {
+                lastRetention = now
+                await applyRetention()
+            }
+            if batch.count < batchSize {
+                try? await Task.sleep(nanoseconds: pause)
+            }
+        }
+    }
+
+    /// Fills the archive from the bus's history: per room, everything after the newest
+    /// archived message. What the history no longer holds is lost to the archive; it is
+    /// logged and counted.
+    private func catchUp() async -> Bool {
+        guard let tips = try? await store.tips() else { return false }
+        let byRoom = Dictionary(tips.map { ($0.room, $0) }, uniquingKeysWith: { first, _ in first })
+        guard case .success(let rooms) = await onLoop({ bus, done in bus.listRooms(completion: done) }) else { return false }
+        var fetched = 0
+        var missing = 0
+        for room in Set(rooms).union(byRoom.keys) {
+            let tip = byRoom[room]
+            let answer: Result<JoinResult, BusError> = await onLoop { bus, done in
+                bus.join(room: room, since: tip?.seq ?? 0, epoch: tip?.epoch, history: 0, members: 0, completion: done)
+            }
+            guard case .success(let result) = answer else { return false }
+            backlog.append(result.replay)
+            fetched += result.replay.count
+            if let gap = result.gap, gap.to >= gap.from, gap.from > 0 {
+                missing += gap.to - gap.from + 1
+                logger.warning("archive is missing messages the bus no longer holds", metadata: [
+                    "room": "\(room)", "epoch": "\(gap.epoch)", "from": "\(gap.from)", "to": "\(gap.to)"])
+            }
+        }
+        backlog.recordLost(missing)
+        logger.info("archive caught up from the bus", metadata: ["rooms": "\(Set(rooms).union(byRoom.keys).count)", "messages": "\(fetched)", "lost": "\(missing)"])
+        return true
+    }
+
+    private func applyRetention() async {
+        let days = config.archive.retentionDays
+        let perRoom = config.archive.retentionMessages
+        guard days > 0 || perRoom > 0 else { return }
+        do {
+            _ = try await store.applyRetention(nowMs: wallClockMilliseconds(), maxAgeMs: days * 86_400_000, maxPerRoom: perRoom)
+        } catch {
+            logger.warning("archive retention failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Runs a bus call on the archiver's loop and awaits its answer.
+    private func onLoop<T: Sendable>(_ call: @escaping @Sendable (any Bus, @escaping (T) -> Void) -> Void) async -> T {
+        await withCheckedContinuation { continuation in
+            let bus = bus
+            loop.execute {
+                call(bus.value.0) { continuation.resume(returning: $0) }
+            }
+        }
+    }
+}

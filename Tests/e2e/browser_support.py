@@ -1,0 +1,270 @@
+"""Helpers for driving the built-in web page (GET /) in headless Chromium (test_browser.py).
+
+Needs the Debian packages ``chromium`` and ``chromium-driver`` and the pip package
+``selenium``; ``scripts/test`` installs them. ``require_browser_tools()`` fails (not
+skips) with a clear message when one is missing. Selenium is imported lazily, so this
+module always imports.
+
+* ``require_browser_tools()`` -> ``BrowserTools`` (paths, selenium version).
+* ``ChatPage(tools, name)`` -- one browser session on the chat page: ``open(url)``,
+  ``status()``, ``wait_connected(user)`` -> (conn id, worker slot), ``wait_disconnected``,
+  ``wait_joined()``, ``members()``, ``type_and_send(text)``, ``submit_now(texts)``
+  (fills #text and submits the form from JavaScript, several times in one round trip),
+  ``log()`` -> [LogEntry], ``wait_texts(texts)``, ``notes()``, ``ws_events()`` (the
+  page's WebSocket traffic from Chromium's performance log), ``screenshot(path)``,
+  ``quit()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+INSTALL_HINT = ("scripts/test installs them: apt-get install -y chromium chromium-driver; "
+                "python3 -m pip install selenium")
+
+STATUS_RE = re.compile(r"^connected as (?P<user>\S+) \((?P<conn>w(?P<slot>\d+)-[^)]*)\)$")
+
+
+@dataclass
+class BrowserTools:
+    chromium: str
+    chromedriver: str
+    selenium_version: str
+
+
+def require_browser_tools() -> BrowserTools:
+    """The browser, its driver and selenium, or an AssertionError naming what is missing."""
+    missing = []
+    chromium = shutil.which("chromium")
+    if not chromium:
+        missing.append("the `chromium` browser (Debian package chromium) is not on PATH")
+    driver = CHROMEDRIVER if os.access(CHROMEDRIVER, os.X_OK) else shutil.which("chromedriver")
+    if not driver:
+        missing.append(f"`chromedriver` (Debian package chromium-driver) is not at {CHROMEDRIVER} nor on PATH")
+    version = ""
+    try:
+        import selenium  # noqa: F401
+
+        version = getattr(selenium, "__version__", "?")
+    except ImportError as e:
+        missing.append(f"the Python package selenium cannot be imported ({e})")
+    if missing:
+        raise AssertionError("browser tests need tools that are missing:\n  - " + "\n  - ".join(missing)
+                             + f"\n{INSTALL_HINT}")
+    return BrowserTools(chromium, driver, version)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll pred until truthy; AssertionError naming what after timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = pred()
+        except Exception as e:  # noqa: BLE001 -- a stale element etc.: try again
+            last = e
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{what}: not within {timeout}s (last error {e!r})") from e
+            time.sleep(interval)
+            continue
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass
+class LogEntry:
+    epoch: str
+    seq: int
+    text: str  # the div's text: "from: text #seq"
+
+
+@dataclass
+class ChatPage:
+    tools: BrowserTools
+    name: str
+    driver: Any = None
+    _perf: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = self.tools.chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1000,700", "--no-first-run", "--no-default-browser-check"):
+            opts.add_argument(arg)
+        opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+        self.driver = webdriver.Chrome(service=Service(self.tools.chromedriver), options=opts)
+        self.driver.set_page_load_timeout(15)
+        self.driver.set_script_timeout(10)
+
+    # ---- page
+
+    def open(self, url: str) -> None:
+        self.driver.get(url)
+
+    def js(self, script: str, *args) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def status(self) -> str:
+        return self.js('return document.getElementById("status").textContent;') or ""
+
+    def wait_connected(self, user: str, timeout: float = 10.0, not_conn: str | None = None) -> tuple[str, int]:
+        """Wait for `connected as USER (wN-...)` (with a conn other than not_conn)."""
+
+        def ok():
+            m = STATUS_RE.match(self.status())
+            if m and m.group("user") == user and m.group("conn") != not_conn:
+                return m
+            return None
+
+        try:
+            m = wait_for(ok, timeout, f"{self.name}: connected as {user}", interval=0.02)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; status is {self.status()!r}") from None
+        return m.group("conn"), int(m.group("slot"))
+
+    def wait_disconnected(self, timeout: float = 5.0) -> str:
+        return wait_for(lambda: (lambda s: s if not s.startswith("connected as") else None)(self.status()),
+                        timeout, f"{self.name}: status leaves 'connected'", interval=0.01)
+
+    def joined(self) -> bool:
+        """#text is enabled once `joined` arrived."""
+        return bool(self.js('return !document.getElementById("text").disabled;'))
+
+    def wait_joined(self, timeout: float = 10.0) -> None:
+        wait_for(self.joined, timeout, f"{self.name}: joined (send box enabled)")
+
+    def members(self) -> str:
+        return self.js('return document.getElementById("members").textContent;') or ""
+
+    def type_and_send(self, text: str) -> None:
+        """Type into #text like a user and click the send button."""
+        from selenium.webdriver.common.by import By
+
+        self.wait_joined()
+        box = self.driver.find_element(By.ID, "text")
+        box.clear()
+        box.send_keys(text)
+        self.driver.find_element(By.ID, "sendButton").click()
+
+    def type_and_enter(self, text: str) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        self.wait_joined()
+        box = self.driver.find_element(By.ID, "text")
+        box.clear()
+        box.send_keys(text + Keys.ENTER)
+
+    def submit_now(self, texts: list[str]) -> int:
+        """Fill #text and submit the form for each text, in one script; returns how many
+        the page took (it clears #text once it sent one)."""
+        return self.js(
+            """
+            const texts = arguments[0]; let sent = 0;
+            for (const t of texts) {
+              const box = document.getElementById("text");
+              box.value = t;
+              document.getElementById("send").requestSubmit();
+              if (box.value === "") sent++;
+            }
+            return sent;
+            """,
+            texts,
+        )
+
+    def log(self) -> list[LogEntry]:
+        rows = self.js(
+            """return Array.from(document.querySelectorAll("#log div.msg"))
+                 .map(d => [d.dataset.epoch, d.dataset.seq, d.textContent]);"""
+        )
+        return [LogEntry(e, int(s), t) for e, s, t in rows]
+
+    def notes(self) -> list[str]:
+        return self.js('return Array.from(document.querySelectorAll("#log .note")).map(d => d.textContent);')
+
+    def wait_texts(self, texts: list[str], timeout: float = 10.0) -> list[LogEntry]:
+        """Wait until a div.msg contains each of texts; returns the log."""
+
+        def ok():
+            log = self.log()
+            return log if all(any(t in e.text for e in log) for t in texts) else None
+
+        try:
+            return wait_for(ok, timeout, f"{self.name}: messages {texts} in #log")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; #log has {[x.text for x in self.log()]}, status {self.status()!r}") from None
+
+    # ---- WebSocket traffic (Chromium performance log)
+
+    def _drain(self) -> None:
+        for entry in self.driver.get_log("performance"):
+            try:
+                self._perf.append(json.loads(entry["message"])["message"])
+            except (KeyError, ValueError):
+                pass
+
+    def ws_events(self) -> list[dict]:
+        """The page's WebSocket events in order: {"kind": "created"|"sent"|"received"|"closed",
+        "socket": requestId, "url"?, "data"? (parsed JSON or text)}."""
+        self._drain()
+        out = []
+        kinds = {"Network.webSocketCreated": "created", "Network.webSocketFrameSent": "sent",
+                 "Network.webSocketFrameReceived": "received", "Network.webSocketClosed": "closed"}
+        for m in self._perf:
+            kind = kinds.get(m.get("method"))
+            if not kind:
+                continue
+            p = m.get("params", {})
+            ev = {"kind": kind, "socket": p.get("requestId")}
+            if kind == "created":
+                ev["url"] = p.get("url")
+            if kind in ("sent", "received"):
+                data = p.get("response", {}).get("payloadData", "")
+                try:
+                    ev["data"] = json.loads(data)
+                except ValueError:
+                    ev["data"] = data
+            out.append(ev)
+        return out
+
+    def console(self) -> list[str]:
+        try:
+            return [e.get("message", "") for e in self.driver.get_log("browser")]
+        except Exception:  # noqa: BLE001
+            return []
+
+    # ---- end
+
+    def screenshot(self, stem: str) -> Path | None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{stem}.png"
+        try:
+            if self.driver.save_screenshot(str(path)):
+                print(f"[browser] screenshot of {self.name}: {path}")
+                return path
+        except Exception as e:  # noqa: BLE001
+            print(f"[browser] screenshot of {self.name} failed: {e!r}")
+        return None
+
+    def quit(self) -> None:
+        if self.driver is not None:
+            try:
+                self.driver.quit()
+            except Exception:  # noqa: BLE001
+                pass
+            self.driver = None
