@@ -52,7 +52,7 @@ public final class RedisBusClient: Bus {
     private var subscriber: RedisConnection?
     private var scripts: (publish: String, join: String)?
     private var rooms: [String: Room] = [:]
-    private var reconnectDelay = TimeAmount.milliseconds(50)
+    private var backoff = ReconnectBackoff()
     private var stopped = false
     private var connecting = false
     private var aliveTask: RepeatedTask?
@@ -347,7 +347,7 @@ public final class RedisBusClient: Bus {
         self.commands = commands
         self.subscriber = subscriber
         self.scripts = scripts
-        reconnectDelay = .milliseconds(50)
+        backoff.reset()
         refreshAlive()
         aliveTask?.cancel()
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
@@ -383,9 +383,7 @@ public final class RedisBusClient: Bus {
 
     private func scheduleReconnect() {
         guard !stopped else { return }
-        let delay = reconnectDelay
-        reconnectDelay = min(reconnectDelay * 2, .seconds(1))
-        eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in connect() }
+        eventLoop.assumeIsolated().scheduleTask(in: backoff.next()) { [self] in connect() }
     }
 
     private func refreshAlive() {

@@ -20,7 +20,7 @@ public final class RelayBusClient: Bus {
     private var channel: (any Channel)?
     private var pending: [UInt32: Pending] = [:]
     private var nextRequest: UInt32 = 0
-    private var reconnectDelay = TimeAmount.milliseconds(50)
+    private var backoff = ReconnectBackoff()
     private var stopped = false
     private var flushScheduled = false
 
@@ -129,7 +129,7 @@ public final class RelayBusClient: Bus {
             return
         }
         self.channel = channel
-        reconnectDelay = .milliseconds(50)
+        backoff.reset()
         logger.info("relay link up", metadata: ["socket": "\(socketPath)"])
         send(.hello(worker: workerName))
         delegate?.busConnected()
@@ -155,9 +155,7 @@ public final class RelayBusClient: Bus {
 
     private func scheduleReconnect() {
         guard !stopped else { return }
-        let delay = reconnectDelay
-        reconnectDelay = min(reconnectDelay * 2, .seconds(1))
-        eventLoop.assumeIsolated().scheduleTask(in: delay) { [self] in connect() }
+        eventLoop.assumeIsolated().scheduleTask(in: backoff.next()) { [self] in connect() }
     }
 
     fileprivate func received(_ frame: RelayFrame) {
