@@ -112,6 +112,9 @@ public struct ChildReport: Codable, Sendable {
     public var messagesInPerSecond: Double
     public var messagesOutPerSecond: Double
     public var rssBytes: Int
+    /// Archiver only: messages waiting to be written, and messages it could not get.
+    public var archiveBacklog: Int?
+    public var archiveLost: Int?
 
     public init(role: String, slot: Int, pid: Int32, generation: Int, state: String, uptimeSeconds: Double, restarts: Int,
                 connections: Int, rooms: Int, messagesInPerSecond: Double, messagesOutPerSecond: Double, rssBytes: Int) {

@@ -509,13 +509,18 @@ public final class Arbiter {
     private func statusReport() -> StatusReport {
         let now = monotonicSeconds()
         var reports = children.values.map { child in
-            ChildReport(
+            var report = ChildReport(
                 role: child.slot.role.rawValue, slot: child.slot.index, pid: child.pid, generation: child.generation,
                 state: child.stateName, uptimeSeconds: now - child.startedAt,
                 restarts: slots[child.slot]?.policy.totalRestarts ?? 0,
                 connections: child.stats.connections, rooms: child.stats.rooms,
                 messagesInPerSecond: child.rates.messagesIn, messagesOutPerSecond: child.rates.messagesOut,
                 rssBytes: child.stats.residentBytes)
+            if child.slot.role == .archiver {
+                report.archiveBacklog = child.stats.archiveBacklog
+                report.archiveLost = child.stats.archiveLost
+            }
+            return report
         }
         for (slot, record) in slots where record.policy.isCrashLooping && !children.values.contains(where: { $0.slot == slot }) {
             reports.append(ChildReport(role: slot.role.rawValue, slot: slot.index, pid: 0, generation: record.generation,

@@ -36,6 +36,7 @@ final class MetricsBook {
         add("bytes_out", "Bytes of frames sent to clients", stats.bytesOut, before.bytesOut)
         add("slow_consumer_disconnects", "Connections closed for falling behind", stats.slowConsumerDisconnects, before.slowConsumerDisconnects)
         add("flood_disconnects", "Connections closed for flooding", stats.floodDisconnects, before.floodDisconnects)
+        add("archive_lost", "Messages the archiver could no longer get from the bus history", stats.archiveLost, before.archiveLost)
         recordLatency(stats, before: before, labels: labels)
     }
 
@@ -72,6 +73,10 @@ final class MetricsBook {
             registry.makeGauge(descriptor: Self.descriptor("rooms", unit: "", help: "Rooms with members"), labels: labels.pairs).set(to: Double(sum.rooms))
             registry.makeGauge(descriptor: Self.descriptor("resident", unit: "bytes", help: "Resident set size of the slot's processes"),
                                labels: labels.pairs).set(to: Double(sum.resident))
+        }
+        for child in children where child.role == "archiver" {
+            registry.makeGauge(descriptor: Self.descriptor("archive_backlog", unit: "messages", help: "Messages waiting to be written to the archive"),
+                               labels: Labels(role: child.role, slot: child.slot).pairs).set(to: Double(child.stats.archiveBacklog))
         }
     }
 

@@ -63,6 +63,9 @@ enum Table {
             lines.append("last reload: none")
         }
         lines.append("watchdog kills: \(status.watchdogKills)")
+        if let archiver = status.children.first(where: { $0.role == "archiver" }) {
+            lines.append("archive: \(archiver.archiveBacklog ?? 0) messages waiting to be written, \(archiver.archiveLost ?? 0) lost (no longer in the bus history)")
+        }
         return lines.joined(separator: "\n")
     }
 
