@@ -22,20 +22,28 @@ public final class SQLiteArchive: ArchiveStore {
         }
     }
 
-    /// Opens the file, creates the schema and checks the file's integrity, synchronously
-    /// (start-up check in the master: a corrupt or unwritable file stops start-up).
+    /// Checks the file's integrity, then creates the schema, synchronously (the master's
+    /// start-up check: a corrupt or unwritable file stops start-up with one line). A
+    /// damaged file is only read, never changed.
     public static func check(path: String) throws {
-        let archive = try SQLiteArchive(path: path, readOnly: false)
         do {
-            try archive.pool.write { db in try Self.createSchema(db) }
-            let verdict = try archive.pool.read { db in try String.fetchOne(db, sql: "PRAGMA quick_check") }
-            guard verdict == "ok" else { throw ArchiveError("integrity check failed: \(verdict ?? "no answer")") }
+            let directory = (path as NSString).deletingLastPathComponent
+            if !directory.isEmpty { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+            // A plain queue: opening a pool would switch the file to WAL (a write) first.
+            let queue = try DatabaseQueue(path: path)
+            let verdict = try queue.read { db in try String.fetchAll(db, sql: "PRAGMA quick_check") }
+            guard verdict == ["ok"] else {
+                let first = verdict.first.map { $0.split(separator: "\n").joined(separator: " ") } ?? "no answer"
+                let more = verdict.count > 1 ? " (and \(verdict.count - 1) more problems)" : ""
+                throw ArchiveError("integrity check failed: \(first)\(more)")
+            }
+            try queue.write { db in try createSchema(db) }
+            try queue.close()
         } catch let error as ArchiveError {
             throw ArchiveError("the archive \(path) is not usable: \(error.description)")
         } catch {
             throw ArchiveError("the archive \(path) is not usable: \(reason(error))")
         }
-        try? archive.pool.close()
     }
 
     public func prepare() async throws {
@@ -132,8 +140,10 @@ public final class SQLiteArchive: ArchiveStore {
         RoomMessage(room: row["room"], seq: row["seq"], epoch: row["epoch"], from: row["sender"], text: row["body"], ts: row["ts"])
     }
 
+    /// One line, without Foundation's user-info dump.
     private static func reason(_ error: Error) -> String {
         if let error = error as? DatabaseError { return error.message ?? "\(error.resultCode)" }
-        return "\(error)"
+        let text = (error as NSError).localizedDescription
+        return text.split(separator: "\n").joined(separator: " ")
     }
 }
