@@ -1,0 +1,120 @@
+"""RFC 6455 behaviour of /ws itself (the Autobahn suite covers /echo, scripts/autobahn).
+
+Each protocol violation on /ws gets the close code the RFC asks for, while another client
+of the same worker keeps getting its room's messages; pings are answered in the middle of
+a fragmented message; a client's close is answered and the server closes TCP, leaving no
+half-open socket behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from conftest import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawWS,
+    close_payload,
+    connect_hello,
+    join_room,
+    recv_until,
+    run_async,
+    send_json,
+    ws_frame,
+)
+
+FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
+
+VIOLATIONS = {
+    # name: (frame bytes, expected close code)
+    "invalid UTF-8 text": (lambda: ws_frame(OP_TEXT, b'{"type":"ping","ref":"\xff\xfe"}'), 1007),
+    "reserved opcode 0x3": (lambda: ws_frame(0x3, b"x"), 1002),
+    "ping with 126 bytes": (lambda: ws_frame(OP_PING, b"p" * 126), 1002),
+    "unmasked client frame": (lambda: ws_frame(OP_TEXT, b'{"type":"ping"}', mask=False), 1002),
+    "close with code 1005": (lambda: ws_frame(OP_CLOSE, close_payload(1005)), 1002),
+    "reserved bit set": (lambda: ws_frame(OP_TEXT, b'{"type":"ping"}', rsv=4), 1002),
+}
+
+
+@pytest.mark.parametrize("name", list(VIOLATIONS))
+def test_violation_gets_the_rfc_close_code_and_others_keep_their_messages(make_gateway, name):
+    gw = make_gateway(workers=1, env=FAST)
+    frame, expected = VIOLATIONS[name]
+
+    async def scenario():
+        bystander, _ = await connect_hello(gw, "bystander")
+        sender, _ = await connect_hello(gw, "sender")
+        await join_room(bystander, "conf")
+        await join_room(sender, "conf")
+
+        offender = await RawWS.open(gw, "offender")
+        await offender.recv_json()  # hello
+        await offender.send_raw(frame())
+        end = await offender.wait_close(timeout=5)
+        assert end.close_code == expected, f"{name}: expected close {expected}, got {end.close_code} (eof={end.eof})"
+        assert end.eof, f"{name}: the server must close the TCP connection after failing it"
+
+        await send_json(sender, {"type": "send", "room": "conf", "text": f"after {name}", "ref": "a"})
+        message, _ = await recv_until(bystander, lambda m: m.get("type") == "message", timeout=5)
+        assert message["text"] == f"after {name}"
+        await bystander.close()
+        await sender.close()
+
+    run_async(scenario(), timeout=30)
+
+
+def test_pings_are_answered_while_a_fragmented_message_is_in_flight(make_gateway):
+    gw = make_gateway(workers=1, env=FAST)
+
+    async def scenario():
+        client = await RawWS.open(gw, "frag")
+        await client.recv_json()  # hello
+        request = ('{"type":"ping","ref":"big","pad":"' + "x" * 30_000 + '"}').encode()
+        parts = [request[:10_000], request[10_000:20_000], request[20_000:]]
+        await client.send_raw(ws_frame(OP_TEXT, parts[0], fin=False))
+        for index, payload in enumerate([b"p1", b"p2"]):
+            await client.send_raw(ws_frame(OP_PING, payload))
+            fin, opcode, data = await client.recv_frame(timeout=5)
+            assert (opcode, data) == (OP_PONG, payload), f"pong {index} carried {data!r}"
+            await client.send_raw(ws_frame(0x0, parts[index + 1], fin=index == 1))
+        answer = await client.recv_json(timeout=5)
+        assert answer == {"type": "pong", "ref": "big"}
+        client.abort()
+
+    run_async(scenario(), timeout=30)
+
+
+def _half_open(port: int) -> list[str]:
+    """Server-side sockets of the gateway's port left in CLOSE-WAIT or FIN-WAIT."""
+    out = subprocess.run(["ss", "-tanH", "sport", "=", f":{port}"], capture_output=True, text=True, timeout=10).stdout
+    return [line for line in out.splitlines() if line.split() and line.split()[0] in ("CLOSE-WAIT", "FIN-WAIT-1", "FIN-WAIT-2", "LAST-ACK")]
+
+
+def test_client_close_is_answered_and_no_half_open_socket_remains(make_gateway):
+    gw = make_gateway(workers=2, env=FAST)
+
+    async def scenario():
+        clients = []
+        for i in range(20):
+            c = await RawWS.open(gw, f"closer{i}")
+            await c.recv_json()
+            clients.append(c)
+        for c in clients:
+            await c.send_raw(ws_frame(OP_CLOSE, close_payload(1000, "bye")))
+        for c in clients:
+            end = await c.wait_close(timeout=5)
+            assert end.close_code == 1000, f"the server must echo the close code, got {end.close_code}"
+            assert end.eof, "the server must close TCP after the close handshake"
+            c.abort()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while _half_open(gw.port) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        assert not _half_open(gw.port), f"half-open sockets left: {_half_open(gw.port)}"
+
+    run_async(scenario(), timeout=40)
