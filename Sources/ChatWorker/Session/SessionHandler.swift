@@ -85,10 +85,9 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     private func releaseHeld() {
-        guard let held = holding, let context else { return }
+        guard let held = holding else { return }
         holding = nil
         for frame in held { write(frame) }
-        _ = context
         flush()
     }
 

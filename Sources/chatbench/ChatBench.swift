@@ -1,0 +1,129 @@
+import ArgumentParser
+import Foundation
+
+@main
+struct ChatBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "chatbench",
+        abstract: "Load generator for chatgw: handshakes, idle memory, fan-out throughput and latency, churn.",
+        discussion: """
+            Start chatgw with benchmark limits first, e.g.
+              CHATGW_LIMITS_RATE_PER_S=1000000 CHATGW_LIMITS_BURST=1000000 CHATGW_ARCHIVE_KIND=none chatgw --state-dir /tmp/bench
+            then point chatbench at it; --state-dir (or --server-pid) lets it measure the server's CPU and memory.
+            A progress line goes to stderr once a second; --json prints the results as JSON on stdout.
+            """,
+        subcommands: [Connect.self, Idle.self, Fanout.self, Churn.self, Child.self])
+}
+
+struct CommonOptions: ParsableArguments {
+    @Option(help: "The gateway's WebSocket endpoint.")
+    var url = "ws://127.0.0.1:8080/ws"
+
+    @Option(help: "Event loop threads per load process (1 or 2 on a 2-core machine).")
+    var threads = 1
+
+    @Option(help: "Load processes (default: enough for --per-process connections each).")
+    var processes: Int?
+
+    @Option(help: "Connections per load process when --processes is not given (open files are limited to 20,000 per process).")
+    var perProcess = 19_000
+
+    @Option(help: "Bind client sockets to this many source addresses 127.0.0.2, .3, ... (default: one per 25,000 connections, none below that).")
+    var sources: Int?
+
+    @Option(help: "Connection setups in flight at once, over all load processes.")
+    var concurrency = 256
+
+    @Option(help: "TCP connect timeout, ms.")
+    var connectTimeoutMs = 10_000
+
+    @Option(help: "The chatgw master's pid (its workers, relay and archiver are found below it).")
+    var serverPid: Int32?
+
+    @Option(help: "chatgw's state dir (its chatgw.pid names the master).")
+    var stateDir: String?
+
+    @Flag(help: "Print the results as JSON on stdout (the summary goes to stderr).")
+    var json = false
+
+    @Flag(help: "No progress line.")
+    var quiet = false
+
+    @Option(help: "A label stored with the results.")
+    var label: String?
+}
+
+extension ChatBench {
+    struct Connect: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Open N connections as fast as possible (bounded concurrency): handshakes/s and latency.")
+        @OptionGroup var common: CommonOptions
+        @Option(help: "Connections to open.") var connections = 10_000
+
+        func run() throws {
+            let ctx = try Context.make(common, total: connections, rooms: 1, publishers: 0, textBytes: 0)
+            Scenarios.connect(ctx, connections: connections)
+        }
+    }
+
+    struct Idle: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Hold N connections joined to rooms: server memory (RSS and PSS) per connection.")
+        @OptionGroup var common: CommonOptions
+        @Option(help: "Connections to hold.") var connections = 10_000
+        @Option(help: "Rooms they join (round robin).") var rooms = 100
+        @Option(help: "Seconds to wait after the last join before measuring.") var settle = 3.0
+        @Option(help: "Seconds to keep the connections open after measuring.") var hold = 0.0
+
+        func run() throws {
+            let ctx = try Context.make(common, total: connections, rooms: rooms, publishers: 0, textBytes: 0)
+            Scenarios.idle(ctx, connections: connections, rooms: rooms, settle: settle, hold: hold)
+        }
+    }
+
+    struct Fanout: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "N members over R rooms, P of them publishing at a total rate (or a list of rates, stepping up).",
+            discussion: "Each message carries its send time (t=<monotonic ns>;p=<publisher>;n=<counter>); every member checks seq order, holes, duplicates and each publisher's order, and measures latency. A step passes when p99 <= --p99-ms, nothing is lost and deliveries keep up with the offered rate.")
+        @OptionGroup var common: CommonOptions
+        @Option(help: "Members (connections), publishers included.") var members = 2_000
+        @Option(help: "Rooms; member i joins room i % rooms.") var rooms = 20
+        @Option(help: "Publishers: members 0..<P; publisher p sends to room p % rooms.") var publishers = 20
+        @Option(help: "Messages per second over all publishers; a comma-separated list steps through rates.") var rates = "500"
+        @Option(help: "Seconds per step.") var duration = 10.0
+        @Option(help: "At most this many seconds to wait for a step's last messages.") var drain = 15.0
+        @Option(name: .customLong("p99-ms"), help: "A step passes only with p99 at or below this.") var p99Ms = 50.0
+        @Flag(help: "Stop stepping at the first failing rate.") var stopOnFail = false
+        @Option(help: "Bytes of message text (padded after the t=;p=;n= header).") var textBytes = 64
+
+        func run() throws {
+            let list = rates.split(separator: ",").compactMap { Double($0.trimmingCharacters(in: .whitespaces)) }
+            guard !list.isEmpty, list.allSatisfy({ $0 > 0 }) else { throw ValidationError("--rates: positive numbers, comma-separated") }
+            guard publishers >= 1, publishers <= members, rooms >= 1 else { throw ValidationError("need 1 <= publishers <= members and rooms >= 1") }
+            let ctx = try Context.make(common, total: members, rooms: rooms, publishers: publishers, textBytes: textBytes)
+            Scenarios.fanout(ctx, .init(members: members, rooms: rooms, publishers: publishers, rates: list, duration: duration,
+                                        drainMax: drain, p99LimitMs: p99Ms, stopOnFail: stopOnFail, textBytes: textBytes))
+        }
+    }
+
+    struct Churn: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Connect, join, leave and close, at a rate: cycles/s and their latency.")
+        @OptionGroup var common: CommonOptions
+        @Option(help: "Cycles started per second.") var rate = 500.0
+        @Option(help: "Seconds to keep starting cycles.") var duration = 10.0
+        @Option(help: "Rooms the cycles join (round robin).") var rooms = 10
+
+        func run() throws {
+            let ctx = try Context.make(common, total: min(Int(rate * duration), common.concurrency), rooms: rooms, publishers: 0, textBytes: 0)
+            Scenarios.churn(ctx, rate: rate, duration: duration, rooms: rooms)
+        }
+    }
+
+    /// One load process of several (started by chatbench itself).
+    struct Child: ParsableCommand {
+        static let configuration = CommandConfiguration(shouldDisplay: false)
+        @Option var spec: String
+
+        func run() throws {
+            try ChildMain.run(specJSON: spec)
+        }
+    }
+}

@@ -1,0 +1,495 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOCore
+
+/// What a connection does once it is open.
+enum Mode: String, Codable {
+    /// Handshake and hello, then stay open (the `connect` scenario closes them all after).
+    case connect
+    /// Handshake, hello, join its room, then receive (and publish, for publishers).
+    case member
+    /// Handshake, hello, join, leave, WebSocket close: one churn cycle.
+    case churn
+}
+
+/// One WebSocket client connection, written for a low cost per message: a hand-written
+/// client handshake, a frame parser working in place on the received bytes, and a scan
+/// for `"seq":` and `"text":"t=...;p=...;n=..."` instead of decoding JSON. It lives on its
+/// loop's `LoopShard` and counts into that shard's counters (no locks, no atomics).
+final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum State { case connecting, handshaking, open, closing, closed }
+
+    let index: Int
+    let room: Int
+    let mode: Mode
+    unowned let shard: LoopShard
+    private(set) var state = State.connecting
+    private var context: ChannelHandlerContext?
+    private var cumulation: ByteBuffer?
+    var startNs: UInt64 = 0
+    private var setupReported = false
+    private var countedOpen = false
+    private var joined = false
+    private var awaitingJoin = false
+    private var left = false
+    /// Last seq received in the room (-1: not joined yet).
+    private var lastSeq = -1
+    /// The last counter seen from each publisher of the room (slot = publisher / rooms).
+    private var publisherLast: [Int32]
+    /// Publisher id (global index), or -1.
+    let publisherID: Int
+    /// Messages this publisher sent in the current step, and ever (the `n` it writes).
+    var stepSent = 0
+    private var counter = 0
+
+    init(index: Int, room: Int, mode: Mode, publisherID: Int, publisherSlots: Int, shard: LoopShard) {
+        self.index = index
+        self.room = room
+        self.mode = mode
+        self.publisherID = publisherID
+        self.shard = shard
+        self.publisherLast = [Int32](repeating: -1, count: publisherSlots)
+    }
+
+    var isOpen: Bool { state == .open && joined }
+
+    // MARK: lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        state = .handshaking
+        var request = context.channel.allocator.buffer(capacity: 256)
+        request.writeString("GET \(shard.spec.path)?user=\(shard.spec.userPrefix)\(index) HTTP/1.1\r\nHost: \(shard.spec.host):\(shard.spec.port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        context.writeAndFlush(wrapOutboundOut(request), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        let wasClosing = state == .closing
+        state = .closed
+        if countedOpen {
+            shard.counters.open -= 1
+            countedOpen = false
+        }
+        if joined {
+            shard.members[room] -= 1
+            joined = false
+        }
+        if mode == .churn && wasClosing && left {
+            let now = monotonicNanos()
+            shard.counters.cycles += 1
+            LatencyHist.record(&shard.cycle, nanos: now &- startNs)
+            finishSetup(ok: true, now: now)
+        } else if !setupReported {
+            // Gone during its setup.
+            if !shard.stopping { shard.counters.unexpectedCloses += 1 }
+            if mode == .churn { shard.counters.cycleFailures += 1 }
+            finishSetup(ok: false, now: monotonicNanos())
+        } else if !wasClosing && !shard.stopping {
+            // An established connection the server (or the network) closed.
+            shard.counters.unexpectedCloses += 1
+        }
+        shard.connectionClosed(self)
+        self.context = nil
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        shard.noteError("socket: \(error)")
+        context.close(promise: nil)
+    }
+
+    /// Setup is over (well or not): frees a slot of the bounded concurrency.
+    private func finishSetup(ok: Bool, now: UInt64) {
+        guard !setupReported else { return }
+        setupReported = true
+        shard.setupFinished(ok: ok, now: now, started: startNs)
+    }
+
+    func close() {
+        guard let context, state != .closed else { return }
+        context.close(promise: nil)
+    }
+
+    // MARK: input
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        shard.nowNs = monotonicNanos()
+        if cumulation == nil {
+            cumulation = incoming
+        } else {
+            cumulation!.writeBuffer(&incoming)
+        }
+        process(context: context)
+    }
+
+    private func process(context: ChannelHandlerContext) {
+        guard var buffer = cumulation else { return }
+        cumulation = nil
+        if state == .handshaking {
+            guard let headEnd = buffer.withUnsafeReadableBytes({ raw -> Int? in
+                guard let p = raw.baseAddress, let at = Scan.find(p, raw.count, "\r\n\r\n") else { return nil }
+                return at + 4
+            }) else {
+                if buffer.readableBytes > 16_384 { failHandshake(context: context, status: "oversized response head") }
+                else { cumulation = buffer }
+                return
+            }
+            let status = buffer.getString(at: buffer.readerIndex, length: min(12, headEnd)) ?? ""
+            guard status == "HTTP/1.1 101" else {
+                let line = buffer.getString(at: buffer.readerIndex, length: min(headEnd, 40))?.split(separator: "\r").first ?? ""
+                failHandshake(context: context, status: String(line))
+                return
+            }
+            buffer.moveReaderIndex(forwardBy: headEnd)
+            state = .open
+            countedOpen = true
+            shard.counters.open += 1
+            shard.counters.handshakes += 1
+            LatencyHist.record(&shard.handshake, nanos: shard.nowNs &- startNs)
+        }
+        let consumed = buffer.withUnsafeReadableBytes { raw in parseFrames(raw, context: context) }
+        buffer.moveReaderIndex(forwardBy: consumed)
+        if buffer.readableBytes > 0 && state != .closed {
+            cumulation = buffer
+        }
+    }
+
+    /// connect() failed: no channel became active.
+    func connectFailed(_ kind: String) {
+        guard !setupReported else { return }
+        shard.counters.connectFailures += 1
+        if mode == .churn { shard.counters.cycleFailures += 1 }
+        shard.noteError("connect: " + kind)
+        finishSetup(ok: false, now: monotonicNanos())
+    }
+
+    private func failHandshake(context: ChannelHandlerContext, status: String) {
+        shard.counters.handshakeFailures += 1
+        if mode == .churn { shard.counters.cycleFailures += 1 }
+        shard.noteError("handshake: \(status)")
+        finishSetup(ok: false, now: monotonicNanos())
+        state = .closing
+        context.close(promise: nil)
+    }
+
+    /// Parses every complete frame; returns the bytes consumed.
+    private func parseFrames(_ raw: UnsafeRawBufferPointer, context: ChannelHandlerContext) -> Int {
+        var i = 0
+        let n = raw.count
+        while n - i >= 2 && state != .closed {
+            let b0 = raw[i], b1 = raw[i + 1]
+            var length = Int(b1 & 0x7F)
+            var head = 2
+            if length == 126 {
+                if n - i < 4 { break }
+                length = Int(raw[i + 2]) << 8 | Int(raw[i + 3])
+                head = 4
+            } else if length == 127 {
+                if n - i < 10 { break }
+                length = 0
+                for k in 2..<10 { length = length << 8 | Int(raw[i + k]) }
+                head = 10
+            }
+            if b1 & 0x80 != 0 { head += 4 }  // a server never masks; skip the key if it did
+            if n - i < head + length { break }
+            let payload = UnsafeRawBufferPointer(rebasing: raw[(i + head)..<(i + head + length)])
+            i += head + length
+            frame(opcode: b0 & 0x0F, payload: payload, context: context)
+        }
+        return i
+    }
+
+    private func frame(opcode: UInt8, payload: UnsafeRawBufferPointer, context: ChannelHandlerContext) {
+        switch opcode {
+        case 0x1:
+            text(payload)
+        case 0x8:
+            // The server's close: answer it (unless we started the handshake) and drop TCP.
+            if state != .closing {
+                state = .closing
+                writeFrame(opcode: 0x8, payload: [0x03, 0xE8])
+                context.flush()
+            }
+            context.close(promise: nil)
+        case 0x9:
+            shard.counters.pingsAnswered += 1
+            writeFrame(opcode: 0xA, payload: Array(payload))
+            context.flush()
+        case 0xA:
+            break
+        default:
+            shard.counters.unparsed += 1
+        }
+    }
+
+    // MARK: application messages
+
+    private func text(_ p: UnsafeRawBufferPointer) {
+        // Every server frame starts {"type":"<type>" (ChatProtocol's JSONWriter).
+        guard p.count > 11, p[1] == UInt8(ascii: "\""), p[2] == UInt8(ascii: "t") else {
+            shard.counters.unparsed += 1
+            return
+        }
+        switch p[9] {
+        case UInt8(ascii: "m"):
+            message(p)
+        case UInt8(ascii: "h"):
+            if p[10] == UInt8(ascii: "e") { hello() }
+        case UInt8(ascii: "j"):
+            joinedRoom(p)
+        case UInt8(ascii: "l"):
+            if mode == .churn && state == .open {
+                left = true
+                state = .closing
+                writeFrame(opcode: 0x8, payload: [0x03, 0xE8])
+                context?.flush()
+            }
+        case UInt8(ascii: "e"):
+            shard.counters.errors += 1
+            let code = Scan.stringField(p, "\"code\":\"") ?? "?"
+            shard.noteError("error " + code)
+            if awaitingJoin {
+                awaitingJoin = false
+                shard.counters.joinFailures += 1
+                finishSetup(ok: false, now: shard.nowNs)
+                if mode == .churn {
+                    shard.counters.cycleFailures += 1
+                    state = .closing
+                    context?.close(promise: nil)
+                }
+            }
+        case UInt8(ascii: "b"):
+            shard.counters.byes += 1
+            shard.noteError("bye " + (Scan.stringField(p, "\"reason\":\"") ?? "?"))
+        case UInt8(ascii: "g"):
+            shard.counters.gaps += 1
+        default:
+            break
+        }
+    }
+
+    private func hello() {
+        shard.counters.hellos += 1
+        switch mode {
+        case .connect:
+            finishSetup(ok: true, now: shard.nowNs)
+        case .member, .churn:
+            awaitingJoin = true
+            sendJSON(shard.joinRequests[room])
+        }
+    }
+
+    private func joinedRoom(_ p: UnsafeRawBufferPointer) {
+        guard awaitingJoin else { return }
+        awaitingJoin = false
+        shard.counters.joins += 1
+        lastSeq = Scan.intField(p, "\"seq\":", from: 10) ?? 0
+        switch mode {
+        case .member:
+            joined = true
+            shard.members[room] += 1
+            finishSetup(ok: true, now: shard.nowNs)
+        case .churn:
+            LatencyHist.record(&shard.setup, nanos: shard.nowNs &- startNs)
+            sendJSON(shard.leaveRequests[room])
+        case .connect:
+            break
+        }
+    }
+
+    /// A room message: order, holes and duplicates by seq; latency and per-publisher order
+    /// from the text the publisher wrote.
+    @inline(__always)
+    private func message(_ p: UnsafeRawBufferPointer) {
+        var at = 20
+        guard let seq = Scan.int(p, after: "\"seq\":", from: &at) else {
+            shard.counters.unparsed += 1
+            return
+        }
+        if lastSeq >= 0 {
+            if seq <= lastSeq {
+                shard.counters.duplicates += 1
+                return
+            }
+            if seq > lastSeq + 1 { shard.counters.holes += seq - lastSeq - 1 }
+        }
+        lastSeq = seq
+        shard.counters.deliveries += 1
+        shard.roomReceived[room] += 1
+        guard let sentAt = Scan.int(p, after: "\"text\":\"t=", from: &at) else { return }
+        let now = shard.nowNs
+        let t = UInt64(sentAt)
+        LatencyHist.record(&shard.latency, nanos: now > t ? now - t : 0)
+        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "p") else { return }
+        at += 3
+        let publisher = Scan.digits(p, &at)
+        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "n") else { return }
+        at += 3
+        let n = Int32(truncatingIfNeeded: Scan.digits(p, &at))
+        let rooms = shard.spec.rooms
+        if publisher % rooms == room {
+            let slot = publisher / rooms
+            if slot < publisherLast.count {
+                if n <= publisherLast[slot] { shard.counters.orderViolations += 1 }
+                publisherLast[slot] = n
+            }
+        }
+    }
+
+    // MARK: output
+
+    /// `{"type":"send","room":R,"text":"t=<now>;p=<id>;n=<counter><padding>"}`, masked.
+    func publish(now: UInt64) {
+        guard state == .open else { return }
+        counter += 1
+        stepSent += 1
+        var json: [UInt8] = []
+        swap(&json, &shard.scratch)
+        json.removeAll(keepingCapacity: true)
+        json.append(contentsOf: shard.sendPrefixes[room])
+        Scan.appendDecimal(&json, Int(now))
+        json.append(contentsOf: [UInt8(ascii: ";"), UInt8(ascii: "p"), UInt8(ascii: "=")])
+        Scan.appendDecimal(&json, publisherID)
+        json.append(contentsOf: [UInt8(ascii: ";"), UInt8(ascii: "n"), UInt8(ascii: "=")])
+        Scan.appendDecimal(&json, counter)
+        let textStart = shard.sendPrefixes[room].count - 2
+        let padding = shard.spec.textBytes - (json.count - textStart)
+        if padding > 0 { json.append(contentsOf: repeatElement(UInt8(ascii: "x"), count: padding)) }
+        json.append(contentsOf: [UInt8(ascii: "\""), UInt8(ascii: "}")])
+        writeFrame(opcode: 0x1, payload: json)
+        shard.scratch = json
+        shard.counters.sent += 1
+        shard.roomSent[room] += 1
+    }
+
+    func flush() { context?.flush() }
+
+    private func sendJSON(_ bytes: [UInt8]) {
+        writeFrame(opcode: 0x1, payload: bytes)
+        context?.flush()
+    }
+
+    private static let mask: (UInt8, UInt8, UInt8, UInt8) = (0x5A, 0x13, 0xC7, 0x2E)
+
+    /// One client frame: FIN, opcode, masked payload.
+    private func writeFrame(opcode: UInt8, payload: [UInt8]) {
+        guard let context else { return }
+        let n = payload.count
+        var frame = context.channel.allocator.buffer(capacity: n + 14)
+        frame.writeInteger(UInt8(0x80 | opcode))
+        if n < 126 {
+            frame.writeInteger(UInt8(0x80 | UInt8(n)))
+        } else if n < 65_536 {
+            frame.writeInteger(UInt8(0x80 | 126))
+            frame.writeInteger(UInt16(n))
+        } else {
+            frame.writeInteger(UInt8(0x80 | 127))
+            frame.writeInteger(UInt64(n))
+        }
+        let m = Self.mask
+        frame.writeInteger(m.0); frame.writeInteger(m.1); frame.writeInteger(m.2); frame.writeInteger(m.3)
+        _ = frame.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { dst in
+            payload.withUnsafeBufferPointer { src in
+                var i = 0
+                while i + 4 <= n {
+                    dst[i] = src[i] ^ m.0
+                    dst[i + 1] = src[i + 1] ^ m.1
+                    dst[i + 2] = src[i + 2] ^ m.2
+                    dst[i + 3] = src[i + 3] ^ m.3
+                    i += 4
+                }
+                if i < n { dst[i] = src[i] ^ m.0; i += 1 }
+                if i < n { dst[i] = src[i] ^ m.1; i += 1 }
+                if i < n { dst[i] = src[i] ^ m.2; i += 1 }
+            }
+            return n
+        }
+        context.write(wrapOutboundOut(frame), promise: nil)
+    }
+}
+
+/// Byte scanning helpers for server frames.
+enum Scan {
+    /// Offset of `needle` in `count` bytes at `base` (memchr for its first byte, then memcmp).
+    @inline(__always)
+    static func find(_ base: UnsafeRawPointer, _ count: Int, _ needle: StaticString) -> Int? {
+        let length = needle.utf8CodeUnitCount
+        let first = Int32(needle.utf8Start[0])
+        var i = 0
+        while i + length <= count {
+            guard let hit = memchr(base + i, first, count - i - length + 1) else { return nil }
+            let at = base.distance(to: UnsafeRawPointer(hit))
+            if memcmp(base + at, needle.utf8Start, length) == 0 { return at }
+            i = at + 1
+        }
+        return nil
+    }
+
+    /// Finds `needle` in `p` from `at`; leaves `at` after the needle and parses the
+    /// (non-negative) integer there.
+    @inline(__always)
+    static func int(_ p: UnsafeRawBufferPointer, after needle: StaticString, from at: inout Int) -> Int? {
+        guard at < p.count, let base = p.baseAddress,
+              let hit = find(base + at, p.count - at, needle) else { return nil }
+        at += hit + needle.utf8CodeUnitCount
+        guard at < p.count, p[at] >= 0x30, p[at] <= 0x39 else { return nil }
+        return digits(p, &at)
+    }
+
+    static func intField(_ p: UnsafeRawBufferPointer, _ needle: StaticString, from: Int) -> Int? {
+        var at = from
+        return int(p, after: needle, from: &at)
+    }
+
+    @inline(__always)
+    static func digits(_ p: UnsafeRawBufferPointer, _ at: inout Int) -> Int {
+        var v = 0
+        while at < p.count {
+            let c = p[at]
+            guard c >= 0x30, c <= 0x39 else { break }
+            v = v &* 10 &+ Int(c &- 0x30)
+            at += 1
+        }
+        return v
+    }
+
+    /// The string after `needle` up to the next quote (error codes, bye reasons).
+    static func stringField(_ p: UnsafeRawBufferPointer, _ needle: StaticString) -> String? {
+        guard let base = p.baseAddress, let hit = find(base, p.count, needle) else { return nil }
+        var at = hit + needle.utf8CodeUnitCount
+        let start = at
+        while at < p.count && p[at] != UInt8(ascii: "\"") { at += 1 }
+        return String(decoding: UnsafeRawBufferPointer(rebasing: p[start..<at]), as: UTF8.self)
+    }
+
+    @inline(__always)
+    static func appendDecimal(_ out: inout [UInt8], _ value: Int) {
+        if value == 0 {
+            out.append(0x30)
+            return
+        }
+        var v = value
+        var tmp: (UInt64, UInt64, UInt64) = (0, 0, 0)  // 24 bytes of scratch for up to 20 digits
+        var count = 0
+        withUnsafeMutableBytes(of: &tmp) { buf in
+            while v > 0 {
+                buf[count] = UInt8(0x30 + v % 10)
+                v /= 10
+                count += 1
+            }
+            var k = count - 1
+            while k >= 0 {
+                out.append(buf[k])
+                k -= 1
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import NIOCore
+import NIOPosix
+
+/// What one chatbench process needs to know to play its part (sent to child processes as JSON).
+struct Spec: Codable {
+    var host: String
+    var port: Int
+    var path: String
+    /// Source addresses to bind client sockets to (empty: let the kernel pick 127.0.0.1).
+    var sources: [String]
+    var userPrefix: String
+    var roomPrefix: String
+    var rooms: Int
+    var publishers: Int
+    var textBytes: Int
+    var threads: Int
+    /// Setups in flight at once, in this process.
+    var concurrency: Int
+    var connectTimeoutMs: Int
+    /// This process's share: global indices i with i % processCount == processIndex.
+    var processIndex: Int
+    var processCount: Int
+
+    func roomName(_ r: Int) -> String { "\(roomPrefix)\(r)" }
+
+    /// Publishers of room r: global ids p < publishers with p % rooms == r.
+    func publisherSlots(room r: Int) -> Int {
+        r < publishers ? (publishers - r + rooms - 1) / rooms : 0
+    }
+}
+
+/// One event loop's share of the connections and everything they count. Only touched on
+/// its loop (the orchestrator reads it through `loop.submit`).
+final class LoopShard: @unchecked Sendable {
+    let id: Int
+    let loop: any EventLoop
+    let spec: Spec
+    let target: SocketAddress
+    let sourceAddresses: [SocketAddress]
+    let joinRequests: [[UInt8]]
+    let leaveRequests: [[UInt8]]
+    let sendPrefixes: [[UInt8]]
+
+    var counters = Counters()
+    var latency = LatencyHist.make()
+    var handshake = LatencyHist.make()
+    var setup = LatencyHist.make()
+    var cycle = LatencyHist.make()
+    var members: [Int]
+    var roomSent: [Int]
+    var roomReceived: [Int]
+    var errorKinds: [String: Int] = [:]
+    /// Receive time of the read being processed (one clock read per read, not per message).
+    var nowNs: UInt64 = 0
+    var scratch: [UInt8] = []
+    var stopping = false
+
+    private var connections: [ObjectIdentifier: BenchConnection] = [:]
+    private var publishers: [BenchConnection] = []
+
+    // Launching.
+    private var pending: [Int] = []
+    private var pendingPos = 0
+    private var mode = Mode.member
+    private var inflight = 0
+    private var maxInflight = 1
+    private var ratePerSecond: Double?
+    private var rateStart: UInt64 = 0
+    private var launched = 0
+    private var launchTicker: RepeatedTask?
+    private(set) var firstStart: UInt64 = 0
+    private(set) var lastDone: UInt64 = 0
+
+    // Publishing.
+    private var publishTask: RepeatedTask?
+    private var publishStart: UInt64 = 0
+    private var ratePerPublisher = 0.0
+
+    init(id: Int, loop: any EventLoop, spec: Spec) throws {
+        self.id = id
+        self.loop = loop
+        self.spec = spec
+        target = try SocketAddress.makeAddressResolvingHost(spec.host, port: spec.port)
+        sourceAddresses = try spec.sources.map { try SocketAddress(ipAddress: $0, port: 0) }
+        joinRequests = (0..<spec.rooms).map { Array("{\"type\":\"join\",\"room\":\"\(spec.roomName($0))\"}".utf8) }
+        leaveRequests = (0..<spec.rooms).map { Array("{\"type\":\"leave\",\"room\":\"\(spec.roomName($0))\"}".utf8) }
+        sendPrefixes = (0..<spec.rooms).map { Array("{\"type\":\"send\",\"room\":\"\(spec.roomName($0))\",\"text\":\"t=".utf8) }
+        members = [Int](repeating: 0, count: spec.rooms)
+        roomSent = members
+        roomReceived = members
+        scratch.reserveCapacity(256 + spec.textBytes)
+    }
+
+    func noteError(_ kind: String) {
+        if errorKinds.count < 50 || errorKinds[kind] != nil { errorKinds[kind, default: 0] += 1 }
+    }
+
+    func resetPhase() {
+        counters.resetForPhase()
+        latency.reset()
+        handshake.reset()
+        setup.reset()
+        cycle.reset()
+        roomSent = [Int](repeating: 0, count: spec.rooms)
+        roomReceived = roomSent
+        errorKinds = [:]
+        firstStart = 0
+        lastDone = 0
+        for p in publishers { p.stepSent = 0 }
+    }
+
+    // MARK: opening connections
+
+    /// Opens `indices` with at most `maxInflight` setups at a time, and at most
+    /// `rate` new connections per second when given.
+    func start(indices: [Int], mode: Mode, maxInflight: Int, rate: Double?) {
+        pending = indices
+        pendingPos = 0
+        self.mode = mode
+        self.maxInflight = max(1, maxInflight)
+        ratePerSecond = rate
+        rateStart = monotonicNanos()
+        launched = 0
+        if rate != nil {
+            launchTicker = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(2)) { [self] _ in launchMore() }
+        } else {
+            launchMore()
+        }
+    }
+
+    /// All launched and every setup finished.
+    var setupComplete: Bool { pendingPos >= pending.count && inflight == 0 }
+    var unfinishedSetups: Int { (pending.count - pendingPos) + inflight }
+
+    func stopLaunching() {
+        launchTicker?.cancel()
+        launchTicker = nil
+        pending.removeAll()
+        pendingPos = 0
+    }
+
+    private func launchMore() {
+        var allowed = Int.max
+        if let rate = ratePerSecond {
+            allowed = Int(Double(monotonicNanos() &- rateStart) * rate / 1e9) + 1 - launched
+        }
+        while inflight < maxInflight && pendingPos < pending.count && allowed > 0 {
+            let index = pending[pendingPos]
+            pendingPos += 1
+            allowed -= 1
+            open(index)
+        }
+        if pendingPos >= pending.count {
+            launchTicker?.cancel()
+            launchTicker = nil
+        }
+    }
+
+    private func open(_ index: Int) {
+        inflight += 1
+        launched += 1
+        counters.connectAttempts += 1
+        let room = index % spec.rooms
+        let isPublisher = mode == .member && index < spec.publishers
+        let conn = BenchConnection(index: index, room: room, mode: mode, publisherID: isPublisher ? index : -1,
+                                   publisherSlots: mode == .member ? spec.publisherSlots(room: room) : 0, shard: self)
+        connections[ObjectIdentifier(conn)] = conn
+        if isPublisher { publishers.append(conn) }
+        conn.startNs = monotonicNanos()
+        if firstStart == 0 { firstStart = conn.startNs }
+        var bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(.milliseconds(Int64(spec.connectTimeoutMs)))
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(conn) }
+            }
+        if !sourceAddresses.isEmpty {
+            // Defer the port choice to connect(), so a source address's ports are shared by destinations.
+            bootstrap = bootstrap
+                .channelOption(ChannelOptions.Types.SocketOption(level: .ip, name: .init(rawValue: 24 /* IP_BIND_ADDRESS_NO_PORT */)), value: 1)
+                .bind(to: sourceAddresses[(index / max(1, spec.processCount)) % sourceAddresses.count])
+        }
+        bootstrap.connect(to: target).whenFailure { [self] error in
+            connections[ObjectIdentifier(conn)] = nil
+            publishers.removeAll { $0 === conn }
+            conn.connectFailed(Self.describe(error))
+        }
+    }
+
+    private static func describe(_ error: any Error) -> String {
+        let text = "\(error)"
+        if let r = text.range(of: "errno: ") {
+            let code = Int32(text[r.upperBound...].prefix { $0.isNumber }) ?? 0
+            return String(cString: strerror(code))
+        }
+        return String(text.prefix(80))
+    }
+
+    /// A setup (or churn cycle) ended: frees a slot, opens the next.
+    func setupFinished(ok: Bool, now: UInt64, started: UInt64) {
+        inflight -= 1
+        counters.setupsDone += 1
+        if ok && mode != .churn {
+            LatencyHist.record(&setup, nanos: now &- started)
+        }
+        if now > lastDone { lastDone = now }
+        launchMore()
+    }
+
+    func connectionClosed(_ conn: BenchConnection) {
+        connections[ObjectIdentifier(conn)] = nil
+        if conn.publisherID >= 0 { publishers.removeAll { $0 === conn } }
+    }
+
+    /// Closes every connection (TCP FIN; the server sees the peer go away).
+    func closeAll() {
+        stopping = true
+        stopLaunching()
+        stopPublishing()
+        for conn in Array(connections.values) { conn.close() }
+    }
+
+    var connectionCount: Int { connections.count }
+
+    // MARK: publishing
+
+    /// Every local publisher sends `perPublisher` messages per second, from `start` on, with
+    /// their send times spread evenly over the period.
+    func startPublishing(perPublisher: Double, start: UInt64) {
+        ratePerPublisher = perPublisher
+        publishStart = start
+        for p in publishers { p.stepSent = 0 }
+        guard !publishers.isEmpty, perPublisher > 0 else { return }
+        publishTask = loop.scheduleRepeatedTask(initialDelay: .milliseconds(1), delay: .milliseconds(2)) { [self] _ in publishTick() }
+    }
+
+    func stopPublishing() {
+        publishTask?.cancel()
+        publishTask = nil
+    }
+
+    private func publishTick() {
+        let now = monotonicNanos()
+        guard now > publishStart else { return }
+        let elapsed = Double(now - publishStart) / 1e9
+        let total = Double(spec.publishers)
+        for p in publishers where p.isOpen {
+            let offset = Double(p.publisherID) / total
+            let due = min(Int(elapsed * ratePerPublisher + offset) - p.stepSent, 200)
+            if due <= 0 { continue }
+            for _ in 0..<due { p.publish(now: monotonicNanos()) }
+            p.flush()
+        }
+    }
+
+    var publisherCount: Int { publishers.count }
+
+    // MARK: reports
+
+    func progress() -> (Counters, Latency) { (counters, latency) }
+
+    func report() -> PhaseReport {
+        var r = PhaseReport()
+        r.counters = counters
+        r.latency = latency
+        r.handshake = handshake
+        r.setup = setup
+        r.cycle = cycle
+        r.roomMembers = members
+        r.roomSent = roomSent
+        r.roomReceived = roomReceived
+        r.errorKinds = errorKinds
+        r.elapsedNs = firstStart > 0 && lastDone > firstStart ? lastDone - firstStart : 0
+        return r
+    }
+}
+
+/// One process's load generator: an event loop group (one or two threads) and a shard per loop.
+final class Engine {
+    let spec: Spec
+    let group: MultiThreadedEventLoopGroup
+    let shards: [LoopShard]
+    /// Called about once a second while a phase runs.
+    var onProgress: ((Progress) -> Void)?
+
+    init(spec: Spec) throws {
+        self.spec = spec
+        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, spec.threads))
+        var shards: [LoopShard] = []
+        for (i, loop) in group.makeIterator().enumerated() {
+            shards.append(try LoopShard(id: i, loop: loop, spec: spec))
+        }
+        self.shards = shards
+    }
+
+    func shutdown() {
+        try? group.syncShutdownGracefully()
+    }
+
+    /// Runs `body` on every shard's loop and waits for all answers.
+    func onAll<T: Sendable>(_ body: @escaping @Sendable (LoopShard) -> T) -> [T] {
+        let futures = shards.map { shard in shard.loop.submit { body(shard) } }
+        return futures.map { try! $0.wait() }
+    }
+
+    private func snapshot() -> Progress {
+        let parts = onAll { $0.progress() }
+        var merged = Progress()
+        var hist = LatencyHist.make()
+        for (c, h) in parts {
+            merged.counters = merged.counters + c
+            hist.add(h)
+        }
+        merged.p99us = hist.totalCount > 0 ? hist.valueAtPercentile(99) : 0
+        return merged
+    }
+
+    private func gather() -> PhaseReport {
+        let reports = onAll { $0.report() }
+        var merged = PhaseReport.merged(reports)
+        merged.processes = 1
+        return merged
+    }
+
+    /// Waits, reporting progress once a second, until `done` or the deadline.
+    private func wait(seconds: Double, pollMs: Int = 50, until done: () -> Bool = { false }) {
+        let start = monotonicNanos()
+        var lastProgress = start
+        while true {
+            let now = monotonicNanos()
+            if Double(now - start) / 1e9 >= seconds { return }
+            if done() { return }
+            if now - lastProgress >= 1_000_000_000 {
+                lastProgress = now
+                onProgress?(snapshot())
+            }
+            sleepMillis(pollMs)
+        }
+    }
+
+    /// This process's part of `0..<total`, dealt to the loops.
+    private func split(_ total: Int) -> [[Int]] {
+        var parts = [[Int]](repeating: [], count: shards.count)
+        var k = 0
+        var i = spec.processIndex
+        while i < total {
+            parts[k % shards.count].append(i)
+            k += 1
+            i += spec.processCount
+        }
+        return parts
+    }
+
+    // MARK: phases
+
+    /// Opens this process's share of `total` connections (joining rooms for `.member`),
+    /// with bounded concurrency; waits until every setup ended or `timeout`.
+    func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport {
+        _ = onAll { $0.resetPhase(); $0.stopping = false }
+        let cpu0 = Proc.selfTicks()
+        let parts = split(total)
+        let perLoop = max(1, spec.concurrency / shards.count)
+        for (shard, indices) in zip(shards, parts) {
+            shard.loop.execute { shard.start(indices: indices, mode: mode, maxInflight: perLoop, rate: nil) }
+        }
+        wait(seconds: timeout) { onAll { $0.setupComplete }.allSatisfy { $0 } }
+        let unfinished = onAll { s -> Int in
+            let n = s.unfinishedSetups
+            s.counters.setupTimeouts += n
+            s.stopLaunching()
+            return n
+        }
+        _ = unfinished
+        onProgress?(snapshot())
+        var report = gather()
+        report.clientCPUTicks = Proc.selfTicks() - cpu0
+        report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
+        return report
+    }
+
+    /// Publishes at `rate` messages per second in all (shared by every publisher of every
+    /// process) for `seconds`, then waits for the tail to arrive.
+    func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport {
+        _ = onAll { $0.resetPhase() }
+        let cpu0 = Proc.selfTicks()
+        let perPublisher = spec.publishers > 0 ? rate / Double(spec.publishers) : 0
+        let start = monotonicNanos() + 2_000_000
+        _ = onAll { $0.startPublishing(perPublisher: perPublisher, start: start) }
+        wait(seconds: seconds + 0.002)
+        _ = onAll { $0.stopPublishing() }
+        let windowEnd = monotonicNanos()
+        let atWindowEnd = onAll { ($0.counters.deliveries, $0.counters.sent) }
+        // Drain: until nothing new arrived for a second, or drainMax.
+        var last = -1
+        var quietSince = monotonicNanos()
+        wait(seconds: drainMax, pollMs: 100) {
+            let now = self.onAll { $0.counters.deliveries }.reduce(0, +)
+            if now != last {
+                last = now
+                quietSince = monotonicNanos()
+                return false
+            }
+            return monotonicNanos() - quietSince >= 1_000_000_000
+        }
+        let drainEnd = monotonicNanos()
+        onProgress?(snapshot())
+        var report = gather()
+        report.windowDeliveries = atWindowEnd.reduce(0) { $0 + $1.0 }
+        report.windowSent = atWindowEnd.reduce(0) { $0 + $1.1 }
+        report.elapsedNs = windowEnd - start
+        report.drainNs = drainEnd > windowEnd + 1_000_000_000 ? drainEnd - windowEnd - 1_000_000_000 : 0
+        report.clientCPUTicks = Proc.selfTicks() - cpu0
+        report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
+        return report
+    }
+
+    /// Churn: `rate` cycles per second in all (connect, hello, join, leave, close) for
+    /// `seconds`, at most `spec.concurrency` in flight; then waits for the last cycles.
+    func churn(rate: Double, seconds: Double) -> PhaseReport {
+        _ = onAll { $0.resetPhase(); $0.stopping = false }
+        let cpu0 = Proc.selfTicks()
+        let total = Int(rate * seconds)
+        // Indices above the members' range: user names that cannot collide with theirs.
+        let parts = split(total).map { $0.map { 50_000_000 + $0 } }
+        let perLoopRate = rate / Double(spec.processCount * shards.count)
+        let perLoop = max(1, spec.concurrency / shards.count)
+        for (shard, indices) in zip(shards, parts) {
+            shard.loop.execute { shard.start(indices: indices, mode: .churn, maxInflight: perLoop, rate: perLoopRate) }
+        }
+        wait(seconds: seconds + 15) { self.onAll { $0.setupComplete }.allSatisfy { $0 } }
+        _ = onAll { s -> Int in
+            let n = s.unfinishedSetups
+            s.counters.setupTimeouts += n
+            s.stopLaunching()
+            return n
+        }
+        onProgress?(snapshot())
+        var report = gather()
+        report.clientCPUTicks = Proc.selfTicks() - cpu0
+        report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
+        return report
+    }
+
+    /// Closes every connection and waits (up to `timeout`) until they are gone.
+    func closeAll(timeout: Double = 10) -> Int {
+        _ = onAll { $0.closeAll() }
+        wait(seconds: timeout, pollMs: 50) { self.onAll { $0.connectionCount }.reduce(0, +) == 0 }
+        return onAll { $0.connectionCount }.reduce(0, +)
+    }
+
+    func connectionCount() -> Int {
+        onAll { $0.connectionCount }.reduce(0, +)
+    }
+}

@@ -1,0 +1,417 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Foundation
+
+/// A JSON object under construction (results are small; Foundation does the encoding).
+typealias JSON = [String: Any]
+
+func round3(_ v: Double) -> Double {
+    guard v.isFinite else { return 0 }
+    return (v * 1000).rounded() / 1000
+}
+
+extension LatencySummary {
+    var json: JSON {
+        ["count": Int(count), "p50_ms": p50ms, "p90_ms": p90ms, "p99_ms": p99ms, "p99_9_ms": p999ms, "max_ms": maxMs, "mean_ms": meanMs]
+    }
+}
+
+/// CPU of the server's processes, of this machine, and when.
+struct Sample {
+    var at = monotonicNanos()
+    var server: [String: Int] = [:]
+    var machine = Proc.machineTicks()
+    var client = Proc.selfTicks()
+
+    var serverTotal: Int { server.values.reduce(0, +) }
+}
+
+/// The parent's view: finds the server, samples CPU, prints the live progress line.
+final class Monitor {
+    var server: ServerProcesses?
+    let quiet: Bool
+    var phase = "starting"
+    private var lastAt: UInt64 = 0
+    private var lastCounters = Counters()
+    private var lastServerTicks = 0
+    private var lastMachine = (busy: 0, total: 0)
+    private let started = monotonicNanos()
+
+    init(serverPid: Int32?, stateDir: String?, quiet: Bool) {
+        self.quiet = quiet
+        server = ServerProcesses.find(serverPid: serverPid, stateDir: stateDir)
+        if serverPid != nil || stateDir != nil, server == nil {
+            log("chatbench: cannot find the server's processes (pid \(serverPid.map { String($0) } ?? "-"), state dir \(stateDir ?? "-")); server CPU and memory are not reported")
+        }
+    }
+
+    func sample() -> Sample {
+        server?.refresh()
+        var s = Sample()
+        s.server = server?.cpuTicksByRole() ?? [:]
+        return s
+    }
+
+    func begin(_ phase: String) {
+        self.phase = phase
+        lastAt = monotonicNanos()
+        lastCounters = Counters()
+        lastServerTicks = server?.cpuTicks() ?? 0
+        lastMachine = Proc.machineTicks()
+    }
+
+    func progress(_ p: Progress) {
+        guard !quiet else { return }
+        let now = monotonicNanos()
+        let dt = max(0.001, Double(now - lastAt) / 1e9)
+        let c = p.counters
+        let srv = server?.cpuTicks() ?? 0
+        let machine = Proc.machineTicks()
+        let machineBusy = machine.total > lastMachine.total
+            ? 100.0 * Double(machine.busy - lastMachine.busy) / Double(machine.total - lastMachine.total) : 0
+        var parts = ["[\(fmt(Double(now - started) / 1e9, 0))s \(phase)]", "open \(c.open)"]
+        if c.connectAttempts > 0 {
+            parts.append("setups \(c.setupsDone)/\(c.connectAttempts) (+\(short(Double(c.setupsDone - lastCounters.setupsDone) / dt))/s)")
+        }
+        let failures = c.connectFailures + c.handshakeFailures + c.joinFailures + c.cycleFailures
+        if failures > 0 { parts.append("failed \(failures)") }
+        if c.sent > 0 { parts.append("sent \(short(Double(c.sent - lastCounters.sent) / dt))/s") }
+        if c.deliveries > 0 {
+            parts.append("deliv \(short(Double(c.deliveries - lastCounters.deliveries) / dt))/s")
+            parts.append("p99 \(fmt(Double(p.p99us) / 1000, 1))ms")
+        }
+        if c.cycles > 0 { parts.append("cycles \(short(Double(c.cycles - lastCounters.cycles) / dt))/s") }
+        let bad = c.holes + c.duplicates + c.orderViolations + c.unexpectedCloses + c.errors
+        if bad > 0 { parts.append("holes \(c.holes) dup \(c.duplicates) order \(c.orderViolations) closed \(c.unexpectedCloses) errors \(c.errors)") }
+        if server != nil { parts.append("srv cpu \(fmt(100 * Double(srv - lastServerTicks) / Proc.ticksPerSecond / dt, 0))%") }
+        parts.append("machine \(fmt(machineBusy, 0))%")
+        log(parts.joined(separator: " "))
+        lastAt = now
+        lastCounters = c
+        lastServerTicks = srv
+        lastMachine = machine
+    }
+}
+
+func log(_ line: String) {
+    FileHandle.standardError.write((line + "\n").data(using: .utf8)!)
+}
+
+/// CPU used between two samples.
+struct CPUUse {
+    var seconds: Double
+    var serverTicks: Int
+    var serverByRole: [String: Int]
+    var machineBusyPercent: Double
+    var clientTicks: Int
+
+    init(_ a: Sample, _ b: Sample, clientTicks: Int) {
+        seconds = Double(b.at - a.at) / 1e9
+        serverTicks = b.serverTotal - a.serverTotal
+        var roles: [String: Int] = [:]
+        for (role, t) in b.server { roles[role] = t - (a.server[role] ?? 0) }
+        serverByRole = roles
+        machineBusyPercent = b.machine.total > a.machine.total
+            ? 100 * Double(b.machine.busy - a.machine.busy) / Double(b.machine.total - a.machine.total) : 0
+        self.clientTicks = clientTicks
+    }
+
+    var serverSeconds: Double { Double(serverTicks) / Proc.ticksPerSecond }
+    var clientSeconds: Double { Double(clientTicks) / Proc.ticksPerSecond }
+
+    /// Microseconds of server CPU per event.
+    func serverMicros(per events: Int) -> Double { events > 0 ? round3(serverSeconds * 1e6 / Double(events)) : 0 }
+    func clientMicros(per events: Int) -> Double { events > 0 ? round3(clientSeconds * 1e6 / Double(events)) : 0 }
+
+    var json: JSON {
+        [
+            "seconds": round3(seconds),
+            "server_cpu_percent": round3(100 * serverSeconds / max(seconds, 0.001)),
+            "server_cpu_percent_by_role": serverByRole.mapValues { round3(100 * Double($0) / Proc.ticksPerSecond / max(seconds, 0.001)) },
+            "client_cpu_percent": round3(100 * clientSeconds / max(seconds, 0.001)),
+            "machine_busy_percent": round3(machineBusyPercent),
+        ]
+    }
+}
+
+/// What every scenario shares: where the server is, how the load is spread, the output.
+struct Context {
+    var common: CommonOptions
+    var monitor: Monitor
+    var spec: Spec
+    var driver: Driver
+
+    static func make(_ common: CommonOptions, total: Int, rooms: Int, publishers: Int, textBytes: Int) throws -> Context {
+        raiseOpenFileLimit()
+        guard let url = URLComponents(string: common.url), let host = url.host, url.scheme == "ws" else {
+            throw ValidationError("--url must look like ws://HOST:PORT/ws")
+        }
+        let tag = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        let processes = common.processes ?? max(1, (total + common.perProcess - 1) / common.perProcess)
+        let sourceCount = common.sources ?? (total > 25_000 ? (total + 24_999) / 25_000 : 0)
+        let spec = Spec(
+            host: host, port: url.port ?? 80, path: url.path.isEmpty ? "/ws" : url.path,
+            sources: (0..<sourceCount).map { "127.0.0.\(2 + $0)" },
+            userPrefix: "b\(tag)-", roomPrefix: "bench-\(tag)-", rooms: max(1, rooms), publishers: publishers,
+            textBytes: textBytes, threads: common.threads, concurrency: max(1, common.concurrency / processes),
+            connectTimeoutMs: common.connectTimeoutMs, processIndex: 0, processCount: processes)
+        let monitor = Monitor(serverPid: common.serverPid, stateDir: common.stateDir, quiet: common.quiet)
+        let driver: Driver = processes > 1 ? try ShardedDriver(spec: spec) : try LocalDriver(spec: spec)
+        driver.onProgress = { [monitor] p in monitor.progress(p) }
+        return Context(common: common, monitor: monitor, spec: spec, driver: driver)
+    }
+
+    var clientJSON: JSON {
+        [
+            "processes": spec.processCount, "threads_per_process": spec.threads,
+            "source_addresses": spec.sources.isEmpty ? ["127.0.0.1 (kernel's choice)"] : spec.sources,
+            "concurrency": spec.concurrency * spec.processCount,
+        ]
+    }
+
+    var serverJSON: JSON {
+        guard let server = monitor.server else { return ["found": false] }
+        return ["found": true, "master_pid": Int(server.master), "processes": server.members.map { ["pid": Int($0.pid), "role": $0.role] }]
+    }
+
+    /// Prints the result: JSON on stdout with --json (summary on stderr), else the summary on stdout.
+    func finish(_ result: JSON, summary: [String]) {
+        var result = result
+        result["label"] = common.label ?? ""
+        result["client"] = clientJSON
+        result["server"] = serverJSON
+        result["target"] = common.url
+        driver.shutdown()
+        let text = summary.joined(separator: "\n") + "\n"
+        if common.json {
+            FileHandle.standardError.write(text.data(using: .utf8)!)
+            let data = try! JSONSerialization.data(withJSONObject: result, options: [.prettyPrinted, .sortedKeys])
+            FileHandle.standardOutput.write(data)
+            FileHandle.standardOutput.write("\n".data(using: .utf8)!)
+        } else {
+            FileHandle.standardOutput.write(text.data(using: .utf8)!)
+        }
+    }
+
+    static func raiseOpenFileLimit() {
+        var limit = rlimit()
+        getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+        limit.rlim_cur = limit.rlim_max
+        setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+    }
+}
+
+/// Failures of a setup phase, by kind.
+func failureJSON(_ r: PhaseReport) -> JSON {
+    let c = r.counters
+    return [
+        "connect": c.connectFailures, "handshake": c.handshakeFailures, "join": c.joinFailures,
+        "timeouts": c.setupTimeouts, "closed_by_server": c.unexpectedCloses, "errors": c.errors, "byes": c.byes,
+        "kinds": r.errorKinds,
+    ]
+}
+
+func totalFailures(_ r: PhaseReport) -> Int {
+    let c = r.counters
+    return c.connectFailures + c.handshakeFailures + c.joinFailures + c.setupTimeouts
+}
+
+func kindsText(_ r: PhaseReport) -> String {
+    r.errorKinds.isEmpty ? "" : " (" + r.errorKinds.sorted { $0.value > $1.value }.prefix(5).map { "\($0.key): \($0.value)" }.joined(separator: ", ") + ")"
+}
+
+// MARK: scenarios
+
+enum Scenarios {
+    static func connect(_ ctx: Context, connections: Int) {
+        let m = ctx.monitor
+        m.begin("connect \(connections)")
+        let s0 = m.sample()
+        let r = ctx.driver.setup(total: connections, mode: .connect, timeout: 60 + Double(connections) / 500)
+        let s1 = m.sample()
+        let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+        m.begin("closing")
+        let left = ctx.driver.closeAll()
+        let ok = r.counters.hellos
+        let seconds = Double(r.elapsedNs) / 1e9
+        let rate = seconds > 0 ? Double(ok) / seconds : 0
+        let hs = LatencySummary(r.handshake), hello = LatencySummary(r.setup)
+        let result: JSON = [
+            "scenario": "connect",
+            "params": ["connections": connections],
+            "attempted": r.counters.connectAttempts, "ok": ok, "failed": totalFailures(r), "failures": failureJSON(r),
+            "seconds": round3(seconds), "handshakes_per_s": round3(rate),
+            "handshake_latency": hs.json, "hello_latency": hello.json,
+            "server_cpu_us_per_handshake": cpu.serverMicros(per: ok),
+            "client_cpu_us_per_handshake": cpu.clientMicros(per: ok),
+            "cpu": cpu.json, "not_closed": left,
+        ]
+        ctx.finish(result, summary: [
+            "connect: \(ok) of \(connections) connections in \(fmt(seconds, 2)) s = \(fmt(rate, 0)) handshakes/s, \(totalFailures(r)) failed\(kindsText(r))",
+            "  handshake (connect to 101): \(hs.text)",
+            "  to hello: \(hello.text)",
+            "  server CPU \(fmt(cpu.serverMicros(per: ok), 1)) us/handshake; load generator \(fmt(cpu.clientMicros(per: ok), 1)) us/handshake; machine busy \(fmt(cpu.machineBusyPercent, 0))%",
+        ])
+    }
+
+    static func idle(_ ctx: Context, connections: Int, rooms: Int, settle: Double, hold: Double) {
+        let m = ctx.monitor
+        m.server?.refresh()
+        let before = m.server?.memoryByRole() ?? [:]
+        m.begin("idle: opening \(connections)")
+        let s0 = m.sample()
+        let r = ctx.driver.setup(total: connections, mode: .member, timeout: 60 + Double(connections) / 500)
+        let s1 = m.sample()
+        m.begin("idle: settling")
+        sleepMillis(Int(settle * 1000))
+        m.server?.refresh()
+        let after = m.server?.memoryByRole() ?? [:]
+        if hold > 0 { sleepMillis(Int(hold * 1000)) }
+        m.begin("closing")
+        let left = ctx.driver.closeAll()
+        let joined = r.counters.joins
+        let rssBefore = before.values.reduce(0) { $0 + $1.rssKB }, rssAfter = after.values.reduce(0) { $0 + $1.rssKB }
+        let pssBefore = before.values.reduce(0) { $0 + $1.pssKB }, pssAfter = after.values.reduce(0) { $0 + $1.pssKB }
+        let perRSS = joined > 0 ? Double(rssAfter - rssBefore) / Double(joined) : 0
+        let perPSS = joined > 0 ? Double(pssAfter - pssBefore) / Double(joined) : 0
+        let clientPer = joined > 0 ? Double(r.clientRSSKB) / Double(joined) : 0
+        let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+        let seconds = Double(r.elapsedNs) / 1e9
+        func roles(_ m: [String: MemoryKB]) -> JSON { m.mapValues { ["rss_kb": $0.rssKB, "pss_kb": $0.pssKB] } }
+        let result: JSON = [
+            "scenario": "idle",
+            "params": ["connections": connections, "rooms": rooms, "settle_s": settle],
+            "joined": joined, "failed": totalFailures(r), "failures": failureJSON(r),
+            "setup_seconds": round3(seconds), "setups_per_s": round3(seconds > 0 ? Double(joined) / seconds : 0),
+            "setup_latency": LatencySummary(r.setup).json,
+            "server_memory_before": roles(before), "server_memory_after": roles(after),
+            "server_rss_kb_per_connection": round3(perRSS), "server_pss_kb_per_connection": round3(perPSS),
+            "client_rss_kb_per_connection": round3(clientPer),
+            "server_cpu_us_per_setup": cpu.serverMicros(per: joined),
+            "cpu": cpu.json, "not_closed": left,
+        ]
+        var summary = [
+            "idle: \(joined) of \(connections) connections joined to \(rooms) rooms in \(fmt(seconds, 2)) s, \(totalFailures(r)) failed\(kindsText(r))",
+        ]
+        if m.server != nil {
+            summary.append("  server RSS \(rssBefore / 1024) -> \(rssAfter / 1024) MiB: \(fmt(perRSS, 2)) KB per connection (PSS \(fmt(perPSS, 2)) KB)")
+            for (role, mem) in after.sorted(by: { $0.key < $1.key }) {
+                summary.append("    \(role): RSS \(mem.rssKB) KB (was \(before[role]?.rssKB ?? 0))")
+            }
+        } else {
+            summary.append("  server memory not measured (give --server-pid or --state-dir)")
+        }
+        summary.append("  load generator RSS \(r.clientRSSKB / 1024) MiB (\(fmt(clientPer, 2)) KB per connection, baseline included)")
+        ctx.finish(result, summary: summary)
+    }
+
+    struct FanoutParams {
+        var members: Int
+        var rooms: Int
+        var publishers: Int
+        var rates: [Double]
+        var duration: Double
+        var drainMax: Double
+        var p99LimitMs: Double
+        var stopOnFail: Bool
+        var textBytes: Int
+    }
+
+    static func fanout(_ ctx: Context, _ p: FanoutParams) {
+        let m = ctx.monitor
+        m.begin("fanout: opening \(p.members) members in \(p.rooms) rooms")
+        let setup = ctx.driver.setup(total: p.members, mode: .member, timeout: 60 + Double(p.members) / 500)
+        var members = setup.roomMembers
+        let joined = members.reduce(0, +)
+        var summary = [
+            "fanout: \(joined) of \(p.members) members joined \(p.rooms) rooms (\(p.publishers) of them publish), \(totalFailures(setup)) failed\(kindsText(setup))",
+        ]
+        var steps: [JSON] = []
+        var best: Double = 0
+        for (k, rate) in p.rates.enumerated() {
+            m.begin("fanout step \(k + 1)/\(p.rates.count) \(fmt(rate, 0)) msg/s")
+            let s0 = m.sample()
+            let r = ctx.driver.step(rate: rate, seconds: p.duration, drainMax: p.drainMax)
+            let s1 = m.sample()
+            let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+            let c = r.counters
+            // Every member present at the start of the step should get every message sent to its room.
+            var expected = 0
+            for room in 0..<min(members.count, r.roomSent.count) { expected += r.roomSent[room] * members[room] }
+            let lost = expected - c.deliveries
+            let window = Double(r.elapsedNs) / 1e9
+            var offered = 0.0
+            for room in 0..<members.count {
+                offered += rate * Double(ctx.spec.publisherSlots(room: room)) / Double(max(1, p.publishers)) * Double(members[room])
+            }
+            let achieved = window > 0 ? Double(r.windowDeliveries) / window : 0
+            let lat = LatencySummary(r.latency)
+            let pass = lat.p99ms <= p.p99LimitMs && lost == 0 && c.duplicates == 0 && c.holes == 0
+                && c.orderViolations == 0 && c.unexpectedCloses == 0 && c.errors == 0 && achieved >= 0.95 * offered
+            if pass { best = max(best, achieved) }
+            let step: JSON = [
+                "rate_msgs_per_s": rate, "seconds": round3(window), "drain_seconds": round3(Double(r.drainNs) / 1e9),
+                "sent": c.sent, "sent_in_window": r.windowSent,
+                "deliveries": c.deliveries, "deliveries_expected": expected,
+                "offered_deliveries_per_s": round3(offered), "deliveries_per_s": round3(achieved),
+                "lost": lost, "duplicates": c.duplicates, "holes": c.holes, "order_violations": c.orderViolations,
+                "gaps": c.gaps, "errors": c.errors, "byes": c.byes, "closed_by_server": c.unexpectedCloses,
+                "error_kinds": r.errorKinds,
+                "latency": lat.json,
+                "server_cpu_us_per_delivery": cpu.serverMicros(per: c.deliveries),
+                "client_cpu_us_per_message": cpu.clientMicros(per: c.deliveries + c.sent),
+                "cpu": cpu.json, "pass": pass,
+            ]
+            steps.append(step)
+            summary.append("  \(fmt(rate, 0)) msg/s -> \(fmt(achieved, 0)) deliveries/s (offered \(fmt(offered, 0))): latency \(lat.text)")
+            summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))%), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message; \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost)")
+            members = r.roomMembers
+            if p.stopOnFail && !pass { break }
+            sleepMillis(500)
+        }
+        m.begin("closing")
+        let left = ctx.driver.closeAll()
+        let result: JSON = [
+            "scenario": "fanout",
+            "params": ["members": p.members, "rooms": p.rooms, "publishers": p.publishers, "rates": p.rates,
+                       "duration_s": p.duration, "p99_limit_ms": p.p99LimitMs, "text_bytes": p.textBytes],
+            "joined": joined, "setup_failed": totalFailures(setup), "setup_failures": failureJSON(setup),
+            "setup_seconds": round3(Double(setup.elapsedNs) / 1e9),
+            "steps": steps, "best_passing_deliveries_per_s": round3(best), "not_closed": left,
+        ]
+        summary.append("  best rate that passed: \(fmt(best, 0)) deliveries/s")
+        ctx.finish(result, summary: summary)
+    }
+
+    static func churn(_ ctx: Context, rate: Double, duration: Double, rooms: Int) {
+        let m = ctx.monitor
+        m.begin("churn \(fmt(rate, 0))/s")
+        let s0 = m.sample()
+        let r = ctx.driver.churn(rate: rate, seconds: duration)
+        let s1 = m.sample()
+        let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+        let c = r.counters
+        let seconds = Double(r.elapsedNs) / 1e9
+        let perSecond = seconds > 0 ? Double(c.cycles) / seconds : 0
+        let cycle = LatencySummary(r.cycle), join = LatencySummary(r.setup), hs = LatencySummary(r.handshake)
+        let result: JSON = [
+            "scenario": "churn",
+            "params": ["rate_per_s": rate, "duration_s": duration, "rooms": rooms],
+            "attempted": c.connectAttempts, "cycles": c.cycles, "failed": c.cycleFailures + c.setupTimeouts,
+            "failures": failureJSON(r), "seconds": round3(seconds), "cycles_per_s": round3(perSecond),
+            "handshake_latency": hs.json, "join_latency": join.json, "cycle_latency": cycle.json,
+            "server_cpu_us_per_cycle": cpu.serverMicros(per: c.cycles),
+            "client_cpu_us_per_cycle": cpu.clientMicros(per: c.cycles),
+            "cpu": cpu.json,
+        ]
+        ctx.finish(result, summary: [
+            "churn: \(c.cycles) of \(c.connectAttempts) cycles (connect, join, leave, close) in \(fmt(seconds, 2)) s = \(fmt(perSecond, 0))/s, \(c.cycleFailures + c.setupTimeouts) failed\(kindsText(r))",
+            "  handshake \(hs.text)",
+            "  to joined \(join.text)",
+            "  whole cycle \(cycle.text)",
+            "  server CPU \(fmt(cpu.serverMicros(per: c.cycles), 1)) us/cycle; load generator \(fmt(cpu.clientMicros(per: c.cycles), 1)) us/cycle",
+        ])
+    }
+}
