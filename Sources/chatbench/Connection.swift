@@ -26,7 +26,7 @@ final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
     let index: Int
     let room: Int
     let mode: Mode
-    unowned let shard: LoopShard
+    unowned(unsafe) let shard: LoopShard
     private(set) var state = State.connecting
     private var context: ChannelHandlerContext?
     private var cumulation: ByteBuffer?

@@ -142,9 +142,18 @@ struct Context {
     var monitor: Monitor
     var spec: Spec
     var driver: Driver
+    /// How busy the machine was just before the run (anything else running skews the figures).
+    var busyBefore: Double
 
     static func make(_ common: CommonOptions, total: Int, rooms: Int, publishers: Int, textBytes: Int) throws -> Context {
         raiseOpenFileLimit()
+        let m0 = Proc.machineTicks()
+        sleepMillis(500)
+        let m1 = Proc.machineTicks()
+        let busyBefore = m1.total > m0.total ? 100 * Double(m1.busy - m0.busy) / Double(m1.total - m0.total) : 0
+        if busyBefore > 10 {
+            log("chatbench: warning: the machine was \(fmt(busyBefore, 0))% busy before the run started; something else is running")
+        }
         guard let url = URLComponents(string: common.url), let host = url.host, url.scheme == "ws" else {
             throw ValidationError("--url must look like ws://HOST:PORT/ws")
         }
@@ -160,7 +169,7 @@ struct Context {
         let monitor = Monitor(serverPid: common.serverPid, stateDir: common.stateDir, quiet: common.quiet)
         let driver: Driver = processes > 1 ? try ShardedDriver(spec: spec) : try LocalDriver(spec: spec)
         driver.onProgress = { [monitor] p in monitor.progress(p) }
-        return Context(common: common, monitor: monitor, spec: spec, driver: driver)
+        return Context(common: common, monitor: monitor, spec: spec, driver: driver, busyBefore: busyBefore)
     }
 
     var clientJSON: JSON {
@@ -179,6 +188,7 @@ struct Context {
     /// Prints the result: JSON on stdout with --json (summary on stderr), else the summary on stdout.
     func finish(_ result: JSON, summary: [String]) {
         var result = result
+        result["machine_busy_before_percent"] = round3(busyBefore)
         result["label"] = common.label ?? ""
         result["client"] = clientJSON
         result["server"] = serverJSON

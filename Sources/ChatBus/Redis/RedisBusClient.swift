@@ -188,7 +188,7 @@ public final class RedisBusClient: Bus {
         guard let commands, let scripts else { return completion(.failure(.unavailable)) }
         let arguments = [key(room, "seq"), key(room, "epoch"), key(room, "stream"), key(room, "members"),
                          b(Self.newEpoch()), b(settings.workerID), b(String(delta)), b(String(settings.historyMessages)),
-                         b(String(keyLifetime))]
+                         b(String(keyLifetime)), b(String(settings.historyMaxAgeMs))]
         evalsha(commands, sha: scripts.join, source: RedisScripts.join, keys: 4, arguments: arguments) { [self] reply in
             guard let parts = reply.array, parts.count == 4, let epoch = parts[0].text, let seq = parts[1].integer,
                   let members = parts[2].integer, let entries = parts[3].array else {
@@ -221,6 +221,12 @@ public final class RedisBusClient: Bus {
         if !state.subscribing {
             state.subscribing = true
             subscriber.sendForPush([b("SUBSCRIBE"), channel(room)])
+            // A server that never confirms is not Redis (or is stuck): start over.
+            eventLoop.assumeIsolated().scheduleTask(in: .seconds(2)) { [self, weak subscriber] in
+                guard let subscriber, subscriber === self.subscriber, rooms[room]?.subscribing == true else { return }
+                logger.error("Redis did not confirm a SUBSCRIBE; reconnecting", metadata: ["room": "\(room)"])
+                disconnected()
+            }
         }
         rooms[room] = state
     }
@@ -322,10 +328,12 @@ public final class RedisBusClient: Bus {
         commands.send([b("SELECT"), b(String(settings.endpoint.database))]) { _ in }
         commands.send([b("SCRIPT"), b("LOAD"), b(RedisScripts.join)]) { [self] joinSHA in
             commands.send([b("SCRIPT"), b("LOAD"), b(RedisScripts.publish)]) { [self] publishSHA in
-                guard let publish = publishSHA.text, let join = joinSHA.text, !publish.hasPrefix("ERR") else {
+                guard let publish = Self.scriptHash(publishSHA), let join = Self.scriptHash(joinSHA) else {
                     logUnexpected(publishSHA, during: "SCRIPT LOAD")
                     commands.close()
                     subscriber.close()
+                    connecting = false
+                    scheduleReconnect()
                     return
                 }
                 connected(commands: commands, subscriber: subscriber, scripts: (publish, join))
@@ -364,18 +372,28 @@ public final class RedisBusClient: Bus {
     }
 
     private func disconnected() {
-        guard commands != nil || subscriber != nil else { return }
-        commands?.close()
-        subscriber?.close()
+        guard let oldCommands = commands, let oldSubscriber = subscriber else { return }
+        // Forget the pair before closing it: closing fires onClose, which must find
+        // nothing left to tear down (else two reconnect loops start).
         commands = nil
         subscriber = nil
         scripts = nil
+        oldCommands.onClose = nil
+        oldSubscriber.onClose = nil
+        oldCommands.close()
+        oldSubscriber.close()
         aliveTask?.cancel()
         aliveTask = nil
         logger.warning("Redis bus lost; reconnecting")
         for (name, state) in rooms {
             for ack in state.pendingAcks { ack.complete() }
             rooms[name]?.pendingAcks = []
+            // Joins waiting for a SUBSCRIBE confirmation: run them now; with no
+            // connection they answer `unavailable`.
+            rooms[name]?.afterSubscribe = []
+            rooms[name]?.subscribing = false
+            rooms[name]?.subscribed = false
+            state.afterSubscribe.forEach { $0() }
         }
         delegate?.busLost()
         scheduleReconnect()
@@ -400,6 +418,12 @@ public final class RedisBusClient: Bus {
                 reply(answer)
             }
         }
+    }
+
+    /// A SCRIPT LOAD answer: 40 hex digits, or nil.
+    private static func scriptHash(_ reply: RedisValue) -> String? {
+        guard case .string = reply, let text = reply.text, text.count == 40, text.allSatisfy(\.isHexDigit) else { return nil }
+        return text
     }
 
     private func logUnexpected(_ reply: RedisValue, during step: String) {

@@ -27,7 +27,8 @@ enum RedisScripts {
         """
 
     /// KEYS: seq, epoch, stream, members. ARGV: epoch candidate, worker id, member delta,
-    /// max messages, key lifetime s. Returns {epoch, seq, members, newest entries first}.
+    /// max messages, key lifetime s, max age ms. Returns {epoch, seq, members, newest
+    /// entries first (none older than the max age)}.
     static let join = """
         local epoch = redis.call('GET', KEYS[2])
         if not epoch then
@@ -51,7 +52,9 @@ enum RedisScripts {
             members = members + count
           end
         end
-        local entries = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[4])
+        local now = redis.call('TIME')
+        local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[6])
+        local entries = redis.call('XREVRANGE', KEYS[3], '+', math.max(0, oldest) .. '-0', 'COUNT', ARGV[4])
         return {epoch, seq, members, entries}
         """
 }
