@@ -13,6 +13,7 @@ let package = Package(
     products: [
         .executable(name: "chatgw", targets: ["chatgw"]),
         .executable(name: "chatctl", targets: ["chatctl"]),
+        .executable(name: "chatbench", targets: ["chatbench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -24,6 +25,7 @@ let package = Package(
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         // PROTOCOL.md as types and codecs; no I/O.
@@ -64,6 +66,13 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(name: "chatctl", dependencies: ["ChatControl", "ChatConfig", "ChatAuth",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
+        // The load generator (issue 11): connect, idle, fanout and churn scenarios.
+        .executableTarget(name: "chatbench", dependencies: [
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),

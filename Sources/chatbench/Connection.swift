@@ -16,8 +16,9 @@ enum Mode: String, Codable {
 /// One WebSocket client connection, written for a low cost per message: a hand-written
 /// client handshake, a frame parser working in place on the received bytes, and a scan
 /// for `"seq":` and `"text":"t=...;p=...;n=..."` instead of decoding JSON. It lives on its
-/// loop's `LoopShard` and counts into that shard's counters (no locks, no atomics).
-final class BenchConnection: ChannelInboundHandler, @unchecked Sendable {
+/// loop's `LoopShard` and counts into that shard's counters (no locks, no atomics). Not
+/// Sendable: it never leaves its loop (`NIOLoopBound` carries it into the channel initializer).
+final class BenchConnection: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 

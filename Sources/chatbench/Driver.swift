@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import NIOConcurrencyHelpers
 
 /// Runs the phases of a scenario: in this process (`LocalDriver`) or split over child
 /// processes when one process's open files are not enough (`ShardedDriver`). Both give
@@ -49,14 +50,18 @@ struct ChildCommand: Codable {
 /// share `processIndex` of `processCount`. Commands go to all children at once; their
 /// progress lines (`P {json}`) feed the live line, their reports (`R {json}`) are merged.
 final class ShardedDriver: Driver {
-    private final class Child: @unchecked Sendable {
+    /// Shared by the calling thread and the child's reader thread: what the reader
+    /// produces is behind a lock (a few lines a second, not per message).
+    private final class Child: Sendable {
+        struct Received {
+            var reports: [PhaseReport] = []
+            var progress = Progress()
+            var exited = false
+        }
         let process = Process()
         let input = Pipe()
         let output = Pipe()
-        let lock = NSCondition()
-        var reports: [PhaseReport] = []
-        var progress = Progress()
-        var exited = false
+        let received = NIOLockedValueBox(Received())
     }
 
     private var children: [Child] = []
@@ -96,37 +101,38 @@ final class ShardedDriver: Driver {
                 guard line.count > 2 else { continue }
                 let body = Data(line[2...])
                 if line[0] == UInt8(ascii: "P"), let p = try? decoder.decode(Progress.self, from: body) {
-                    child.lock.lock(); child.progress = p; child.lock.unlock()
+                    child.received.withLockedValue { $0.progress = p }
                 } else if line[0] == UInt8(ascii: "R") {
                     let report = (try? decoder.decode(PhaseReport.self, from: body)) ?? PhaseReport()
-                    child.lock.lock(); child.reports.append(report); child.lock.broadcast(); child.lock.unlock()
+                    child.received.withLockedValue { $0.reports.append(report) }
                 }
             }
         }
-        child.lock.lock(); child.exited = true; child.lock.broadcast(); child.lock.unlock()
+        child.received.withLockedValue { $0.exited = true }
     }
 
     private func run(_ command: ChildCommand) -> PhaseReport {
         let line = String(decoding: try! JSONEncoder().encode(command), as: UTF8.self) + "\n"
         for child in children {
-            child.lock.lock(); child.progress = Progress(); child.lock.unlock()
+            child.received.withLockedValue { $0.progress = Progress() }
             child.input.fileHandleForWriting.write(line.data(using: .utf8)!)
         }
         var results: [PhaseReport] = []
         var lastProgress = monotonicNanos()
         for child in children {
-            child.lock.lock()
-            while child.reports.isEmpty && !child.exited {
-                child.lock.unlock()
+            // Until its report arrives, or it exits without one.
+            while true {
+                let (report, exited) = child.received.withLockedValue { r -> (PhaseReport?, Bool) in
+                    (r.reports.isEmpty ? nil : r.reports.removeFirst(), r.exited)
+                }
+                if let report { results.append(report); break }
+                if exited { break }
                 sleepMillis(50)
                 if monotonicNanos() - lastProgress >= 1_000_000_000 {
                     lastProgress = monotonicNanos()
                     onProgress?(mergedProgress())
                 }
-                child.lock.lock()
             }
-            if !child.reports.isEmpty { results.append(child.reports.removeFirst()) }
-            child.lock.unlock()
         }
         if results.count < children.count {
             FileHandle.standardError.write("chatbench: \(children.count - results.count) load process(es) died; their share is missing from the results\n".data(using: .utf8)!)
@@ -139,10 +145,9 @@ final class ShardedDriver: Driver {
     private func mergedProgress() -> Progress {
         var merged = Progress()
         for child in children {
-            child.lock.lock()
-            merged.counters = merged.counters + child.progress.counters
-            merged.p99us = max(merged.p99us, child.progress.p99us)
-            child.lock.unlock()
+            let progress = child.received.withLockedValue { $0.progress }
+            merged.counters = merged.counters + progress.counters
+            merged.p99us = max(merged.p99us, progress.p99us)
         }
         return merged
     }

@@ -33,8 +33,9 @@ struct Spec: Codable {
 }
 
 /// One event loop's share of the connections and everything they count. Only touched on
-/// its loop (the orchestrator reads it through `loop.submit`).
-final class LoopShard: @unchecked Sendable {
+/// its loop: not Sendable; the orchestrator holds it in a `NIOLoopBoundBox` and reaches it
+/// through `loop.submit` (`Engine.onAll`).
+final class LoopShard {
     let id: Int
     let loop: any EventLoop
     let spec: Spec
@@ -125,7 +126,8 @@ final class LoopShard: @unchecked Sendable {
         rateStart = monotonicNanos()
         launched = 0
         if rate != nil {
-            launchTicker = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(2)) { [self] _ in launchMore() }
+            let shard = NIOLoopBound(self, eventLoop: loop)
+            launchTicker = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(2)) { _ in shard.value.launchMore() }
         } else {
             launchMore()
         }
@@ -171,11 +173,13 @@ final class LoopShard: @unchecked Sendable {
         if isPublisher { publishers.append(conn) }
         conn.startNs = monotonicNanos()
         if firstStart == 0 { firstStart = conn.startNs }
+        // The bootstrap's group is this loop alone, so the channel (and its initializer) lives here too.
+        let handler = NIOLoopBound(conn, eventLoop: loop)
         var bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(.milliseconds(Int64(spec.connectTimeoutMs)))
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(conn) }
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler.value) }
             }
         if !sourceAddresses.isEmpty {
             // Defer the port choice to connect(), so a source address's ports are shared by destinations.
@@ -183,7 +187,7 @@ final class LoopShard: @unchecked Sendable {
                 .channelOption(ChannelOptions.Types.SocketOption(level: .ip, name: .init(rawValue: 24 /* IP_BIND_ADDRESS_NO_PORT */)), value: 1)
                 .bind(to: sourceAddresses[(index / max(1, spec.processCount)) % sourceAddresses.count])
         }
-        bootstrap.connect(to: target).whenFailure { [self] error in
+        bootstrap.connect(to: target).assumeIsolated().whenFailure { [self] error in
             connections[ObjectIdentifier(conn)] = nil
             publishers.removeAll { $0 === conn }
             conn.connectFailed(Self.describe(error))
@@ -234,7 +238,8 @@ final class LoopShard: @unchecked Sendable {
         publishStart = start
         for p in publishers { p.stepSent = 0 }
         guard !publishers.isEmpty, perPublisher > 0 else { return }
-        publishTask = loop.scheduleRepeatedTask(initialDelay: .milliseconds(1), delay: .milliseconds(2)) { [self] _ in publishTick() }
+        let shard = NIOLoopBound(self, eventLoop: loop)
+        publishTask = loop.scheduleRepeatedTask(initialDelay: .milliseconds(1), delay: .milliseconds(2)) { _ in shard.value.publishTick() }
     }
 
     func stopPublishing() {
@@ -282,16 +287,17 @@ final class LoopShard: @unchecked Sendable {
 final class Engine {
     let spec: Spec
     let group: MultiThreadedEventLoopGroup
-    let shards: [LoopShard]
+    /// One shard per loop, each usable only on its loop (`onAll`, or `eventLoop.execute`).
+    let shards: [NIOLoopBoundBox<LoopShard>]
     /// Called about once a second while a phase runs.
     var onProgress: ((Progress) -> Void)?
 
     init(spec: Spec) throws {
         self.spec = spec
         group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, spec.threads))
-        var shards: [LoopShard] = []
+        var shards: [NIOLoopBoundBox<LoopShard>] = []
         for (i, loop) in group.makeIterator().enumerated() {
-            shards.append(try LoopShard(id: i, loop: loop, spec: spec))
+            shards.append(.makeBoxSendingValue(try LoopShard(id: i, loop: loop, spec: spec), eventLoop: loop))
         }
         self.shards = shards
     }
@@ -302,7 +308,7 @@ final class Engine {
 
     /// Runs `body` on every shard's loop and waits for all answers.
     func onAll<T: Sendable>(_ body: @escaping @Sendable (LoopShard) -> T) -> [T] {
-        let futures = shards.map { shard in shard.loop.submit { body(shard) } }
+        let futures = shards.map { shard in shard.eventLoop.submit { body(shard.value) } }
         return futures.map { try! $0.wait() }
     }
 
@@ -364,7 +370,7 @@ final class Engine {
         let parts = split(total)
         let perLoop = max(1, spec.concurrency / shards.count)
         for (shard, indices) in zip(shards, parts) {
-            shard.loop.execute { shard.start(indices: indices, mode: mode, maxInflight: perLoop, rate: nil) }
+            shard.eventLoop.execute { shard.value.start(indices: indices, mode: mode, maxInflight: perLoop, rate: nil) }
         }
         wait(seconds: timeout) { onAll { $0.setupComplete }.allSatisfy { $0 } }
         let unfinished = onAll { s -> Int in
@@ -428,7 +434,7 @@ final class Engine {
         let perLoopRate = rate / Double(spec.processCount * shards.count)
         let perLoop = max(1, spec.concurrency / shards.count)
         for (shard, indices) in zip(shards, parts) {
-            shard.loop.execute { shard.start(indices: indices, mode: .churn, maxInflight: perLoop, rate: perLoopRate) }
+            shard.eventLoop.execute { shard.value.start(indices: indices, mode: .churn, maxInflight: perLoop, rate: perLoopRate) }
         }
         wait(seconds: seconds + 15) { self.onAll { $0.setupComplete }.allSatisfy { $0 } }
         _ = onAll { s -> Int in
