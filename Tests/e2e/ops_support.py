@@ -12,12 +12,13 @@ socket ``<state_dir>/chatgw.ctl`` spoken raw, ``/metrics`` over HTTP, ``ps``.
 * ``copy_config(dir)`` -- a rewritable copy of etc/chatgw.yaml; ``set_yaml_key``.
 * ``worker_argv(gw)`` -> {pid: argv} of the current worker children (ps).
 * ``wait_until(pred, timeout)`` -- poll a (blocking) predicate.
-* ``Inbox`` -- background reader of one WebSocket (every JSON frame, close code).
+
+``Inbox`` and ``wait_all`` (background reader of one WebSocket: every JSON frame, close
+code) are in conftest.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conftest import DEFAULT_CONFIG, chatgw_bin
-from websockets.exceptions import ConnectionClosed
 
 try:  # scripts/test must install prometheus_client (pip)
     from prometheus_client.parser import text_string_to_metric_families
@@ -235,82 +235,3 @@ def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05) 
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(interval)
-
-
-# --------------------------------------------------------------------------- clients
-
-
-class Inbox:
-    """Reads every frame of one connection in the background (JSON, with loop time).
-
-    ``closed_code`` is the server's close code once the connection ended (None while
-    open or when no close frame came), ``ended`` tells whether it ended at all.
-    """
-
-    def __init__(self, ws, name: str = ""):
-        self.ws, self.name = ws, name
-        self.msgs: list[dict] = []
-        self.times: list[float] = []
-        self.ended = False
-        self.closed_code: int | None = None
-        self.closed_at: float | None = None
-        self.error: str | None = None
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self):
-        loop = asyncio.get_running_loop()
-        try:
-            async for raw in self.ws:
-                self.times.append(loop.time())
-                self.msgs.append(json.loads(raw) if isinstance(raw, str) else {"type": "<binary>", "raw": raw})
-        except ConnectionClosed:
-            pass
-        except Exception as e:  # noqa: BLE001
-            self.error = f"{type(e).__name__}: {e}"
-        self.ended = True
-        self.closed_at = loop.time()
-        rcvd = getattr(getattr(self.ws, "protocol", None), "close_rcvd", None)
-        self.closed_code = rcvd.code if rcvd is not None else None
-
-    def of(self, type_: str, room: str | None = None) -> list[dict]:
-        return [m for m in self.msgs if m.get("type") == type_ and (room is None or m.get("room") == room)]
-
-    async def wait(self, pred, timeout: float, what: str = "condition") -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not pred(self):
-            if loop.time() >= deadline:
-                raise AssertionError(f"{self.name}: no {what} within {timeout}s; last frames {self.msgs[-5:]}")
-            if self.ended and not pred(self):
-                raise AssertionError(f"{self.name}: connection ended (code {self.closed_code}, {self.error}) "
-                                     f"before {what}; last frames {self.msgs[-5:]}")
-            await asyncio.sleep(0.01)
-
-    async def wait_end(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    def stop(self):
-        self._task.cancel()
-
-
-async def wait_all(inboxes, pred, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        pending = [ib for ib in inboxes if not pred(ib)]
-        if not pending:
-            return
-        dead = [ib for ib in pending if ib.ended]
-        if dead:
-            ib = dead[0]
-            raise AssertionError(f"{len(dead)} connections ended before {what}, e.g. {ib.name}: "
-                                 f"code {ib.closed_code} {ib.error}; last frames {ib.msgs[-3:]}")
-        if loop.time() >= deadline:
-            ib = pending[0]
-            raise AssertionError(f"{len(pending)} of {len(inboxes)} connections without {what} after {timeout}s; "
-                                 f"e.g. {ib.name} has {len(ib.msgs)} frames, last {ib.msgs[-3:]}")
-        await asyncio.sleep(0.02)

@@ -17,14 +17,15 @@ inspected through a tiny RESP2 client on a plain socket (``Resp``) or ``redis-cl
   connection at once (``close``); ``fake_redis`` fixture factory.
 * ``redis_env(url, **extra)`` -- the gateway environment for ``bus.kind: redis`` (no rate
   limits to speak of, archive off).
-* ``Inbox``, ``wait_all``, ``read_frames``, ``send_many``, ``assert_quiet_until_pong``,
-  ``check_consecutive`` -- WebSocket helpers in the style of test_rooms.py.
+* ``pids_alive(pids)`` -- {pid: alive}.
+
+The WebSocket helpers these tests share with test_rooms.py (``Inbox``, ``wait_all``,
+``read_frames``, ``send_many``, ``assert_quiet_until_pong``, ``check_consecutive``) live
+in conftest.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shutil
 import signal
@@ -33,20 +34,17 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import pytest
-from conftest import free_port, pid_alive, recv_json, send_json
-from websockets.exceptions import ConnectionClosed
+from conftest import free_port, pid_alive
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 
 # These tests are about the bus: the archive (v1.1, where the binary has it) stays off, so
 # resume and gaps come from the Redis history alone. Binaries without an archive ignore it.
 NO_ARCHIVE = {"CHATGW_ARCHIVE_KIND": "none"}
-
 
 
 def redis_server_bin() -> str:
@@ -470,122 +468,7 @@ def fake_redis():
         f.stop()
 
 
-# --------------------------------------------------------------------------- WebSocket helpers
-
-
-class Inbox:
-    """Reads every frame of one connection in the background (JSON, with loop time)."""
-
-    def __init__(self, ws, name: str = ""):
-        self.ws, self.name = ws, name
-        self.msgs: list[dict] = []
-        self.times: list[float] = []
-        self.counts: Counter = Counter()
-        self.closed: Any = None
-        self.error: str | None = None
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self):
-        loop = asyncio.get_running_loop()
-        try:
-            async for raw in self.ws:
-                self.times.append(loop.time())
-                m = json.loads(raw) if isinstance(raw, str) else {"type": "<binary>", "raw": raw}
-                self.msgs.append(m)
-                self.counts[m.get("type")] += 1
-        except ConnectionClosed as e:
-            self.closed = e
-        except Exception as e:  # noqa: BLE001
-            self.error = f"{type(e).__name__}: {e}"
-        else:
-            self.closed = True
-
-    @property
-    def done(self) -> bool:
-        return self._task.done()
-
-    def of(self, type_: str, room: str | None = None) -> list[dict]:
-        return [m for m in self.msgs if m.get("type") == type_ and (room is None or m.get("room") == room)]
-
-    async def wait(self, pred: Callable[["Inbox"], bool], timeout: float, what: str = "condition") -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not pred(self):
-            if loop.time() >= deadline:
-                raise AssertionError(f"{self.name}: no {what} within {timeout}s; last frames {self.msgs[-5:]}")
-            if self._task.done() and not pred(self):
-                raise AssertionError(f"{self.name}: connection ended ({self.closed or self.error}) before {what}; "
-                                     f"last frames {self.msgs[-5:]}")
-            await asyncio.sleep(0.01)
-
-    def stop(self):
-        self._task.cancel()
-
-
-async def wait_all(inboxes, pred, timeout: float, what: str):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        pending = [ib for ib in inboxes if not pred(ib)]
-        if not pending:
-            return
-        dead = [ib for ib in pending if ib.done]
-        if dead:
-            ib = dead[0]
-            raise AssertionError(f"{len(dead)} connections ended before {what}, e.g. {ib.name}: "
-                                 f"{ib.closed or ib.error}; last frames {ib.msgs[-3:]}")
-        if loop.time() >= deadline:
-            ib = pending[0]
-            raise AssertionError(f"{len(pending)} of {len(inboxes)} connections without {what} after {timeout}s; "
-                                 f"e.g. {ib.name} has {len(ib.msgs)} frames, last {ib.msgs[-3:]}")
-        await asyncio.sleep(0.02)
-
-
-async def read_frames(ws, n: int, timeout: float = 5.0) -> list[dict]:
-    """Exactly the next n frames."""
-    out = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(out) < n:
-        left = deadline - loop.time()
-        if left <= 0:
-            raise AssertionError(f"got {len(out)} of {n} frames in {timeout}s; last {out[-3:]}")
-        out.append(await recv_json(ws, left))
-    return out
-
-
-async def assert_quiet_until_pong(ws, what: str, timeout: float = 5.0) -> None:
-    """Ping; the very next frame must be the pong (nothing else was pending)."""
-    ref = f"q{time.monotonic_ns()}"
-    await send_json(ws, {"type": "ping", "ref": ref})
-    msg = await recv_json(ws, timeout)
-    assert msg == {"type": "pong", "ref": ref}, f"{what}: expected only the pong, got {msg}"
-
-
-async def send_many(ws, room: str, texts: list[str], ref_prefix: str, timeout: float = 15.0) -> list[dict]:
-    """Send each text with a ref; read until every ack; return the sender's frames."""
-    for i, t in enumerate(texts):
-        await send_json(ws, {"type": "send", "room": room, "text": t, "ref": f"{ref_prefix}{i}"})
-    want = {f"{ref_prefix}{i}" for i in range(len(texts))}
-    frames = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while want:
-        left = deadline - loop.time()
-        if left <= 0:
-            raise AssertionError(f"{len(want)} of {len(texts)} sends without ack after {timeout}s; last {frames[-3:]}")
-        m = await recv_json(ws, left)
-        frames.append(m)
-        if m.get("type") == "error" and m.get("ref") in want:
-            raise AssertionError(f"send refused: {m}")
-        if m.get("type") == "ack":
-            want.discard(m.get("ref"))
-    return frames
-
-
-def check_consecutive(seqs: list[int], what: str) -> None:
-    bad = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
-    assert not bad, f"{what}: seq not rising by 1 at {bad[:5]} (of {len(seqs)} messages)"
+# --------------------------------------------------------------------------- processes
 
 
 def pids_alive(pids: Iterable[int]) -> dict[int, bool]:

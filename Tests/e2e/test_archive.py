@@ -24,36 +24,38 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import pg_support
 import pytest
+import redis_support
 from conftest import (
     DEFAULT_CONFIG,
+    Inbox,
     app_ping,
+    assert_quiet_until_pong,
+    check_consecutive,
     close_all,
     connect_hello,
     free_port,
     join_room,
     next_ref,
     pid_alive,
+    read_frames,
     recv_until,
     run_async,
     run_chatgw_once,
     send_json,
+    send_many,
+    wait_all,
     wait_bus_ready,
     wait_pids_dead,
 )
 from ops_support import chatctl_bin
-from pg_support import PgDatabase, pg_cluster, pg_db  # noqa: F401 -- fixtures are used by name
-from redis_support import (  # noqa: F401 -- fixtures are used by name
-    Inbox,
-    assert_quiet_until_pong,
-    check_consecutive,
-    make_redis,
-    read_frames,
-    redis_env,
-    redis_server,
-    send_many,
-    wait_all,
-)
+from pg_support import PgDatabase
+from redis_support import redis_env
+
+# fixtures of the support modules, found by pytest under these names (used by name only)
+pg_cluster, pg_db = pg_support.pg_cluster, pg_support.pg_db
+make_redis, redis_server = redis_support.make_redis, redis_support.redis_server
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 API_KEY = "archive-e2e-api-key"
@@ -66,10 +68,6 @@ def archive_env(**extra: str) -> dict[str, str]:
     env = {"CHATGW_ARCHIVE_KIND": "sqlite", **FAST}
     env.update({k: str(v) for k, v in extra.items()})
     return env
-
-
-def _first(items, n=5):
-    return "\n".join(str(x) for x in list(items)[:n])
 
 
 # --------------------------------------------------------------------------- archive, read from outside

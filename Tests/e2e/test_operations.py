@@ -19,12 +19,14 @@ import time
 from collections import Counter
 
 from conftest import (
+    Inbox,
     check_shutdown_bye,
     close_all,
     collect_until_close,
     conn_slot,
     connect_hello,
     connect_on_slot,
+    first_lines,
     join_room,
     one_per_slot,
     open_many,
@@ -32,11 +34,11 @@ from conftest import (
     run_async,
     send_json,
     send_message,
+    wait_all,
     wait_bus_ready,
     wait_pids_dead,
 )
 from ops_support import (
-    Inbox,
     argv_option,
     chatctl,
     copy_config,
@@ -46,7 +48,6 @@ from ops_support import (
     ctl_status,
     scrape,
     set_yaml_key,
-    wait_all,
     wait_until,
     worker_argv,
     worker_children,
@@ -54,10 +55,6 @@ from ops_support import (
 from websockets.exceptions import ConnectionClosed
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "1000", "CHATGW_LIMITS_BURST": "1000"}
-
-
-def _first(items, n=5):
-    return "\n".join(str(x) for x in list(items)[:n])
 
 
 def _wait_slots(gw, want: set[int], timeout: float) -> dict[int, int]:
@@ -254,7 +251,7 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
         await wait_bus_ready(gw, timeout=10)
         t0 = loop.time()
         res = await open_many(gw, n_clients, concurrency=100, timeout=15, user_prefix="h")
-        assert not res.errors, f"{len(res.errors)} of {n_clients} connections failed:\n{_first(res.errors)}"
+        assert not res.errors, f"{len(res.errors)} of {n_clients} connections failed:\n{first_lines(res.errors)}"
         clients = [ResumeClient(gw, h["user"], rooms[i % n_rooms], ws, h)
                    for i, (ws, h) in enumerate(zip(res.conns, res.hellos))]
         for c in clients:
@@ -280,7 +277,7 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
                 drain_s + 12)
             timings["hup->all rejoined"] = loop.time() - t_hup
             failures = [(c.user, c.failure) for c in clients if c.failure]
-            assert not failures, f"{len(failures)} clients failed:\n{_first(failures)}"
+            assert not failures, f"{len(failures)} clients failed:\n{first_lines(failures)}"
             assert ok, (f"{sum(not c.reconnects for c in clients)} clients never reconnected, "
                         f"{sum(len(c.joined) != len(c.reconnects) + 1 for c in clients)} not re-joined "
                         f"{drain_s + 12}s after the HUP")
@@ -334,7 +331,7 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
             problems.append(f"{c.user}: reconnected {c.reconnects[0] - t_bye:.3f}s after bye, retry_ms {rm}")
         if c.gaps or c.errors or c.epoch_changes:
             problems.append(f"{c.user}: gaps {c.gaps[:2]} errors {c.errors[:2]} epoch changes {c.epoch_changes[:2]}")
-    assert not problems, f"{len(problems)} clients misbehaved around the reload:\n{_first(problems, 8)}"
+    assert not problems, f"{len(problems)} clients misbehaved around the reload:\n{first_lines(problems, 8)}"
 
     retry = [c.byes[0][1]["retry_ms"] for c in clients]
     closes = [c.closes[0][0] - t_hup for c in clients]
@@ -348,7 +345,7 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
 
     # no hole, no duplicate, in order: the union over both connections is exactly 1..N
     bad = [p for p in (c.seq_problem(final[c.room]) for c in clients) if p]
-    assert not bad, f"{len(bad)} of {n_clients} clients lost or repeated messages:\n{_first(bad, 6)}"
+    assert not bad, f"{len(bad)} of {n_clients} clients lost or repeated messages:\n{first_lines(bad, 6)}"
     _check_reload_processes(gw, old_workers, old_relay, mark)
 
     # retry_ms is "randomized over ~80% of drain_timeout_s" (README: "over the drain
@@ -570,7 +567,7 @@ def test_scale_up_and_down_leaves_slot0_clients_alone(make_gateway):
             # new connections all land on slot 0 (removed slots must not take connections)
             res = await open_many(gw, 20, timeout=5, user_prefix="after1_")
             others += res.conns
-            assert not res.errors, f"{len(res.errors)} of 20 failed after scale 1:\n{_first(res.errors)}"
+            assert not res.errors, f"{len(res.errors)} of 20 failed after scale 1:\n{first_lines(res.errors)}"
             assert Counter(res.slots()) == Counter({0: 20}), Counter(res.slots())
 
             # TTIN adds one slot, TTOU removes it again
@@ -681,7 +678,7 @@ def test_status_counts_connections_under_load(make_gateway):
     async def main():
         res = await open_many(gw, n, concurrency=100, timeout=15, user_prefix="st")
         try:
-            assert not res.errors, f"{len(res.errors)} of {n} failed:\n{_first(res.errors)}"
+            assert not res.errors, f"{len(res.errors)} of {n} failed:\n{first_lines(res.errors)}"
             per_slot = Counter(res.slots())
 
             def counted():
@@ -823,7 +820,7 @@ def test_metrics_count_deliveries_connections_restarts(make_gateway):
         await asyncio.sleep(1.5)  # the probes' counts reach the master
         base = await asyncio.to_thread(scrape, gw)
         res = await open_many(gw, n_clients, timeout=10, user_prefix="m")
-        assert not res.errors, _first(res.errors)
+        assert not res.errors, first_lines(res.errors)
         inboxes = []
         try:
             for ws in res.conns:
@@ -912,7 +909,7 @@ def test_chatctl_rooms_top_sorted_by_members(make_gateway):
         await wait_bus_ready(gw, timeout=10)
         total = sum(m for _, m, _ in plan)
         res = await open_many(gw, total, timeout=10, user_prefix="r")
-        assert not res.errors, _first(res.errors)
+        assert not res.errors, first_lines(res.errors)
         try:
             i = 0
             for room, members, msgs in plan_shuffled:

@@ -20,6 +20,7 @@ from conftest import (
     collect_until_close,
     conn_slot,
     connect_hello,
+    first_lines,
     free_port,
     open_many,
     OpenResult,
@@ -31,10 +32,6 @@ from conftest import (
     wait_pids_dead,
     DEFAULT_CONFIG,
 )
-
-
-def _first(items, n=5):
-    return "\n".join(str(x) for x in list(items)[:n])
 
 
 # 1 ---------------------------------------------------------------------------
@@ -49,7 +46,7 @@ def test_connections_spread_evenly_over_two_workers(make_gateway):
     async def main():
         res = await open_many(gw, n, concurrency=200, timeout=15)
         try:
-            assert not res.errors, f"{len(res.errors)} of {n} connections failed:\n{_first(res.errors)}"
+            assert not res.errors, f"{len(res.errors)} of {n} connections failed:\n{first_lines(res.errors)}"
             bad = [
                 h for h in res.hellos
                 if h.get("type") != "hello" or h.get("protocol") != 1 or not CONN_RE.match(str(h.get("conn", "")))
@@ -89,7 +86,7 @@ def test_killed_worker_is_replaced_and_other_worker_unaffected(make_gateway):
             res.conns += r.conns
             res.hellos += r.hellos
             res.errors += r.errors
-            assert not res.errors, _first(res.errors)
+            assert not res.errors, first_lines(res.errors)
             by_slot = res.by_slot()
             if len(by_slot.get(0, [])) >= 5 and len(by_slot.get(victim_slot, [])) >= 5:
                 break
@@ -195,13 +192,13 @@ def test_crash_looping_slot_is_reported_and_others_serve(make_gateway):
     )
     assert gw.alive(), f"master died: {gw.proc.returncode}"
     exits = gw.child_events("exited", role="worker", slot=1)
-    assert exits and all("exited with code 70" in l.raw for l in exits), _first(l.raw for l in exits)
+    assert exits and all("exited with code 70" in l.raw for l in exits), first_lines(l.raw for l in exits)
     assert not gw.child_events("exited", role="worker", slot=0)
 
     async def main():
         res = await open_many(gw, 50, timeout=5, user_prefix="c")
         try:
-            assert not res.errors, f"{len(res.errors)} of 50 failed:\n{_first(res.errors)}"
+            assert not res.errors, f"{len(res.errors)} of 50 failed:\n{first_lines(res.errors)}"
             return Counter(res.slots())
         finally:
             await close_all(res.conns)
@@ -220,7 +217,7 @@ def _drain_test(gw, n_conns: int, sig: int, drain_s: float):
     async def main():
         res = await open_many(gw, n_conns, timeout=15)
         try:
-            assert not res.errors, f"{len(res.errors)} of {n_conns} failed:\n{_first(res.errors)}"
+            assert not res.errors, f"{len(res.errors)} of {n_conns} failed:\n{first_lines(res.errors)}"
             pids = {gw.master_pid} | gw.child_pids()
             readers = [asyncio.create_task(collect_until_close(ws, drain_s + 5)) for ws in res.conns]
             await asyncio.sleep(0.2)
@@ -248,7 +245,7 @@ def _wait_rc(gw, timeout):
 
 def _assert_drained(gw, pids, recs, rc, exit_after, drain_s):
     bad = [(i, why) for i, why in ((i, check_shutdown_bye(r)) for i, r in enumerate(recs)) if why]
-    assert not bad, f"{len(bad)} of {len(recs)} clients without bye(shutdown)+1001, e.g.:\n{_first(bad)}"
+    assert not bad, f"{len(bad)} of {len(recs)} clients without bye(shutdown)+1001, e.g.:\n{first_lines(bad)}"
     assert rc is not None, f"master still running {drain_s + 4}s after the signal"
     assert rc == 0, f"master exit code {rc}; log tail:\n{gw.log_text()[-2000:]}"
     assert exit_after <= drain_s + 2, f"master exited {exit_after:.2f}s after the signal (drain {drain_s}s)"

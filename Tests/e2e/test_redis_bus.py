@@ -18,42 +18,47 @@ import time
 from collections import Counter
 
 import pytest
+import redis_support
 from conftest import (
+    Inbox,
+    assert_quiet_until_pong,
+    check_consecutive,
+    check_fanout,
     close_all,
     conn_slot,
     connect_hello,
     connect_on_slot,
+    first_lines,
+    join_all_then_last,
     join_room,
     one_per_slot,
     open_many,
+    read_frames,
     recv_json,
     run_async,
     send_json,
+    send_many,
     send_message,
+    send_numbered,
+    wait_all,
     wait_bus_ready,
     wait_pids_dead,
 )
 from redis_support import (
-    Inbox,
     Resp,
-    assert_quiet_until_pong,
-    check_consecutive,
-    read_frames,
     redis_env,
     room_key,
-    send_many,
     stream_entries,
-    wait_all,
 )
-from redis_support import fake_redis, make_redis, redis_server  # noqa: F401,F811 -- fixtures
+
+# fixtures of redis_support, found by pytest under these names (used by name only)
+fake_redis = redis_support.fake_redis
+make_redis = redis_support.make_redis
+redis_server = redis_support.redis_server
 
 
 def _gateway(make_gateway, url: str, workers: int = 2, **env):
     return make_gateway(workers=workers, env=redis_env(url, **env))
-
-
-def _first(items, n=5):
-    return "\n".join(str(x) for x in list(items)[:n])
 
 
 # 1 ---------------------------------------------------------------------------
@@ -73,7 +78,7 @@ def test_two_gateways_one_room_same_order(redis_server, make_gateway):
         rb = await open_many(b, per_gw, concurrency=per_gw, timeout=10, user_prefix="b")
         conns = ra.conns + rb.conns
         try:
-            assert not ra.errors and not rb.errors, f"connections failed: {_first(ra.errors + rb.errors)}"
+            assert not ra.errors and not rb.errors, f"connections failed: {first_lines(ra.errors + rb.errors)}"
             slots_a, slots_b = Counter(ra.slots()), Counter(rb.slots())
             assert set(slots_a) == {0, 1} and set(slots_b) == {0, 1}, (
                 f"clients per worker slot: gateway A {dict(slots_a)}, gateway B {dict(slots_b)}"
@@ -81,21 +86,9 @@ def test_two_gateways_one_room_same_order(redis_server, make_gateway):
             # interleave the two gateways; everyone but the last joins, then the last one
             order = [x for pair in zip(zip(ra.conns, ra.hellos, "A" * per_gw), zip(rb.conns, rb.hellos, "B" * per_gw))
                      for x in pair]
-            n = len(order)
-            replies = await asyncio.gather(*(join_room(ws, room, timeout=10) for ws, _, _ in order[:-1]))
-            for (reply, before), (_, h, g) in zip(replies, order):
-                assert reply.get("type") == "joined", f"{g}/{h['user']}: {reply}"
-                assert not before, f"{g}/{h['user']}: frames before joined: {before}"
-            last, _ = await join_room(order[-1][0], room)
-            assert last.get("type") == "joined", last
-            assert last.get("members") == n, (
-                f"joined.members of the last joiner ({order[-1][2]}/{order[-1][1]['user']}): "
-                f"{last.get('members')}, expected {n} (A slots {dict(slots_a)}, B slots {dict(slots_b)})"
-            )
-            epochs = {r.get("epoch") for r, _ in replies} | {last.get("epoch")}
-            assert len(epochs) == 1, f"joined epochs differ between gateways: {epochs}"
-            start_seq = last["seq"]
-            assert all(r["seq"] == start_seq for r, _ in replies), {r["seq"] for r, _ in replies}
+            epochs, start_seq = await join_all_then_last(
+                [ws for ws, _, _ in order], [f"{g}/{h['user']}" for _, h, g in order], room, 10,
+                f"A slots {dict(slots_a)}, B slots {dict(slots_b)}")
 
             inboxes = [Inbox(ws, f"{g}/{h['user']}/w{conn_slot(h)}") for ws, h, g in order]
             users = [h["user"] for _, h, _ in order]
@@ -109,13 +102,8 @@ def test_two_gateways_one_room_same_order(redis_server, make_gateway):
             assert len(senders) == 5 and len(seen) == 4, (senders, seen)
             total = len(senders) * per_sender
 
-            async def sender(i):
-                ws, u = order[i][0], users[i]
-                for k in range(per_sender):
-                    await send_json(ws, {"type": "send", "room": room, "text": f"{u}:{k}", "ref": f"{u}-{k}"})
-
             t0 = time.monotonic()
-            await asyncio.gather(*(sender(i) for i in senders))
+            await asyncio.gather(*(send_numbered(order[i][0], room, users[i], per_sender) for i in senders))
             await wait_all(inboxes, lambda ib: ib.counts["message"] >= total, 30, f"{total} messages")
             await wait_all([inboxes[i] for i in senders], lambda ib: ib.counts["ack"] >= per_sender, 10,
                            f"{per_sender} acks")
@@ -124,41 +112,7 @@ def test_two_gateways_one_room_same_order(redis_server, make_gateway):
             for ib in inboxes:
                 ib.stop()
 
-            expected_texts = {f"{users[i]}:{k}" for i in senders for k in range(per_sender)}
-            reference = None
-            for ib in inboxes:
-                assert not ib.of("error"), f"{ib.name}: errors {ib.of('error')[:3]}"
-                msgs = ib.of("message", room)
-                assert len(msgs) == total, f"{ib.name}: {len(msgs)} messages, expected {total}"
-                seqs = [m["seq"] for m in msgs]
-                check_consecutive(seqs, ib.name)
-                assert seqs[0] == start_seq + 1, f"{ib.name}: first seq {seqs[0]}, joined.seq was {start_seq}"
-                assert {m["epoch"] for m in msgs} == epochs, f"{ib.name}: epochs {set(m['epoch'] for m in msgs)}"
-                texts = [m["text"] for m in msgs]
-                assert set(texts) == expected_texts, f"{ib.name}: texts differ"
-                seq_list = [(m["seq"], m["from"], m["text"]) for m in msgs]
-                if reference is None:
-                    reference = (ib.name, seq_list)
-                else:
-                    diff = next((x for x in zip(seq_list, reference[1]) if x[0] != x[1]), None)
-                    assert seq_list == reference[1], f"{ib.name}: order differs from {reference[0]}: first difference {diff}"
-                per = {}
-                for m in msgs:
-                    per.setdefault(m["from"], []).append(int(m["text"].split(":")[1]))
-                assert all(v == list(range(per_sender)) for v in per.values()), f"{ib.name}: per-sender order broken"
-
-            for i in senders:
-                ib, u = inboxes[i], users[i]
-                acks = ib.of("ack")
-                assert len(acks) == per_sender, f"{ib.name}: {len(acks)} acks"
-                index_of_msg = {m["text"]: (j, m) for j, m in enumerate(ib.msgs) if m.get("type") == "message"}
-                for j, ack in enumerate(ib.msgs):
-                    if ack.get("type") != "ack":
-                        continue
-                    k = int(ack["ref"].split("-")[-1])
-                    mj, m = index_of_msg[f"{u}:{k}"]
-                    assert mj < j, f"{ib.name}: ack {ack} arrived before its message {m}"
-                    assert ack.get("seq") == m["seq"] and ack.get("room") == room, f"{ib.name}: ack {ack} for {m}"
+            check_fanout(inboxes, room, users, senders, per_sender, total, start_seq, epochs)
             xlen = redis_server.cmd("XLEN", room_key(room, "stream"))
             seq_key = int(redis_server.cmd("GET", room_key(room, "seq")))
             return took, dict(slots_a), dict(slots_b), [order[i][2] + str(conn_slot(order[i][1])) for i in senders], xlen, seq_key

@@ -7,146 +7,38 @@ Black-box: the binary (CHATGW_BIN), WebSocket clients, ps and signals.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
 from collections import Counter
 
 from conftest import (
+    Inbox,
     RawWS,
+    assert_quiet_until_pong,
+    check_fanout,
     close_all,
     conn_slot,
     connect_hello,
     connect_on_slot,
+    first_lines,
+    join_all_then_last,
     join_room,
     one_per_slot,
     open_many,
     ping_ok,
+    read_frames,
     recv_json,
     run_async,
     send_json,
+    send_many,
     send_message,
+    send_numbered,
+    wait_all,
     wait_bus_ready,
 )
-from websockets.exceptions import ConnectionClosed
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
-
-
-def _first(items, n=5):
-    return "\n".join(str(x) for x in list(items)[:n])
-
-
-class Inbox:
-    """Reads every frame of one connection in the background (JSON, with loop time)."""
-
-    def __init__(self, ws, name: str = ""):
-        self.ws, self.name = ws, name
-        self.msgs: list[dict] = []
-        self.times: list[float] = []
-        self.counts: Counter = Counter()  # frames per type
-        self.closed: ConnectionClosed | None = None
-        self.error: str | None = None
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self):
-        loop = asyncio.get_running_loop()
-        try:
-            async for raw in self.ws:
-                self.times.append(loop.time())
-                m = json.loads(raw) if isinstance(raw, str) else {"type": "<binary>", "raw": raw}
-                self.msgs.append(m)
-                self.counts[m.get("type")] += 1
-        except ConnectionClosed as e:
-            self.closed = e
-        except Exception as e:  # noqa: BLE001
-            self.error = f"{type(e).__name__}: {e}"
-        else:
-            self.closed = True
-
-    def of(self, type_: str, room: str | None = None) -> list[dict]:
-        return [m for m in self.msgs if m.get("type") == type_ and (room is None or m.get("room") == room)]
-
-    async def wait(self, pred, timeout: float, what: str = "condition") -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not pred(self):
-            if loop.time() >= deadline:
-                raise AssertionError(f"{self.name}: no {what} within {timeout}s; last frames {self.msgs[-5:]}")
-            if self._task.done() and not pred(self):
-                raise AssertionError(f"{self.name}: connection ended ({self.closed or self.error}) before {what}; "
-                                     f"last frames {self.msgs[-5:]}")
-            await asyncio.sleep(0.01)
-
-    def stop(self):
-        self._task.cancel()
-
-
-async def wait_all(inboxes, pred, timeout: float, what: str):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        pending = [ib for ib in inboxes if not pred(ib)]
-        if not pending:
-            return
-        dead = [ib for ib in pending if ib._task.done()]
-        if dead:
-            ib = dead[0]
-            raise AssertionError(f"{len(dead)} connections ended before {what}, e.g. {ib.name}: "
-                                 f"{ib.closed or ib.error}; last frames {ib.msgs[-3:]}")
-        if loop.time() >= deadline:
-            ib = pending[0]
-            raise AssertionError(f"{len(pending)} of {len(inboxes)} connections without {what} after {timeout}s; "
-                                 f"e.g. {ib.name} has {len(ib.msgs)} frames, last {ib.msgs[-3:]}")
-        await asyncio.sleep(0.02)
-
-
-async def read_frames(ws, n: int, timeout: float = 5.0) -> list[dict]:
-    """Exactly the next n frames."""
-    out = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(out) < n:
-        left = deadline - loop.time()
-        if left <= 0:
-            raise AssertionError(f"got {len(out)} of {n} frames in {timeout}s; last {out[-3:]}")
-        out.append(await recv_json(ws, left))
-    return out
-
-
-async def assert_quiet_until_pong(ws, what: str, timeout: float = 5.0) -> None:
-    """Ping; the very next frame must be the pong (nothing else was pending)."""
-    ref = f"q{time.monotonic_ns()}"
-    await send_json(ws, {"type": "ping", "ref": ref})
-    msg = await recv_json(ws, timeout)
-    assert msg == {"type": "pong", "ref": ref}, f"{what}: expected only the pong, got {msg}"
-
-
-async def send_many(ws, room: str, texts: list[str], ref_prefix: str, timeout: float = 15.0) -> list[dict]:
-    """Send each text with a ref; read until every ack; return the sender's frames."""
-    for i, t in enumerate(texts):
-        await send_json(ws, {"type": "send", "room": room, "text": t, "ref": f"{ref_prefix}{i}"})
-    want = {f"{ref_prefix}{i}" for i in range(len(texts))}
-    frames = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while want:
-        left = deadline - loop.time()
-        if left <= 0:
-            raise AssertionError(f"{len(want)} of {len(texts)} sends without ack after {timeout}s; last {frames[-3:]}")
-        m = await recv_json(ws, left)
-        frames.append(m)
-        if m.get("type") == "error" and m.get("ref") in want:
-            raise AssertionError(f"send refused: {m}")
-        if m.get("type") == "ack":
-            want.discard(m.get("ref"))
-    return frames
-
-
-def check_consecutive(seqs: list[int], what: str) -> None:
-    bad = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
-    assert not bad, f"{what}: seq not rising by 1 at {bad[:5]} (of {len(seqs)} messages)"
 
 
 # 0 ---------------------------------------------------------------------------
@@ -185,38 +77,20 @@ def test_fanout_300_clients_3_workers_same_sequence(make_gateway):
         await wait_bus_ready(gw)
         res = await open_many(gw, n_clients, concurrency=100, timeout=15, user_prefix="f")
         try:
-            assert not res.errors, f"{len(res.errors)} connections failed: {_first(res.errors)}"
+            assert not res.errors, f"{len(res.errors)} connections failed: {first_lines(res.errors)}"
             slots = Counter(res.slots())
             assert set(slots) == {0, 1, 2}, f"clients per slot: {dict(slots)}"
             users = [h["user"] for h in res.hellos]
 
             # everyone but the last joins, then the last one: it must count all 300
-            replies = await asyncio.gather(*(join_room(ws, room, timeout=15) for ws in res.conns[:-1]))
-            for (reply, before), u in zip(replies, users):
-                assert reply.get("type") == "joined", f"{u}: {reply}"
-                assert not before, f"{u}: frames before joined: {before}"
-            last, _ = await join_room(res.conns[-1], room)
-            assert last.get("type") == "joined", last
-            assert last.get("members") == n_clients, (
-                f"joined.members of the last joiner: {last.get('members')}, expected {n_clients} "
-                f"(slots {dict(slots)})"
-            )
-            epochs = {r.get("epoch") for r, _ in replies} | {last.get("epoch")}
-            assert len(epochs) == 1, f"joined epochs differ: {epochs}"
-            start_seq = last["seq"]
-            assert all(r["seq"] == start_seq for r, _ in replies), {r["seq"] for r, _ in replies}
+            epochs, start_seq = await join_all_then_last(res.conns, users, room, 15, f"slots {dict(slots)}")
 
             inboxes = [Inbox(ws, u) for ws, u in zip(res.conns, users)]
             senders = list(range(0, n_clients, n_clients // n_senders))[:n_senders]
             sender_slots = Counter(conn_slot(res.hellos[i]) for i in senders)
 
-            async def sender(i):
-                ws, u = res.conns[i], users[i]
-                for k in range(per_sender):
-                    await send_json(ws, {"type": "send", "room": room, "text": f"{u}:{k}", "ref": f"{u}-{k}"})
-
             t0 = time.monotonic()
-            await asyncio.gather(*(sender(i) for i in senders))
+            await asyncio.gather(*(send_numbered(res.conns[i], room, users[i], per_sender) for i in senders))
             await wait_all(inboxes, lambda ib: ib.counts["message"] >= total, 45, f"{total} messages")
             await wait_all([inboxes[i] for i in senders], lambda ib: ib.counts["ack"] >= per_sender, 10,
                            f"{per_sender} acks")
@@ -225,45 +99,7 @@ def test_fanout_300_clients_3_workers_same_sequence(make_gateway):
             for ib in inboxes:
                 ib.stop()
 
-            expected_texts = {f"{users[i]}:{k}" for i in senders for k in range(per_sender)}
-            reference = None
-            for ib in inboxes:
-                errors = ib.of("error")
-                assert not errors, f"{ib.name}: errors {errors[:3]}"
-                msgs = ib.of("message", room)
-                assert len(msgs) == total, f"{ib.name}: {len(msgs)} messages, expected {total}"
-                seqs = [m["seq"] for m in msgs]
-                check_consecutive(seqs, ib.name)
-                assert seqs[0] == start_seq + 1, f"{ib.name}: first seq {seqs[0]}, joined.seq was {start_seq}"
-                assert {m["epoch"] for m in msgs} == epochs, f"{ib.name}: epochs {set(m['epoch'] for m in msgs)}"
-                texts = [m["text"] for m in msgs]
-                assert set(texts) == expected_texts and len(set(texts)) == total, f"{ib.name}: texts differ"
-                seq_list = [(m["seq"], m["from"], m["text"]) for m in msgs]
-                if reference is None:
-                    reference = seq_list
-                else:
-                    assert seq_list == reference, f"{ib.name}: sequence differs from {inboxes[0].name}"
-                bad_from = [m for m in msgs if m["text"].split(":")[0] != m["from"]]
-                assert not bad_from, f"{ib.name}: from does not match the sender: {bad_from[:3]}"
-                # per sender, its messages arrive in the order sent
-                per = {}
-                for m in msgs:
-                    per.setdefault(m["from"], []).append(int(m["text"].split(":")[1]))
-                assert all(v == list(range(per_sender)) for v in per.values()), f"{ib.name}: per-sender order broken"
-
-            for i in senders:
-                ib = inboxes[i]
-                u = users[i]
-                acks = ib.of("ack")
-                assert len(acks) == per_sender, f"{u}: {len(acks)} acks"
-                index_of_msg = {m["text"]: (j, m) for j, m in enumerate(ib.msgs) if m.get("type") == "message"}
-                for j, a in enumerate(ib.msgs):
-                    if a.get("type") != "ack":
-                        continue
-                    k = int(a["ref"].split("-")[1])
-                    mj, m = index_of_msg[f"{u}:{k}"]
-                    assert mj < j, f"{u}: ack {a} arrived before its message {m}"
-                    assert a.get("seq") == m["seq"] and a.get("room") == room, f"{u}: ack {a} for message {m}"
+            check_fanout(inboxes, room, users, senders, per_sender, total, start_seq, epochs, check_from=True)
             return took, dict(slots), dict(sender_slots)
         finally:
             await close_all(res.conns)
