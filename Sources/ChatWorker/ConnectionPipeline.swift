@@ -76,7 +76,7 @@ enum ConnectionPipeline {
             configure: { channel, head in
                 guard let selected = endpoint(head) else { return }
                 let activity = ConnectionActivity()
-                try addWebSocketHandlers(to: channel, endpoint: selected, activity: activity)
+                let webSocket = try addWebSocketHandlers(to: channel, endpoint: selected, activity: activity)
                 if selected.isEcho {
                     try channel.pipeline.syncOperations.addHandler(EchoHandler())
                     return
@@ -84,7 +84,7 @@ enum ConnectionPipeline {
                 guard let user = verdict.value.user else { throw ChannelError.inappropriateOperationForState }
                 let worker = bound.value
                 try channel.pipeline.syncOperations.addHandler(
-                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), activity: activity, worker: worker))
+                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), webSocket: webSocket, activity: activity, worker: worker))
             }
         )
         return channel.eventLoop.makeCompletedFuture {
@@ -95,13 +95,15 @@ enum ConnectionPipeline {
     }
 
     /// Frame rules, reassembly of fragments, then the WebSocket duties.
-    private static func addWebSocketHandlers(to channel: any Channel, endpoint: Endpoint, activity: ConnectionActivity) throws {
+    private static func addWebSocketHandlers(to channel: any Channel, endpoint: Endpoint, activity: ConnectionActivity) throws -> WebSocketHandler {
         let pipeline = channel.pipeline.syncOperations
         // The plain-HTTP handler sits where the WebSocket handlers go; it is done now.
         _ = pipeline.removeHandler(context: try pipeline.context(handlerType: HTTPHandler.self))
         try pipeline.addHandler(FrameRuleChecker())
         try pipeline.addHandler(NIOWebSocketFrameAggregator(
             minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: endpoint.maxFragments, maxAccumulatedFrameSize: endpoint.maxMessageBytes))
-        try pipeline.addHandler(WebSocketHandler(activity: activity))
+        let webSocket = WebSocketHandler(activity: activity)
+        try pipeline.addHandler(webSocket)
+        return webSocket
     }
 }

@@ -22,7 +22,8 @@ final class LocalRooms {
     }
 
     private(set) var rooms: [String: Room] = [:]
-    private var dirty: [ObjectIdentifier: SessionHandler] = [:]
+    /// Members written to in this tick, each once (its `flushQueued` flag says so).
+    private var dirty: [SessionHandler] = []
     private var flushScheduled = false
     private let eventLoop: any EventLoop
     private let allocator = ByteBufferAllocator()
@@ -60,7 +61,6 @@ final class LocalRooms {
         if let room = rooms[name], room.members.isEmpty, room.pending.isEmpty {
             rooms[name] = nil
         }
-        dirty[ObjectIdentifier(session)] = nil
     }
 
     /// Local members of a room, pending ones included.
@@ -118,9 +118,12 @@ final class LocalRooms {
 
     private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) {
         let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
-        for (key, session) in members {
+        for session in members.values {
             session.write(frame)
-            dirty[key] = session
+            if !session.flushQueued {
+                session.flushQueued = true
+                dirty.append(session)
+            }
         }
         scheduleFlush()
     }
@@ -133,7 +136,10 @@ final class LocalRooms {
             flushScheduled = false
             let members = dirty
             dirty.removeAll(keepingCapacity: true)
-            for session in members.values { session.flush() }
+            for session in members {
+                session.flushQueued = false
+                session.flush()
+            }
         }
     }
 }

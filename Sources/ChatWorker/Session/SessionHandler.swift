@@ -22,7 +22,10 @@ final class SessionHandler: ChannelInboundHandler {
     let permission: RoomPermission
     let connectionID: String
     let activity: ConnectionActivity
+    private let webSocket: WebSocketHandler
     private let worker: Worker
+    /// Set while this session waits in the room table's list of members to flush.
+    var flushQueued = false
     private var context: ChannelHandlerContext?
     private var rooms: [String: Membership] = [:]
     private var bucket: TokenBucket
@@ -32,7 +35,8 @@ final class SessionHandler: ChannelInboundHandler {
     /// join's replay comes before any live message.
     private var holding: [ByteBuffer]?
 
-    init(user: AuthorizedUser, connectionID: String, activity: ConnectionActivity, worker: Worker) {
+    init(user: AuthorizedUser, connectionID: String, webSocket: WebSocketHandler, activity: ConnectionActivity, worker: Worker) {
+        self.webSocket = webSocket
         self.user = user.name
         self.permission = user.rooms
         self.connectionID = connectionID
@@ -45,6 +49,12 @@ final class SessionHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        webSocket.onClosing = { [weak self] in
+            // A close frame went out or came in: write nothing more, leave the rooms.
+            guard let self, !closing else { return }
+            closing = true
+            departedRooms()
+        }
         worker.register(self)
         send(.hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds))
         flush()
@@ -304,15 +314,15 @@ final class SessionHandler: ChannelInboundHandler {
         let bye = FrameBytes.text(ServerMessage.bye(reason: reason, retryMs: retryMs).encoded(allocator), allocator: allocator)
         context.writeAndFlush(wrapOutboundOut(bye), promise: nil)
         departedRooms()
-        context.triggerUserOutboundEvent(WebSocketCloseRequest(code: CloseCode.forBye(reason)), promise: nil)
+        webSocket.close(code: CloseCode.forBye(reason))
     }
 
     /// Closes without `bye` (idle timeout).
     func close(code: UInt16) {
-        guard let context, !closing else { return }
+        guard context != nil, !closing else { return }
         closing = true
         departedRooms()
-        context.triggerUserOutboundEvent(WebSocketCloseRequest(code: code), promise: nil)
+        webSocket.close(code: code)
     }
 
     /// Sends a WebSocket ping (idle check).

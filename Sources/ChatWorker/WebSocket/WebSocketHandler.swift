@@ -8,19 +8,17 @@ public enum WebSocketMessage {
     case binary(ByteBuffer)
 }
 
-/// Asks the WebSocket layer to start the close handshake with `code`.
-public struct WebSocketCloseRequest: Sendable {
-    public var code: UInt16
-    public init(code: UInt16) { self.code = code }
-}
-
 /// The RFC 6455 duties NIO leaves to the application: answers pings, runs the close
 /// handshake in both directions, refuses reserved bits and invalid UTF-8, and maps
 /// decoder errors to close codes. Above it, the pipeline sees only whole messages.
-final class WebSocketHandler: ChannelDuplexHandler {
+///
+/// It is inbound-only on purpose: the stage above writes pre-framed bytes that go
+/// straight to the socket without passing through here (one handler less per delivery),
+/// starts a close with `close(code:)`, and learns through `onClosing` that no more may
+/// be written.
+final class WebSocketHandler: ChannelInboundHandler {
     typealias InboundIn = WebSocketFrame
     typealias InboundOut = WebSocketMessage
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private enum State {
@@ -33,11 +31,37 @@ final class WebSocketHandler: ChannelDuplexHandler {
     /// How long we wait for the peer to answer our close frame before dropping TCP.
     static let closeHandshakeTimeout = TimeAmount.seconds(2)
 
-    private var state = State.open
+    private var state = State.open {
+        didSet {
+            if case .open = oldValue, let onClosing {
+                self.onClosing = nil
+                onClosing()
+            }
+        }
+    }
     private let activity: ConnectionActivity
+    private var context: ChannelHandlerContext?
+    /// Called once, when the connection stops being open (a close sent or received, or a
+    /// protocol error): nothing more may be written after the close frame.
+    var onClosing: (() -> Void)?
 
     init(activity: ConnectionActivity) {
         self.activity = activity
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        onClosing = nil
+    }
+
+    /// Starts the close handshake with `code` (after a `bye`, an idle timeout).
+    func close(code: UInt16) {
+        guard let context else { return }
+        sendClose(context: context, code: code)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -66,22 +90,6 @@ final class WebSocketHandler: ChannelDuplexHandler {
         default:
             fail(context: context, code: CloseCode.protocolError)
         }
-    }
-
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        guard case .open = state else {
-            promise?.fail(ChannelError.outputClosed)
-            return
-        }
-        context.write(data, promise: promise)
-    }
-
-    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
-        guard let request = event as? WebSocketCloseRequest else {
-            return context.triggerUserOutboundEvent(event, promise: promise)
-        }
-        sendClose(context: context, code: request.code)
-        promise?.succeed(())
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
