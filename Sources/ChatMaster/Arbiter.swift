@@ -262,29 +262,30 @@ public final class Arbiter {
             slots[slot]?.nextStartAt = 0
         }
         if relayChanged {
-            let relay = SlotID(role: .relay, index: 0)
-            if next.config.bus.kind == .relay {
-                slots[relay, default: SlotRecord(policy: RestartPolicy(settings: next.restart), generation: generation)].generation = generation
-                slots[relay]?.nextStartAt = 0
-            } else {
-                slots[relay] = nil
-            }
-            for child in children.values where child.slot == relay { drain(child, reason: .shutdown, keepAccepting: false) }
+            replaceSingleton(.relay, wanted: next.config.bus.kind == .relay, restart: next.restart)
         }
         if archiverChanged {
-            let archiver = SlotID(role: .archiver, index: 0)
-            if next.config.archive.kind != .none {
-                slots[archiver, default: SlotRecord(policy: RestartPolicy(settings: next.restart), generation: generation)].generation = generation
-                slots[archiver]?.nextStartAt = 0
-            } else {
-                slots[archiver] = nil
-            }
-            for child in children.values where child.slot == archiver { drain(child, reason: .shutdown, keepAccepting: false) }
+            replaceSingleton(.archiver, wanted: next.config.archive.kind != .none, restart: next.restart)
         }
         lastReload = ReloadReport(ok: true, at: Date().timeIntervalSince1970, generation: generation, error: nil)
         book.reloaded(ok: true)
         logger.info("reloading", metadata: ["generation": "\(generation)", "workers": "\(next.workerCount)",
                                             "relay": relayChanged ? "replaced" : "kept", "listen": "\(next.host):\(boundPort)"])
+    }
+
+    /// The relay or the archiver after a reload changed its settings: the current one
+    /// drains, and (if still wanted) a new one of this generation starts once it is gone.
+    private func replaceSingleton(_ role: ChildRole, wanted: Bool, restart: RestartPolicy.Settings) {
+        let slot = SlotID(role: role, index: 0)
+        if wanted {
+            slots[slot, default: SlotRecord(policy: RestartPolicy(settings: restart), generation: generation)].generation = generation
+            slots[slot]?.nextStartAt = 0
+        } else {
+            slots[slot] = nil
+        }
+        for child in children.values where child.slot == slot {
+            drain(child, reason: .shutdown, keepAccepting: false)
+        }
     }
 
     private func reloadFailed(_ reason: String) {
