@@ -51,6 +51,12 @@ struct CommonOptions: ParsableArguments {
 
     @Option(help: "A label stored with the results.")
     var label: String?
+
+    @Option(name: .customLong("protocol"), help: "chatgw, or nchan: subscribe by WebSocket to --url?room=R and publish bare text frames on a WebSocket of each publisher's own to --nchan-pub-path?room=R (connect, idle, fanout only).")
+    var proto = "chatgw"
+
+    @Option(help: "nchan: the WebSocket publisher location (nchan_publisher websocket).")
+    var nchanPubPath = "/pub"
 }
 
 extension ChatBench {
@@ -112,6 +118,7 @@ extension ChatBench {
         @Option(help: "Rooms the cycles join (round robin).") var rooms = 10
 
         func run() throws {
+            guard common.proto == "chatgw" else { throw ValidationError("churn: only --protocol chatgw") }
             let ctx = try Context.make(common, total: min(Int(rate * duration), common.concurrency), rooms: rooms, publishers: 0, textBytes: 0)
             Scenarios.churn(ctx, rate: rate, duration: duration, rooms: rooms)
         }

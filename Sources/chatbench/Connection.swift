@@ -46,17 +46,22 @@ final class BenchConnection: ChannelInboundHandler {
     /// Messages this publisher sent in the current step, and ever (the `n` it writes).
     var stepSent = 0
     private var counter = 0
+    /// nchan: this connection only publishes (to `pubPath?room=R`); it receives no room messages.
+    let publishOnly: Bool
 
-    init(index: Int, room: Int, mode: Mode, publisherID: Int, publisherSlots: Int, shard: LoopShard) {
+    init(index: Int, room: Int, mode: Mode, publisherID: Int, publisherSlots: Int, publishOnly: Bool = false, shard: LoopShard) {
         self.index = index
         self.room = room
         self.mode = mode
         self.publisherID = publisherID
+        self.publishOnly = publishOnly
         self.shard = shard
-        self.publisherLast = [Int32](repeating: -1, count: publisherSlots)
+        // nchan has no seq: a member expects each publisher's counter to start at 1 (it
+        // subscribed before anything was published), so 0 is "nothing seen yet".
+        self.publisherLast = [Int32](repeating: shard.spec.nchan ? 0 : -1, count: publisherSlots)
     }
 
-    var isOpen: Bool { state == .open && joined }
+    var isOpen: Bool { state == .open && (joined || publishOnly) }
 
     // MARK: lifecycle
 
@@ -67,7 +72,10 @@ final class BenchConnection: ChannelInboundHandler {
     func channelActive(context: ChannelHandlerContext) {
         state = .handshaking
         var request = context.channel.allocator.buffer(capacity: 256)
-        request.writeString("GET \(shard.spec.path)?user=\(shard.spec.userPrefix)\(index) HTTP/1.1\r\nHost: \(shard.spec.host):\(shard.spec.port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        let spec = shard.spec
+        let target = !spec.nchan ? "\(spec.path)?user=\(spec.userPrefix)\(index)"
+            : "\(publishOnly ? spec.pubPath : spec.path)?room=\(spec.roomName(room))"
+        request.writeString("GET \(target) HTTP/1.1\r\nHost: \(shard.spec.host):\(shard.spec.port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         context.writeAndFlush(wrapOutboundOut(request), promise: nil)
         context.fireChannelActive()
     }
@@ -155,6 +163,7 @@ final class BenchConnection: ChannelInboundHandler {
             shard.counters.open += 1
             shard.counters.handshakes += 1
             LatencyHist.record(&shard.handshake, nanos: shard.nowNs &- startNs)
+            if shard.spec.nchan { nchanOpened() }
         }
         let consumed = buffer.withUnsafeReadableBytes { raw in parseFrames(raw, context: context) }
         buffer.moveReaderIndex(forwardBy: consumed)
@@ -234,6 +243,11 @@ final class BenchConnection: ChannelInboundHandler {
     // MARK: application messages
 
     private func text(_ p: UnsafeRawBufferPointer) {
+        if shard.spec.nchan {
+            // A publisher's socket gets nchan's status replies; only members count messages.
+            if !publishOnly { nchanMessage(p) }
+            return
+        }
         // Every server frame starts {"type":"<type>" (ChatProtocol's JSONWriter).
         guard p.count > 11, p[1] == UInt8(ascii: "\""), p[2] == UInt8(ascii: "t") else {
             shard.counters.unparsed += 1
@@ -275,6 +289,71 @@ final class BenchConnection: ChannelInboundHandler {
         default:
             break
         }
+    }
+
+    /// nchan: the 101 is the whole setup (the subscription is in the URL; no hello, no join).
+    private func nchanOpened() {
+        switch mode {
+        case .connect:
+            shard.counters.hellos += 1
+            finishSetup(ok: true, now: shard.nowNs)
+        case .member:
+            if !publishOnly {
+                shard.counters.joins += 1
+                joined = true
+                shard.members[room] += 1
+            }
+            finishSetup(ok: true, now: shard.nowNs)
+        case .churn:
+            finishSetup(ok: false, now: shard.nowNs)
+        }
+    }
+
+    /// nchan: the frame is the publisher's text itself, `t=<ns>;p=<publisher>;n=<counter>...`.
+    /// Without a seq, holes, duplicates and order are checked per (publisher, counter).
+    @inline(__always)
+    private func nchanMessage(_ p: UnsafeRawBufferPointer) {
+        guard p.count > 2, p[0] == UInt8(ascii: "t"), p[1] == UInt8(ascii: "=") else {
+            shard.counters.unparsed += 1
+            return
+        }
+        var at = 2
+        let t = UInt64(Scan.digits(p, &at))
+        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "p") else {
+            shard.counters.unparsed += 1
+            return
+        }
+        at += 3
+        let publisher = Scan.digits(p, &at)
+        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "n") else {
+            shard.counters.unparsed += 1
+            return
+        }
+        at += 3
+        let n = Int32(truncatingIfNeeded: Scan.digits(p, &at))
+        let rooms = shard.spec.rooms
+        if publisher % rooms == room {
+            let slot = publisher / rooms
+            if slot < publisherLast.count {
+                let last = publisherLast[slot]
+                if n == last {
+                    shard.counters.duplicates += 1
+                    return
+                }
+                if n < last {
+                    shard.counters.orderViolations += 1
+                } else {
+                    if n > last + 1 { shard.counters.holes += Int(n - last - 1) }
+                    publisherLast[slot] = n
+                }
+            }
+        } else {
+            shard.counters.unparsed += 1  // another room's publisher: cannot happen with nchan_channel_id $arg_room
+        }
+        shard.counters.deliveries += 1
+        shard.roomReceived[room] += 1
+        let now = shard.nowNs
+        LatencyHist.record(&shard.latency, nanos: now > t ? now - t : 0)
     }
 
     private func hello() {
@@ -355,16 +434,21 @@ final class BenchConnection: ChannelInboundHandler {
         var json: [UInt8] = []
         swap(&json, &shard.scratch)
         json.removeAll(keepingCapacity: true)
-        json.append(contentsOf: shard.sendPrefixes[room])
+        let nchan = shard.spec.nchan
+        if nchan {
+            json.append(contentsOf: [UInt8(ascii: "t"), UInt8(ascii: "=")])
+        } else {
+            json.append(contentsOf: shard.sendPrefixes[room])
+        }
         Scan.appendDecimal(&json, Int(now))
         json.append(contentsOf: [UInt8(ascii: ";"), UInt8(ascii: "p"), UInt8(ascii: "=")])
         Scan.appendDecimal(&json, publisherID)
         json.append(contentsOf: [UInt8(ascii: ";"), UInt8(ascii: "n"), UInt8(ascii: "=")])
         Scan.appendDecimal(&json, counter)
-        let textStart = shard.sendPrefixes[room].count - 2
+        let textStart = nchan ? 0 : shard.sendPrefixes[room].count - 2
         let padding = shard.spec.textBytes - (json.count - textStart)
         if padding > 0 { json.append(contentsOf: repeatElement(UInt8(ascii: "x"), count: padding)) }
-        json.append(contentsOf: [UInt8(ascii: "\""), UInt8(ascii: "}")])
+        if !nchan { json.append(contentsOf: [UInt8(ascii: "\""), UInt8(ascii: "}")]) }
         writeFrame(opcode: 0x1, payload: json)
         shard.scratch = json
         shard.counters.sent += 1

@@ -23,6 +23,14 @@ struct Spec: Codable {
     /// This process's share: global indices i with i % processCount == processIndex.
     var processIndex: Int
     var processCount: Int
+    /// Speak nginx+nchan's endpoints instead of chatgw's protocol: members subscribe with a
+    /// WebSocket to `path?room=R`, publishers send bare text frames on a WebSocket of their own
+    /// to `pubPath?room=R`, and members parse that text (there is no envelope and no seq).
+    var nchan = false
+    var pubPath = "/pub"
+
+    /// nchan: publisher p's own connection is opened as index `nchanPublisherBase + p`.
+    static let nchanPublisherBase = 40_000_000
 
     func roomName(_ r: Int) -> String { "\(roomPrefix)\(r)" }
 
@@ -165,10 +173,14 @@ final class LoopShard {
         inflight += 1
         launched += 1
         counters.connectAttempts += 1
-        let room = index % spec.rooms
-        let isPublisher = mode == .member && index < spec.publishers
-        let conn = BenchConnection(index: index, room: room, mode: mode, publisherID: isPublisher ? index : -1,
-                                   publisherSlots: mode == .member ? spec.publisherSlots(room: room) : 0, shard: self)
+        // nchan: members only subscribe; publisher p gets a connection of its own (index base + p).
+        let nchanPublisher = spec.nchan && mode == .member && index >= Spec.nchanPublisherBase
+        let logical = nchanPublisher ? index - Spec.nchanPublisherBase : index
+        let room = logical % spec.rooms
+        let isPublisher = mode == .member && logical < spec.publishers && (nchanPublisher || !spec.nchan)
+        let conn = BenchConnection(index: index, room: room, mode: mode, publisherID: isPublisher ? logical : -1,
+                                   publisherSlots: mode == .member && !nchanPublisher ? spec.publisherSlots(room: room) : 0,
+                                   publishOnly: nchanPublisher, shard: self)
         connections[ObjectIdentifier(conn)] = conn
         if isPublisher { publishers.append(conn) }
         conn.startNs = monotonicNanos()
@@ -367,7 +379,11 @@ final class Engine {
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport {
         _ = onAll { $0.resetPhase(); $0.stopping = false }
         let cpu0 = Proc.selfTicks()
-        let parts = split(total)
+        var parts = split(total)
+        if spec.nchan && mode == .member {
+            // The publishers' own connections, after the members (so every subscriber is there first).
+            for (k, extra) in split(spec.publishers).enumerated() { parts[k] += extra.map { Spec.nchanPublisherBase + $0 } }
+        }
         let perLoop = max(1, spec.concurrency / shards.count)
         for (shard, indices) in zip(shards, parts) {
             shard.eventLoop.execute { shard.value.start(indices: indices, mode: mode, maxInflight: perLoop, rate: nil) }

@@ -157,15 +157,20 @@ struct Context {
         guard let url = URLComponents(string: common.url), let host = url.host, url.scheme == "ws" else {
             throw ValidationError("--url must look like ws://HOST:PORT/ws")
         }
+        guard common.proto == "chatgw" || common.proto == "nchan" else {
+            throw ValidationError("--protocol: chatgw or nchan")
+        }
+        let nchan = common.proto == "nchan"
         let tag = String(UInt32.random(in: 0...UInt32.max), radix: 16)
         let processes = common.processes ?? max(1, (total + common.perProcess - 1) / common.perProcess)
         let sourceCount = common.sources ?? (total > 25_000 ? (total + 24_999) / 25_000 : 0)
         let spec = Spec(
-            host: host, port: url.port ?? 80, path: url.path.isEmpty ? "/ws" : url.path,
+            host: host, port: url.port ?? 80, path: url.path.isEmpty ? (nchan ? "/sub" : "/ws") : url.path,
             sources: (0..<sourceCount).map { "127.0.0.\(2 + $0)" },
             userPrefix: "b\(tag)-", roomPrefix: "bench-\(tag)-", rooms: max(1, rooms), publishers: publishers,
             textBytes: textBytes, threads: common.threads, concurrency: max(1, common.concurrency / processes),
-            connectTimeoutMs: common.connectTimeoutMs, processIndex: 0, processCount: processes)
+            connectTimeoutMs: common.connectTimeoutMs, processIndex: 0, processCount: processes,
+            nchan: nchan, pubPath: common.nchanPubPath)
         let monitor = Monitor(serverPid: common.serverPid, stateDir: common.stateDir, quiet: common.quiet)
         let driver: Driver = processes > 1 ? try ShardedDriver(spec: spec) : try LocalDriver(spec: spec)
         driver.onProgress = { [monitor] p in monitor.progress(p) }
@@ -193,6 +198,7 @@ struct Context {
         result["client"] = clientJSON
         result["server"] = serverJSON
         result["target"] = common.url
+        result["protocol"] = common.proto
         driver.shutdown()
         let text = summary.joined(separator: "\n") + "\n"
         if common.json {
@@ -367,7 +373,7 @@ enum Scenarios {
                 "deliveries": c.deliveries, "deliveries_expected": expected,
                 "offered_deliveries_per_s": round3(offered), "deliveries_per_s": round3(achieved),
                 "lost": lost, "duplicates": c.duplicates, "holes": c.holes, "order_violations": c.orderViolations,
-                "gaps": c.gaps, "errors": c.errors, "byes": c.byes, "closed_by_server": c.unexpectedCloses,
+                "gaps": c.gaps, "unparsed": c.unparsed, "errors": c.errors, "byes": c.byes, "closed_by_server": c.unexpectedCloses,
                 "error_kinds": r.errorKinds,
                 "latency": lat.json,
                 "server_cpu_us_per_delivery": cpu.serverMicros(per: c.deliveries),
