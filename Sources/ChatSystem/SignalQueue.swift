@@ -44,7 +44,8 @@ public final class SignalQueue {
         return received
     }
 
-    /// Restores the default disposition, e.g. in a child before it sets up its own handling.
+    /// Ignores `signal` (SIGPIPE: a dead peer is an error on the write, not a signal; SIGTERM
+    /// before a dispatch source takes it over).
     public static func ignore(_ signal: Int32) {
         Glibc.signal(signal, SIG_IGN)
     }

@@ -64,6 +64,14 @@ struct Connection: ParsableArguments {
     }
 }
 
+extension Connection {
+    /// Sends a command whose answer is a message; prints it (or `fallback`) unless --json.
+    func perform(_ request: ControlRequest, fallback: String) async throws {
+        let response = try await send(request)
+        if !json { print(response.message ?? fallback) }
+    }
+}
+
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("chatctl: \(message)\n".utf8))
 }
@@ -109,8 +117,7 @@ struct Reload: AsyncParsableCommand {
     @OptionGroup var connection: Connection
 
     func run() async throws {
-        let response = try await connection.send(ControlRequest(command: .reload))
-        if !connection.json { print(response.message ?? "reloaded") }
+        try await connection.perform(ControlRequest(command: .reload), fallback: "reloaded")
     }
 }
 
@@ -120,8 +127,7 @@ struct Stop: AsyncParsableCommand {
     @Flag(help: "Say goodbye to every client at once instead of spreading it over the drain window.") var fast = false
 
     func run() async throws {
-        let response = try await connection.send(ControlRequest(command: .stop, fast: fast))
-        if !connection.json { print(response.message ?? "stopping") }
+        try await connection.perform(ControlRequest(command: .stop, fast: fast), fallback: "stopping")
     }
 }
 
@@ -131,8 +137,7 @@ struct Scale: AsyncParsableCommand {
     @Argument(help: "Number of workers, 1 to 256.") var count: Int
 
     func run() async throws {
-        let response = try await connection.send(ControlRequest(command: .scale, count: count))
-        if !connection.json { print(response.message ?? "scaling") }
+        try await connection.perform(ControlRequest(command: .scale, count: count), fallback: "scaling")
     }
 }
 
@@ -142,8 +147,7 @@ struct Kick: AsyncParsableCommand {
     @Argument(help: "The user name.") var user: String
 
     func run() async throws {
-        let response = try await connection.send(ControlRequest(command: .kick, user: user))
-        if !connection.json { print(response.message ?? "kicked") }
+        try await connection.perform(ControlRequest(command: .kick, user: user), fallback: "kicked")
     }
 }
 
