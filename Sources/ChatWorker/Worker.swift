@@ -225,6 +225,15 @@ final class Worker: BusDelegate {
 
 /// Starts a worker process and never returns.
 public enum WorkerProcess {
+    /// NIO keeps each connection's last read buffer for the next read, so its first size is
+    /// memory every idle member holds. Chat frames and handshakes are small; reads that fill
+    /// the buffer grow it (up to 64 KiB) for the rare big message.
+    static let readBuffers = AdaptiveRecvByteBufferAllocator(
+        minimum: 64,
+        initial: 256,
+        maximum: 65_536
+    )
+
     public static func run(settings: WorkerSettings, logger: Logger) -> Never {
         if let crashSlot = ProcessEnvironment.current()["CHATGW_TEST_CRASH_SLOT"], crashSlot == "\(settings.slot)" {
             logger.critical("crashing on purpose (CHATGW_TEST_CRASH_SLOT)")
@@ -269,6 +278,7 @@ public enum WorkerProcess {
             .serverChannelOption(.backlog, value: Int32(config.server.backlog))
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
+            .childChannelOption(.recvAllocator, value: Self.readBuffers)
             .childChannelInitializer { channel in
                 ConnectionPipeline.configure(channel, worker: worker)
             }

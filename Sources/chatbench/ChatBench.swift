@@ -28,7 +28,7 @@ struct CommonOptions: ParsableArguments {
     @Option(help: "Connections per load process when --processes is not given (open files are limited to 20,000 per process).")
     var perProcess = 19_000
 
-    @Option(help: "Bind client sockets to this many source addresses 127.0.0.2, .3, ... (default: one per 25,000 connections, none below that).")
+    @Option(help: "Bind client sockets to this many source addresses 127.0.0.2, .3, ... (default: one per 8,000 connections, none below that).")
     var sources: Int?
 
     @Option(help: "Connection setups in flight at once, over all load processes.")

@@ -121,9 +121,15 @@ final class BenchConnection: ChannelInboundHandler {
         shard.setupFinished(ok: ok, now: now, started: startNs)
     }
 
+    /// The end of a run: an abortive close (SO_LINGER 0), so no TIME_WAIT sockets are left
+    /// on the load generator's ports to slow the kernel's port search in the next run.
     func close() {
         guard let context, state != .closed else { return }
-        context.close(promise: nil)
+        guard let options = context.channel as? any SocketOptionProvider else {
+            context.close(promise: nil)
+            return
+        }
+        options.setSoLinger(linger(l_onoff: 1, l_linger: 0)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     // MARK: input

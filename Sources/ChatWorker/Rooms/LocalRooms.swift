@@ -10,7 +10,9 @@ import NIOCore
 // once per loop tick, however many messages reached it in that tick.
 
 final class LocalRooms {
-    struct Room {
+    /// A class, so that a join or a delivery changes the room in place: a struct copied out
+    /// of the table and written back copied its whole member table on every join.
+    final class Room {
         var members: [ObjectIdentifier: SessionHandler] = [:]
         /// Joined at a seq this worker has not delivered up to yet (a bus whose live feed
         /// and answers travel on different connections): they become members once the
@@ -19,6 +21,12 @@ final class LocalRooms {
         var epoch: String
         var lastSeq: Int
         var knownMembers: Int
+
+        init(epoch: String, lastSeq: Int, knownMembers: Int) {
+            self.epoch = epoch
+            self.lastSeq = lastSeq
+            self.knownMembers = knownMembers
+        }
     }
 
     private(set) var rooms: [String: Room] = [:]
@@ -39,11 +47,12 @@ final class LocalRooms {
     /// Adds a member once the bus answered its join (the answer's seq is where its live
     /// messages start).
     func add(_ session: SessionHandler, to name: String, snapshot: RoomSnapshot) {
-        guard var room = rooms[name] else {
-            var room = Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members)
-            room.members[ObjectIdentifier(session)] = session
+        let room: Room
+        if let existing = rooms[name] {
+            room = existing
+        } else {
+            room = Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members)
             rooms[name] = room
-            return
         }
         room.knownMembers = snapshot.members
         if room.epoch == snapshot.epoch && room.lastSeq < snapshot.seq {
@@ -51,7 +60,6 @@ final class LocalRooms {
         } else {
             room.members[ObjectIdentifier(session)] = session
         }
-        rooms[name] = room
     }
 
     /// Removes a member; the room goes away with its last member.
@@ -71,7 +79,7 @@ final class LocalRooms {
 
     /// A live message from the bus: one encoding, the same bytes to every member.
     func deliver(_ message: RoomMessage) {
-        guard var room = rooms[message.room] else { return }
+        guard let room = rooms[message.room] else { return }
         if message.epoch == room.epoch && message.seq <= room.lastSeq { return }
         let epochChanged = room.epoch != message.epoch
         room.epoch = message.epoch
@@ -84,7 +92,6 @@ final class LocalRooms {
             }
             room.pending.removeAll { epochChanged || $0.fromSeq <= message.seq }
         }
-        rooms[message.room] = room
     }
 
     /// Room messages written to members so far.
@@ -92,7 +99,7 @@ final class LocalRooms {
 
     /// After a bus outage: what the room's members missed, then the messages again available.
     func resynced(_ name: String, result: JoinResult) {
-        guard var room = rooms[name] else { return }
+        guard let room = rooms[name] else { return }
         if let gap = result.gap {
             broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), to: room.members)
         }
@@ -101,19 +108,15 @@ final class LocalRooms {
             room.lastSeq = 0
         }
         room.knownMembers = result.room.members
-        rooms[name] = room
         for message in result.replay {
             deliver(message)
         }
-        if let latest = rooms[name], result.room.seq > latest.lastSeq {
-            rooms[name]?.lastSeq = result.room.seq
+        if result.room.seq > room.lastSeq {
+            room.lastSeq = result.room.seq
         }
         // Whoever was waiting for a seq is now as far as the room will get.
-        if var latest = rooms[name], !latest.pending.isEmpty {
-            for (session, _) in latest.pending { latest.members[ObjectIdentifier(session)] = session }
-            latest.pending.removeAll()
-            rooms[name] = latest
-        }
+        for (session, _) in room.pending { room.members[ObjectIdentifier(session)] = session }
+        room.pending.removeAll()
     }
 
     private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) {

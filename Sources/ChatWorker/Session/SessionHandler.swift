@@ -49,9 +49,11 @@ final class SessionHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        webSocket.onClosing = { [weak self] in
+        // A strong capture: the WebSocket handler drops the closure when it is removed from
+        // the pipeline, which ends the cycle (a weak one cost a side table per connection).
+        webSocket.onClosing = { [self] in
             // A close frame went out or came in: write nothing more, leave the rooms.
-            guard let self, !closing else { return }
+            guard !closing else { return }
             closing = true
             departedRooms()
         }
