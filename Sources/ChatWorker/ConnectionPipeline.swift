@@ -75,8 +75,7 @@ enum ConnectionPipeline {
             },
             configure: { channel, head in
                 guard let selected = endpoint(head) else { return }
-                let activity = ConnectionActivity()
-                let webSocket = try addWebSocketHandlers(to: channel, endpoint: selected, activity: activity)
+                let webSocket = try addWebSocketHandlers(to: channel, endpoint: selected)
                 if selected.isEcho {
                     try channel.pipeline.syncOperations.addHandler(EchoHandler())
                     return
@@ -84,7 +83,7 @@ enum ConnectionPipeline {
                 guard let user = verdict.value.user else { throw ChannelError.inappropriateOperationForState }
                 let worker = bound.value
                 try channel.pipeline.syncOperations.addHandler(
-                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), webSocket: webSocket, activity: activity, worker: worker))
+                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), webSocket: webSocket, worker: worker))
             }
         )
         return channel.eventLoop.makeCompletedFuture {
@@ -95,14 +94,13 @@ enum ConnectionPipeline {
     }
 
     /// Frame rules, reassembly of fragments, then the WebSocket duties.
-    private static func addWebSocketHandlers(to channel: any Channel, endpoint: Endpoint, activity: ConnectionActivity) throws -> WebSocketHandler {
+    private static func addWebSocketHandlers(to channel: any Channel, endpoint: Endpoint) throws -> WebSocketHandler {
         let pipeline = channel.pipeline.syncOperations
         // The plain-HTTP handler sits where the WebSocket handlers go; it is done now.
         _ = pipeline.removeHandler(context: try pipeline.context(handlerType: HTTPHandler.self))
-        try pipeline.addHandler(FrameRuleChecker())
-        try pipeline.addHandler(NIOWebSocketFrameAggregator(
-            minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: endpoint.maxFragments, maxAccumulatedFrameSize: endpoint.maxMessageBytes))
-        let webSocket = WebSocketHandler(activity: activity)
+        try pipeline.addHandler(FrameRuleChecker(aggregator: NIOWebSocketFrameAggregator(
+            minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: endpoint.maxFragments, maxAccumulatedFrameSize: endpoint.maxMessageBytes)))
+        let webSocket = WebSocketHandler()
         try pipeline.addHandler(webSocket)
         return webSocket
     }

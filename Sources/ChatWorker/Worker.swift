@@ -188,11 +188,11 @@ final class Worker: BusDelegate {
         let pingAfter = TimeAmount.seconds(Int64(settings.limits.idlePingSeconds))
         let closeAfter = TimeAmount.seconds(Int64(settings.limits.idleTimeoutSeconds))
         for session in sessions.values {
-            let quiet = now - session.activity.lastInbound
+            let quiet = now - session.webSocket.lastInbound
             if quiet >= closeAfter {
                 session.close(code: CloseCode.goingAway)
-            } else if quiet >= pingAfter, !session.activity.pingSent {
-                session.activity.pingSent = true
+            } else if quiet >= pingAfter, !session.webSocket.pingSent {
+                session.webSocket.pingSent = true
                 session.ping()
             }
         }

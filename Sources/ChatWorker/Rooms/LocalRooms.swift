@@ -44,6 +44,13 @@ final class LocalRooms {
 
     func room(_ name: String) -> Room? { rooms[name] }
 
+    /// The table's own copy of a room name when the room has local members: a session that
+    /// keeps this one instead of its join request's copy saves an allocation per member.
+    func sharedName(_ name: String) -> String {
+        guard let index = rooms.index(forKey: name) else { return name }
+        return rooms.keys[index]
+    }
+
     /// Adds a member once the bus answered its join (the answer's seq is where its live
     /// messages start).
     func add(_ session: SessionHandler, to name: String, snapshot: RoomSnapshot) {

@@ -21,13 +21,13 @@ final class SessionHandler: ChannelInboundHandler {
     let user: String
     let permission: RoomPermission
     let connectionID: String
-    let activity: ConnectionActivity
-    private let webSocket: WebSocketHandler
+    /// Also the connection's activity record for the worker's idle sweep.
+    let webSocket: WebSocketHandler
     private let worker: Worker
     /// Set while this session waits in the room table's list of members to flush.
     var flushQueued = false
     private var context: ChannelHandlerContext?
-    private var rooms: [String: Membership] = [:]
+    private var rooms = Memberships<Membership>()
     private var bucket: TokenBucket
     private var flood: FloodDetector
     private var closing = false
@@ -35,12 +35,11 @@ final class SessionHandler: ChannelInboundHandler {
     /// join's replay comes before any live message.
     private var holding: [ByteBuffer]?
 
-    init(user: AuthorizedUser, connectionID: String, webSocket: WebSocketHandler, activity: ConnectionActivity, worker: Worker) {
+    init(user: AuthorizedUser, connectionID: String, webSocket: WebSocketHandler, worker: Worker) {
         self.webSocket = webSocket
         self.user = user.name
         self.permission = user.rooms
         self.connectionID = connectionID
-        self.activity = activity
         self.worker = worker
         let limits = worker.settings.limits
         bucket = TokenBucket(rate: limits.ratePerSecond, burst: limits.burst, now: monotonicSeconds())
@@ -144,7 +143,8 @@ final class SessionHandler: ChannelInboundHandler {
         }
     }
 
-    private func join(_ room: String, since: Int?, epoch: String?, history: Int, ref: String?) {
+    private func join(_ requested: String, since: Int?, epoch: String?, history: Int, ref: String?) {
+        let room = worker.rooms.sharedName(requested)
         if rooms[room] == .joined, let local = worker.rooms.room(room) {
             send(.joined(room: room, seq: local.lastSeq, epoch: local.epoch, members: local.knownMembers, ref: ref))
             return
@@ -335,7 +335,7 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Leaves every room; a room still being joined is undone when the bus answers.
     private func departedRooms() {
-        for (room, membership) in rooms where membership == .joined {
+        for room in rooms.rooms(in: .joined) {
             worker.rooms.remove(self, from: room)
             worker.bus.leave(room: room, members: 1)
         }
