@@ -99,14 +99,16 @@ extension ChatBench {
         @Option(name: .customLong("p99-ms"), help: "A step passes only with p99 at or below this.") var p99Ms = 50.0
         @Flag(help: "Stop stepping at the first failing rate.") var stopOnFail = false
         @Option(help: "Bytes of message text (padded after the t=;p=;n= header).") var textBytes = 64
+        @Option(help: "Members that stop reading (the last N; never publishers) when the first step starts: they stay connected, are left out of every count and latency, and at the end get 2 s of reading to show whether the server cut them off.") var stalled = 0
 
         func run() throws {
             let list = rates.split(separator: ",").compactMap { Double($0.trimmingCharacters(in: .whitespaces)) }
             guard !list.isEmpty, list.allSatisfy({ $0 > 0 }) else { throw ValidationError("--rates: positive numbers, comma-separated") }
             guard publishers >= 1, publishers <= members, rooms >= 1 else { throw ValidationError("need 1 <= publishers <= members and rooms >= 1") }
-            let ctx = try Context.make(common, total: members, rooms: rooms, publishers: publishers, textBytes: textBytes)
+            guard stalled >= 0, stalled <= members - publishers else { throw ValidationError("--stalled: 0 up to members - publishers (publishers never stall)") }
+            let ctx = try Context.make(common, total: members, rooms: rooms, publishers: publishers, textBytes: textBytes, stalled: stalled)
             Scenarios.fanout(ctx, .init(members: members, rooms: rooms, publishers: publishers, rates: list, duration: duration,
-                                        drainMax: drain, p99LimitMs: p99Ms, stopOnFail: stopOnFail, textBytes: textBytes))
+                                        drainMax: drain, p99LimitMs: p99Ms, stopOnFail: stopOnFail, textBytes: textBytes, stalled: stalled))
         }
     }
 

@@ -48,6 +48,12 @@ final class BenchConnection: ChannelInboundHandler {
     private var counter = 0
     /// nchan: this connection only publishes (to `pubPath?room=R`); it receives no room messages.
     let publishOnly: Bool
+    /// `--stalled`: this member stopped reading (autoRead off, no read()); nothing it gets is
+    /// counted, and it is not in the shard's `members`.
+    private(set) var stalled = false
+    /// A stalled member saw the server's close frame, or a socket error.
+    private var sawClose = false
+    private var sawError = false
 
     init(index: Int, room: Int, mode: Mode, publisherID: Int, publisherSlots: Int, publishOnly: Bool = false, shard: LoopShard) {
         self.index = index
@@ -62,6 +68,35 @@ final class BenchConnection: ChannelInboundHandler {
     }
 
     var isOpen: Bool { state == .open && (joined || publishOnly) }
+
+    /// A stalled member whose connection the server ended (close frame or TCP close seen).
+    var gone: Bool { state == .closed || sawClose }
+
+    /// Stops reading: autoRead off and no read(), so the kernel's receive buffer fills, then
+    /// the server's send buffer. False when not open and joined.
+    func stall() -> Bool {
+        guard let context, state == .open, joined, !stalled else { return false }
+        stalled = true
+        shard.members[room] -= 1
+        if let options = context.channel.syncOptions {
+            try? options.setOption(.autoRead, value: false)
+        } else {
+            _ = context.channel.setOption(.autoRead, value: false)
+        }
+        return true
+    }
+
+    /// Reads again (the end of the run): whatever the kernel buffered, then the server's
+    /// close frame or the TCP close if it cut this member off.
+    func resumeReading() {
+        guard stalled, let context, state != .closed else { return }
+        if let options = context.channel.syncOptions {
+            try? options.setOption(.autoRead, value: true)
+        } else {
+            _ = context.channel.setOption(.autoRead, value: true)
+        }
+        context.read()
+    }
 
     // MARK: lifecycle
 
@@ -88,7 +123,7 @@ final class BenchConnection: ChannelInboundHandler {
             countedOpen = false
         }
         if joined {
-            shard.members[room] -= 1
+            if !stalled { shard.members[room] -= 1 }
             joined = false
         }
         if mode == .churn && wasClosing && left {
@@ -101,6 +136,9 @@ final class BenchConnection: ChannelInboundHandler {
             if !shard.stopping { shard.counters.unexpectedCloses += 1 }
             if mode == .churn { shard.counters.cycleFailures += 1 }
             finishSetup(ok: false, now: monotonicNanos())
+        } else if stalled {
+            // Expected: the server may cut a member off that does not read.
+            if !sawClose && !sawError && !shard.stopping { shard.noteStalled("tcp close without a close frame") }
         } else if !wasClosing && !shard.stopping {
             // An established connection the server (or the network) closed.
             shard.counters.unexpectedCloses += 1
@@ -110,7 +148,12 @@ final class BenchConnection: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        shard.noteError("socket: \(error)")
+        if stalled {
+            sawError = true
+            if !shard.stopping { shard.noteStalled("socket: \(error)") }
+        } else {
+            shard.noteError("socket: \(error)")
+        }
         context.close(promise: nil)
     }
 
@@ -228,6 +271,10 @@ final class BenchConnection: ChannelInboundHandler {
         case 0x1:
             text(payload)
         case 0x8:
+            if stalled && !sawClose {
+                sawClose = true
+                shard.noteStalled(payload.count >= 2 ? "close \(Int(payload[0]) << 8 | Int(payload[1]))" : "close (no code)")
+            }
             // The server's close: answer it (unless we started the handshake) and drop TCP.
             if state != .closing {
                 state = .closing
@@ -249,6 +296,13 @@ final class BenchConnection: ChannelInboundHandler {
     // MARK: application messages
 
     private func text(_ p: UnsafeRawBufferPointer) {
+        if stalled {
+            // Left out of every count; only a bye (the reason it is being cut off) is kept.
+            if !shard.spec.nchan && p.count > 11 && p[9] == UInt8(ascii: "b") {
+                shard.noteStalled("bye " + (Scan.stringField(p, "\"reason\":\"") ?? "?"))
+            }
+            return
+        }
         if shard.spec.nchan {
             // A publisher's socket gets nchan's status replies; only members count messages.
             if !publishOnly { nchanMessage(p) }

@@ -12,6 +12,10 @@ protocol Driver: AnyObject {
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport
     func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport
     func churn(rate: Double, seconds: Double) -> PhaseReport
+    /// `--stalled`: the stalled members read again for up to `seconds`; reports how many found their connection ended.
+    func probeStalled(seconds: Double) -> PhaseReport
+    /// Keeps every connection open for `seconds`; reports what the server closed meanwhile.
+    func hold(seconds: Double) -> PhaseReport
     /// Closes every connection; returns how many did not close in time.
     func closeAll() -> Int
     func shutdown()
@@ -31,6 +35,8 @@ final class LocalDriver: Driver {
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport { engine.setup(total: total, mode: mode, timeout: timeout) }
     func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport { engine.step(rate: rate, seconds: seconds, drainMax: drainMax) }
     func churn(rate: Double, seconds: Double) -> PhaseReport { engine.churn(rate: rate, seconds: seconds) }
+    func probeStalled(seconds: Double) -> PhaseReport { engine.probeStalled(seconds: seconds) }
+    func hold(seconds: Double) -> PhaseReport { engine.hold(seconds: seconds) }
     func closeAll() -> Int { engine.closeAll() }
     func shutdown() { engine.shutdown() }
 }
@@ -164,6 +170,14 @@ final class ShardedDriver: Driver {
         run(ChildCommand(op: "churn", rate: rate, seconds: seconds))
     }
 
+    func hold(seconds: Double) -> PhaseReport {
+        run(ChildCommand(op: "hold", seconds: seconds))
+    }
+
+    func probeStalled(seconds: Double) -> PhaseReport {
+        run(ChildCommand(op: "probe", seconds: seconds))
+    }
+
     func closeAll() -> Int {
         run(ChildCommand(op: "close")).counters.open
     }
@@ -196,6 +210,8 @@ enum ChildMain {
             case "setup": report = engine.setup(total: command.total, mode: command.mode, timeout: command.timeout)
             case "step": report = engine.step(rate: command.rate, seconds: command.seconds, drainMax: command.drainMax)
             case "churn": report = engine.churn(rate: command.rate, seconds: command.seconds)
+            case "probe": report = engine.probeStalled(seconds: command.seconds)
+            case "hold": report = engine.hold(seconds: command.seconds)
             case "close":
                 report = PhaseReport()
                 report.counters.open = engine.closeAll()

@@ -28,6 +28,13 @@ struct Spec: Codable {
     /// to `pubPath?room=R`, and members parse that text (there is no envelope and no seq).
     var nchan = false
     var pubPath = "/pub"
+    /// `--stalled`: members stalledFrom..<stalledFrom + stalledCount stop reading when the first step starts.
+    var stalledFrom = 0
+    var stalledCount = 0
+
+    func isStalled(_ index: Int) -> Bool {
+        stalledCount > 0 && index >= stalledFrom && index < stalledFrom + stalledCount
+    }
 
     /// nchan: publisher p's own connection is opened as index `nchanPublisherBase + p`.
     static let nchanPublisherBase = 40_000_000
@@ -62,6 +69,9 @@ final class LoopShard {
     var roomSent: [Int]
     var roomReceived: [Int]
     var errorKinds: [String: Int] = [:]
+    /// `--stalled`: per room, members that stopped reading in this phase; how their connections ended.
+    var roomStalled: [Int]
+    var stalledKinds: [String: Int] = [:]
     /// Receive time of the read being processed (one clock read per read, not per message).
     var nowNs: UInt64 = 0
     var scratch: [UInt8] = []
@@ -69,6 +79,9 @@ final class LoopShard {
 
     private var connections: [ObjectIdentifier: BenchConnection] = [:]
     private var publishers: [BenchConnection] = []
+    /// `--stalled`: members due to stop reading at the first step, then those that did.
+    private var stallCandidates: [BenchConnection] = []
+    private var stalled: [BenchConnection] = []
 
     // Launching.
     private var pending: [Int] = []
@@ -100,6 +113,7 @@ final class LoopShard {
         members = [Int](repeating: 0, count: spec.rooms)
         roomSent = members
         roomReceived = members
+        roomStalled = members
         scratch.reserveCapacity(256 + spec.textBytes)
     }
 
@@ -107,7 +121,12 @@ final class LoopShard {
         if errorKinds.count < 50 || errorKinds[kind] != nil { errorKinds[kind, default: 0] += 1 }
     }
 
+    func noteStalled(_ kind: String) {
+        if stalledKinds.count < 50 || stalledKinds[kind] != nil { stalledKinds[kind, default: 0] += 1 }
+    }
+
     func resetPhase() {
+        roomStalled = [Int](repeating: 0, count: spec.rooms)
         counters.resetForPhase()
         latency.reset()
         handshake.reset()
@@ -183,6 +202,7 @@ final class LoopShard {
                                    publishOnly: nchanPublisher, shard: self)
         connections[ObjectIdentifier(conn)] = conn
         if isPublisher { publishers.append(conn) }
+        if mode == .member && !isPublisher && !nchanPublisher && spec.isStalled(index) { stallCandidates.append(conn) }
         conn.startNs = monotonicNanos()
         if firstStart == 0 { firstStart = conn.startNs }
         // The bootstrap's group is this loop alone, so the channel (and its initializer) lives here too.
@@ -241,6 +261,27 @@ final class LoopShard {
 
     var connectionCount: Int { connections.count }
 
+    // MARK: stalled members
+
+    /// The first time (the first step's start): the stall candidates that are open and
+    /// joined stop reading.
+    func stallMembers() {
+        let candidates = stallCandidates
+        stallCandidates = []
+        for conn in candidates where conn.stall() {
+            stalled.append(conn)
+            roomStalled[conn.room] += 1
+        }
+    }
+
+    /// The end of the run: the stalled members read again, to find what the server did.
+    func resumeStalled() {
+        for conn in stalled { conn.resumeReading() }
+    }
+
+    /// Some stalled member's connection is not known to be ended yet.
+    var stalledUndecided: Bool { stalled.contains { !$0.gone } }
+
     // MARK: publishing
 
     /// Every local publisher sends `perPublisher` messages per second, from `start` on, with
@@ -290,6 +331,10 @@ final class LoopShard {
         r.roomSent = roomSent
         r.roomReceived = roomReceived
         r.errorKinds = errorKinds
+        r.roomStalled = roomStalled
+        r.stalledMembers = stalled.count
+        r.stalledGone = stalled.reduce(0) { $0 + ($1.gone ? 1 : 0) }
+        r.stalledKinds = stalledKinds
         r.elapsedNs = firstStart > 0 && lastDone > firstStart ? lastDone - firstStart : 0
         return r
     }
@@ -407,6 +452,7 @@ final class Engine {
     /// process) for `seconds`, then waits for the tail to arrive.
     func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport {
         _ = onAll { $0.resetPhase() }
+        if spec.stalledCount > 0 { _ = onAll { $0.stallMembers() } }
         let cpu0 = Proc.selfTicks()
         let perPublisher = spec.publishers > 0 ? rate / Double(spec.publishers) : 0
         let start = monotonicNanos() + 2_000_000
@@ -464,6 +510,22 @@ final class Engine {
         report.clientCPUTicks = Proc.selfTicks() - cpu0
         report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
         return report
+    }
+
+    /// Idle: keeps the connections for `seconds`; the report's counters say how many are
+    /// still open and what the server closed or sent (`bye`) meanwhile.
+    func hold(seconds: Double) -> PhaseReport {
+        _ = onAll { $0.resetPhase() }
+        wait(seconds: seconds)
+        return gather()
+    }
+
+    /// `--stalled`: the stalled members read again (autoRead on) for up to `seconds`, or until
+    /// every one found its connection ended; the report's stalled fields say how many did.
+    func probeStalled(seconds: Double) -> PhaseReport {
+        _ = onAll { $0.resetPhase(); $0.resumeStalled() }
+        wait(seconds: seconds, pollMs: 50) { !self.onAll { $0.stalledUndecided }.contains(true) }
+        return gather()
     }
 
     /// Closes every connection and waits (up to `timeout`) until they are gone.

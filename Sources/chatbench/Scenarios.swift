@@ -145,7 +145,7 @@ struct Context {
     /// How busy the machine was just before the run (anything else running skews the figures).
     var busyBefore: Double
 
-    static func make(_ common: CommonOptions, total: Int, rooms: Int, publishers: Int, textBytes: Int) throws -> Context {
+    static func make(_ common: CommonOptions, total: Int, rooms: Int, publishers: Int, textBytes: Int, stalled: Int = 0) throws -> Context {
         raiseOpenFileLimit()
         let m0 = Proc.machineTicks()
         sleepMillis(500)
@@ -166,13 +166,15 @@ struct Context {
         // The kernel's search for a free ephemeral port slows as a source address fills up
         // (seen: 56 us of client CPU per connect at 10,000 on one address, 300 us at 20,000).
         let sourceCount = common.sources ?? (total > 8_000 ? (total + 7_999) / 8_000 : 0)
-        let spec = Spec(
+        var spec = Spec(
             host: host, port: url.port ?? 80, path: url.path.isEmpty ? (nchan ? "/sub" : "/ws") : url.path,
             sources: (0..<sourceCount).map { "127.0.0.\(2 + $0)" },
             userPrefix: "b\(tag)-", roomPrefix: "bench-\(tag)-", rooms: max(1, rooms), publishers: publishers,
             textBytes: textBytes, threads: common.threads, concurrency: max(1, common.concurrency / processes),
             connectTimeoutMs: common.connectTimeoutMs, processIndex: 0, processCount: processes,
             nchan: nchan, pubPath: common.nchanPubPath)
+        spec.stalledFrom = total - stalled
+        spec.stalledCount = stalled
         let monitor = Monitor(serverPid: common.serverPid, stateDir: common.stateDir, quiet: common.quiet)
         let driver: Driver = processes > 1 ? try ShardedDriver(spec: spec) : try LocalDriver(spec: spec)
         driver.onProgress = { [monitor] p in monitor.progress(p) }
@@ -286,7 +288,7 @@ enum Scenarios {
         sleepMillis(Int(settle * 1000))
         m.server?.refresh()
         let after = m.server?.memoryByRole() ?? [:]
-        if hold > 0 { sleepMillis(Int(hold * 1000)) }
+        let held = hold > 0 ? ctx.driver.hold(seconds: hold) : nil
         m.begin("closing")
         let left = ctx.driver.closeAll()
         let joined = r.counters.joins
@@ -298,7 +300,7 @@ enum Scenarios {
         let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
         let seconds = Double(r.elapsedNs) / 1e9
         func roles(_ m: [String: MemoryKB]) -> JSON { m.mapValues { ["rss_kb": $0.rssKB, "pss_kb": $0.pssKB] } }
-        let result: JSON = [
+        var result: JSON = [
             "scenario": "idle",
             "params": ["connections": connections, "rooms": rooms, "settle_s": settle],
             "joined": joined, "failed": totalFailures(r), "failures": failureJSON(r),
@@ -313,6 +315,12 @@ enum Scenarios {
         var summary = [
             "idle: \(joined) of \(connections) connections joined to \(rooms) rooms in \(fmt(seconds, 2)) s, \(totalFailures(r)) failed\(kindsText(r))",
         ]
+        if let held {
+            let c = held.counters
+            result["hold"] = ["seconds": hold, "open_after": c.open, "closed_by_server": c.unexpectedCloses,
+                              "byes": c.byes, "errors": c.errors]
+            summary.append("  held \(fmt(hold, 0)) s: \(c.open) still open, \(c.unexpectedCloses) closed by the server, \(c.byes) byes, \(c.errors) errors")
+        }
         if m.server != nil {
             summary.append("  server RSS \(rssBefore / 1024) -> \(rssAfter / 1024) MiB: \(fmt(perRSS, 2)) KB per connection (PSS \(fmt(perPSS, 2)) KB)")
             for (role, mem) in after.sorted(by: { $0.key < $1.key }) {
@@ -335,6 +343,8 @@ enum Scenarios {
         var p99LimitMs: Double
         var stopOnFail: Bool
         var textBytes: Int
+        /// Members (the last ones) that stop reading when the first step starts.
+        var stalled = 0
     }
 
     static func fanout(_ ctx: Context, _ p: FanoutParams) {
@@ -346,6 +356,11 @@ enum Scenarios {
         var summary = [
             "fanout: \(joined) of \(p.members) members joined \(p.rooms) rooms (\(p.publishers) of them publish), \(totalFailures(setup)) failed\(kindsText(setup))",
         ]
+        if p.stalled > 0 {
+            // Room i % rooms; its publishers are p < publishers with p % rooms == room.
+            let idle = (p.members - p.stalled..<p.members).filter { ctx.spec.publisherSlots(room: $0 % p.rooms) == 0 }.count
+            if idle > 0 { log("chatbench: warning: \(idle) of the \(p.stalled) stalled members are in rooms nobody publishes to") }
+        }
         var steps: [JSON] = []
         var best: Double = 0
         for (k, rate) in p.rates.enumerated() {
@@ -355,6 +370,8 @@ enum Scenarios {
             let s1 = m.sample()
             let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
             let c = r.counters
+            // Members that stopped reading at the start of this step (--stalled) expect nothing.
+            for room in 0..<min(members.count, r.roomStalled.count) { members[room] -= r.roomStalled[room] }
             // Every member present at the start of the step should get every message sent to its room.
             var expected = 0
             for room in 0..<min(members.count, r.roomSent.count) { expected += r.roomSent[room] * members[room] }
@@ -369,7 +386,7 @@ enum Scenarios {
             let pass = lat.p99ms <= p.p99LimitMs && lost == 0 && c.duplicates == 0 && c.holes == 0
                 && c.orderViolations == 0 && c.unexpectedCloses == 0 && c.errors == 0 && achieved >= 0.95 * offered
             if pass { best = max(best, achieved) }
-            let step: JSON = [
+            var step: JSON = [
                 "rate_msgs_per_s": rate, "seconds": round3(window), "drain_seconds": round3(Double(r.drainNs) / 1e9),
                 "sent": c.sent, "sent_in_window": r.windowSent,
                 "deliveries": c.deliveries, "deliveries_expected": expected,
@@ -382,26 +399,54 @@ enum Scenarios {
                 "client_cpu_us_per_message": cpu.clientMicros(per: c.deliveries + c.sent),
                 "cpu": cpu.json, "pass": pass,
             ]
+            if p.stalled > 0 {
+                step["stalled_members"] = r.stalledMembers
+                step["stalled_seen_closed"] = r.stalledGone
+            }
             steps.append(step)
             summary.append("  \(fmt(rate, 0)) msg/s -> \(fmt(achieved, 0)) deliveries/s (offered \(fmt(offered, 0))): latency \(lat.text)")
             summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))%), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message; \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost)")
+            if p.stalled > 0 {
+                summary.append("      stalled members \(r.stalledMembers) (not reading; left out of the figures above), \(r.stalledGone) of them seen closed so far")
+            }
             members = r.roomMembers
             if p.stopOnFail && !pass { break }
             sleepMillis(500)
         }
+        // The stalled members read again: does each find its connection ended (close frame or
+        // TCP close) within 2 s, or still open?
+        var stalledProbe: PhaseReport?
+        if p.stalled > 0 {
+            m.begin("fanout: stalled members reading again")
+            stalledProbe = ctx.driver.probeStalled(seconds: stalledProbeSeconds)
+        }
         m.begin("closing")
         let left = ctx.driver.closeAll()
-        let result: JSON = [
+        var params: JSON = ["members": p.members, "rooms": p.rooms, "publishers": p.publishers, "rates": p.rates,
+                            "duration_s": p.duration, "p99_limit_ms": p.p99LimitMs, "text_bytes": p.textBytes]
+        if p.stalled > 0 { params["stalled"] = p.stalled }
+        var result: JSON = [
             "scenario": "fanout",
-            "params": ["members": p.members, "rooms": p.rooms, "publishers": p.publishers, "rates": p.rates,
-                       "duration_s": p.duration, "p99_limit_ms": p.p99LimitMs, "text_bytes": p.textBytes],
+            "params": params,
             "joined": joined, "setup_failed": totalFailures(setup), "setup_failures": failureJSON(setup),
             "setup_seconds": round3(Double(setup.elapsedNs) / 1e9),
             "steps": steps, "best_passing_deliveries_per_s": round3(best), "not_closed": left,
         ]
         summary.append("  best rate that passed: \(fmt(best, 0)) deliveries/s")
+        if let s = stalledProbe {
+            let open = s.stalledMembers - s.stalledGone
+            result["stalled_members"] = s.stalledMembers
+            result["stalled_disconnected"] = s.stalledGone
+            result["stalled_still_open"] = open
+            result["stalled_close_kinds"] = s.stalledKinds
+            let kinds = s.stalledKinds.isEmpty ? "" : " (" + s.stalledKinds.sorted { $0.value > $1.value }.prefix(5).map { "\($0.key): \($0.value)" }.joined(separator: ", ") + ")"
+            summary.append("  stalled members: \(s.stalledMembers) of \(p.stalled) stopped reading; reading again for \(fmt(stalledProbeSeconds, 0)) s at the end: \(s.stalledGone) disconnected by the server, \(open) still open\(kinds)")
+        }
         ctx.finish(result, summary: summary)
     }
+
+    /// How long stalled members read again at the end of a fanout, to see whether the server cut them off.
+    static let stalledProbeSeconds = 2.0
 
     static func churn(_ ctx: Context, rate: Double, duration: Double, rooms: Int) {
         let m = ctx.monitor

@@ -110,6 +110,15 @@ struct PhaseReport: Codable {
     var clientRSSKB = 0
     var errorKinds: [String: Int] = [:]
     var processes = 1
+    /// `--stalled`: per room, members that stopped reading in this phase (from then on they
+    /// are not in `roomMembers`, and nothing they receive is counted).
+    var roomStalled: [Int] = []
+    /// Members that stopped reading so far, and of them those whose connection was seen
+    /// ended by the server (a close frame, or the TCP connection closed).
+    var stalledMembers = 0
+    var stalledGone = 0
+    /// How the stalled members' connections ended: "close 4000", "bye slow_consumer", ...
+    var stalledKinds: [String: Int] = [:]
 
     mutating func merge(_ o: PhaseReport) {
         counters = counters + o.counters
@@ -128,6 +137,10 @@ struct PhaseReport: Codable {
         clientRSSKB += o.clientRSSKB
         for (k, v) in o.errorKinds { errorKinds[k, default: 0] += v }
         processes += o.processes
+        roomStalled = Self.sum(roomStalled, o.roomStalled)
+        stalledMembers += o.stalledMembers
+        stalledGone += o.stalledGone
+        for (k, v) in o.stalledKinds { stalledKinds[k, default: 0] += v }
     }
 
     static func merged(_ reports: [PhaseReport]) -> PhaseReport {
