@@ -3,7 +3,8 @@
 Each protocol violation on /ws gets the close code the RFC asks for, while another client
 of the same worker keeps getting its room's messages; pings are answered in the middle of
 a fragmented message; a client's close is answered and the server closes TCP, leaving no
-half-open socket behind.
+half-open socket behind; frames that arrive in the same packet as the upgrade request are
+answered at once; an upgrade asked with another method than GET is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from conftest import (
     recv_until,
     run_async,
     send_json,
+    upgrade_request,
+    raw_http,
     ws_frame,
 )
 
@@ -87,6 +90,36 @@ def test_pings_are_answered_while_a_fragmented_message_is_in_flight(make_gateway
         client.abort()
 
     run_async(scenario(), timeout=30)
+
+
+def test_frames_in_the_same_packet_as_the_upgrade_are_answered(make_gateway):
+    """A client may send its first frames right behind the request, before the 101: they
+    are handed on to the WebSocket pipeline and answered without waiting for more input."""
+    gw = make_gateway(workers=1, env=FAST)
+
+    async def scenario():
+        client = await RawWS.connect_tcp(gw)
+        first = [ws_frame(OP_TEXT, '{"type":"ping","ref":"same-packet-%d"}' % i) for i in range(3)]
+        await client.send_raw(upgrade_request(gw, "/ws?user=eager") + ws_frame(OP_PING, b"early") + b"".join(first))
+        head = await asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101"), head[:200]
+        hello = await client.recv_json(timeout=5)
+        assert hello["type"] == "hello", hello
+        fin, opcode, data = await client.recv_frame(timeout=5)
+        assert (opcode, data) == (OP_PONG, b"early")
+        # Nothing else is sent: these must come without any further input from us.
+        for i in range(3):
+            assert await client.recv_json(timeout=3) == {"type": "pong", "ref": f"same-packet-{i}"}
+        client.abort()
+
+    run_async(scenario(), timeout=30)
+
+
+def test_upgrade_with_another_method_than_get_is_refused(make_gateway):
+    gw = make_gateway(workers=1, env=FAST)
+    request = upgrade_request(gw, "/ws?user=poster").replace(b"GET ", b"POST ", 1)
+    reply = raw_http(gw, request.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n", 1))
+    assert reply.status == 426, reply.raw[:300]
 
 
 def _half_open(port: int) -> list[str]:

@@ -208,8 +208,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // A refused upgrade: the request itself follows, and is answered with the refusal.
-        if error is NIOWebSocketUpgradeError { return }
         // Malformed requests (and heads over NIO's 80 KiB limit) were already answered
         // 400 by NIO's protocol error handler.
         context.close(promise: nil)

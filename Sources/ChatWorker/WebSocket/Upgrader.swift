@@ -2,44 +2,177 @@ import NIOCore
 import NIOHTTP1
 import NIOWebSocket
 
-/// The WebSocket upgrade: NIO's upgrader checks the request and computes the handshake
-/// answer; the pipeline it leaves behind is ours. We add NIO's frame decoder but not its
-/// encoder, because every frame we send is pre-encoded bytes (one encoding per room
-/// message, written to every member as is).
-struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
+/// The first request of a connection. A WebSocket upgrade to one of our endpoints is
+/// answered here, and the connection becomes a WebSocket with no HTTP handler left in its
+/// pipeline; any other request gets the HTTP stack (NIO's response encoder, pipelining,
+/// header validation and protocol error handling, then our `HTTPHandler`) installed behind
+/// this handler and continues there.
+///
+/// NIO's `HTTPServerUpgradeHandler` does the same with that whole stack in place from the
+/// start, and takes it down through a chain of futures: measured, a handshake cost about
+/// twice the server CPU it does here. NIO still does the parsing (llhttp) and the
+/// handshake rules (key and version checks, the accept value: `NIOWebSocketServerUpgrader`).
+final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundOut = ByteBuffer
+
+    /// What an upgrade request is decided on: its endpoint, or nil for "not ours" (the
+    /// HTTP handler answers it), and the verdict: extra response headers, or nil to refuse.
+    struct Policy {
+        var endpoint: (HTTPRequestHead) -> Endpoint?
+        var decide: (Channel, HTTPRequestHead, Endpoint) -> EventLoopFuture<HTTPHeaders?>
+        /// Adds the WebSocket handlers once the 101 is written.
+        var configure: (Channel, HTTPRequestHead, Endpoint) throws -> Void
+        var makeHTTPHandler: () -> HTTPHandler
+    }
+
+    /// A WebSocket endpoint: what it allows and what its last stage is.
+    struct Endpoint {
+        var maxMessageBytes: Int
+        var maxFragments: Int
+        var isEcho: Bool
+    }
+
+    private struct Upgrade {
+        var head: HTTPRequestHead
+        var endpoint: Endpoint
+        /// The response's headers once accepted (Upgrade, Connection, Sec-WebSocket-Accept, ...).
+        var accepted: HTTPHeaders?
+        var endSeen = false
+    }
+
+    private enum State {
+        case waitingForHead
+        case upgrading(Upgrade)
+        case done
+    }
+
+    private let policy: Policy
     private let handshake: NIOWebSocketServerUpgrader
-    private let maxFrameSize: @Sendable (HTTPRequestHead) -> Int
-    private let configure: @Sendable (Channel, HTTPRequestHead) throws -> Void
+    private var state = State.waitingForHead
 
-    /// - Parameters:
-    ///   - shouldUpgrade: extra response headers, or nil to refuse (the request then
-    ///     reaches the HTTP handler).
-    ///   - maxFrameSize: the largest frame the endpoint of a request takes.
-    ///   - configure: adds the handlers above the frame decoder.
-    init(
-        maxFrameSize: @escaping @Sendable (HTTPRequestHead) -> Int,
-        shouldUpgrade: @escaping @Sendable (Channel, HTTPRequestHead) -> EventLoopFuture<HTTPHeaders?>,
-        configure: @escaping @Sendable (Channel, HTTPRequestHead) throws -> Void
-    ) {
-        handshake = NIOWebSocketServerUpgrader(
-            automaticErrorHandling: false, shouldUpgrade: shouldUpgrade,
-            upgradePipelineHandler: { channel, _ in channel.eventLoop.makeSucceededVoidFuture() })
-        self.maxFrameSize = maxFrameSize
-        self.configure = configure
+    init(policy: Policy, handshake: NIOWebSocketServerUpgrader) {
+        self.policy = policy
+        self.handshake = handshake
     }
 
-    var supportedProtocol: String { handshake.supportedProtocol }
-    var requiredUpgradeHeaders: [String] { handshake.requiredUpgradeHeaders }
-
-    func buildUpgradeResponse(channel: Channel, upgradeRequest: HTTPRequestHead, initialResponseHeaders: HTTPHeaders) -> EventLoopFuture<HTTPHeaders> {
-        handshake.buildUpgradeResponse(channel: channel, upgradeRequest: upgradeRequest, initialResponseHeaders: initialResponseHeaders)
-    }
-
-    func upgrade(context: ChannelHandlerContext, upgradeRequest: HTTPRequestHead) -> EventLoopFuture<Void> {
-        let channel = context.channel
-        return channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: maxFrameSize(upgradeRequest))))
-            try configure(channel, upgradeRequest)
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        switch (state, part) {
+        case (.waitingForHead, .head(let head)):
+            guard Self.asksForWebSocket(head), let endpoint = policy.endpoint(head) else {
+                return continueAsHTTP(context: context, replaying: [part])
+            }
+            state = .upgrading(Upgrade(head: head, endpoint: endpoint))
+            decide(context: context, head: head, endpoint: endpoint)
+        case (.upgrading(var upgrade), .end):
+            upgrade.endSeen = true
+            state = .upgrading(upgrade)
+            finishIfReady(context: context)
+        case (.upgrading, .body):
+            break   // a body on a GET upgrade means nothing; it is dropped
+        case (.waitingForHead, _), (.done, _), (.upgrading, .head):
+            context.fireChannelRead(data)
         }
+    }
+
+    /// The request decoder failed before any HTTP handler was in place (garbage, or a head
+    /// over NIO's 80 KiB limit): 400 and close, as NIO's protocol error handler would.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard case .done = state else {
+            state = .done
+            if error is HTTPParserError {
+                let answer = context.channel.allocator.buffer(string: "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                context.writeAndFlush(wrapOutboundOut(answer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            } else {
+                context.close(promise: nil)
+            }
+            return
+        }
+        context.fireErrorCaught(error)
+    }
+
+    // MARK: upgrade
+
+    private static func asksForWebSocket(_ head: HTTPRequestHead) -> Bool {
+        head.method == .GET
+            && head.headers[canonicalForm: "Upgrade"].contains { $0.lowercased() == "websocket" }
+            && head.headers[canonicalForm: "Connection"].contains { $0.lowercased() == "upgrade" }
+    }
+
+    private func decide(context: ChannelHandlerContext, head: HTTPRequestHead, endpoint: Endpoint) {
+        let channel = context.channel
+        let decide = policy.decide
+        let verdict = handshake.buildUpgradeResponse(channel: channel, upgradeRequest: head, initialResponseHeaders: HTTPHeaders())
+            .assumeIsolated().flatMap { accept -> EventLoopFuture<HTTPHeaders?> in
+                decide(channel, head, endpoint).assumeIsolated().map { extra -> HTTPHeaders? in
+                    guard var headers = extra else { return nil }
+                    headers.add(contentsOf: accept)
+                    return headers
+                }.nonisolated()
+            }
+        // Usually complete already (no token to verify): then this runs right here.
+        verdict.whenComplete { [self] result in
+            guard case .upgrading(var upgrade) = state else { return }
+            switch result {
+            case .success(let headers?):
+                upgrade.accepted = headers
+                state = .upgrading(upgrade)
+                finishIfReady(context: context)
+            case .success(nil), .failure:
+                // Refused, or not a valid handshake: the HTTP handler answers the request
+                // (the refusal the policy recorded, or 426 at a WebSocket endpoint).
+                continueAsHTTP(context: context, replaying: upgrade.endSeen ? [.head(upgrade.head), .end(nil)] : [.head(upgrade.head)])
+            }
+        }
+    }
+
+    private func finishIfReady(context: ChannelHandlerContext) {
+        guard case .upgrading(let upgrade) = state, upgrade.endSeen, let headers = upgrade.accepted else { return }
+        state = .done
+        guard context.channel.isActive else { return }
+        var response = context.channel.allocator.buffer(capacity: 160)
+        response.writeStaticString("HTTP/1.1 101 Switching Protocols\r\n")
+        for (name, value) in headers {
+            response.writeString(name)
+            response.writeStaticString(": ")
+            response.writeString(value)
+            response.writeStaticString("\r\n")
+        }
+        response.writeStaticString("\r\n")
+        context.writeAndFlush(wrapOutboundOut(response), promise: nil)
+        do {
+            try policy.configure(context.channel, upgrade.head, upgrade.endpoint)
+            let pipeline = context.pipeline.syncOperations
+            let decoder = try pipeline.context(handlerType: ByteToMessageHandler<HTTPRequestDecoder>.self)
+            pipeline.removeHandler(context: context, promise: nil)
+            // Bytes that came after the request (the first frames) go on to the frame decoder
+            // in a later loop task, after this read's read-complete: another one lets the
+            // stages above flush what they answered.
+            let removed = context.eventLoop.makePromise(of: Void.self)
+            pipeline.removeHandler(context: decoder, promise: removed)
+            let channel = context.channel
+            removed.futureResult.assumeIsolated().whenSuccess { channel.pipeline.syncOperations.fireChannelReadComplete() }
+        } catch {
+            context.close(promise: nil)
+        }
+    }
+
+    // MARK: plain HTTP
+
+    private func continueAsHTTP(context: ChannelHandlerContext, replaying parts: [HTTPServerRequestPart]) {
+        state = .done
+        do {
+            let handlers: [any ChannelHandler] = [
+                HTTPResponseEncoder(), HTTPServerPipelineHandler(), NIOHTTPResponseHeadersValidator(),
+                HTTPServerProtocolErrorHandler(), policy.makeHTTPHandler(),
+            ]
+            try context.pipeline.syncOperations.addHandlers(handlers, position: .after(self))
+        } catch {
+            return context.close(promise: nil)
+        }
+        for part in parts { context.fireChannelRead(wrapInboundOut(part)) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }
