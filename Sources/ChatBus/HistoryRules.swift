@@ -11,9 +11,9 @@ public enum HistoryRules {
     ///   `gap {since+1, firstHeld-1}` when the history no longer reaches back that far.
     /// - `since` with another epoch: the current epoch from its start as far as held, and
     ///   a gap in the current epoch (`{0,0}` when nothing of it is missing).
-    public static func replay(held: [RoomMessage], epoch current: String, seq: Int, since: Int?, epoch: String?, history: Int)
-        -> (replay: [RoomMessage], gap: Gap?)
-    {
+    public static func replay<Held: RandomAccessCollection<RoomMessage>>(
+        held: Held, epoch current: String, seq: Int, since: Int?, epoch: String?, history: Int
+    ) -> (replay: [RoomMessage], gap: Gap?) {
         let firstHeld = held.first?.seq ?? seq + 1
         var replayFrom = seq - history + 1
         var gap: Gap?
@@ -33,12 +33,15 @@ public enum HistoryRules {
 
     /// Up to `limit` held messages before `before` (default: the newest), oldest first,
     /// and whether older ones are held. Another epoch's messages are not held any more.
-    public static func page(held: [RoomMessage], epoch current: String, before: HistoryPosition?, limit: Int) -> (messages: [RoomMessage], more: Bool) {
-        var candidates = held[...]
+    public static func page<Held: RandomAccessCollection<RoomMessage>>(
+        held: Held, epoch current: String, before: HistoryPosition?, limit: Int
+    ) -> (messages: [RoomMessage], more: Bool) {
+        var end = held.endIndex
         if let before {
             guard before.epoch == current else { return ([], false) }
-            candidates = candidates.prefix { $0.seq < before.seq }
+            end = held.firstIndex { $0.seq >= before.seq } ?? held.endIndex
         }
+        let candidates = held[held.startIndex..<end]
         let page = candidates.suffix(limit)
         return (Array(page), page.count < candidates.count)
     }

@@ -1,6 +1,7 @@
 import ChatBus
 import ChatControl
 import ChatProtocol
+import NIOCore
 
 // The relay's rooms. Per room: an epoch (random, new whenever the room's sequence starts
 // over), the last seq handed out, a bounded history (by count and by age) of the newest
@@ -25,7 +26,8 @@ public struct RoomBook {
     struct Room {
         var epoch: String
         var seq = 0
-        var history: [RoomMessage] = []
+        /// A ring: trimming the oldest is O(1) per message whatever `history.messages` is.
+        var history = CircularBuffer<RoomMessage>()
         var interest: [LinkID: Int] = [:]
         var members: Int { interest.values.reduce(0, +) }
         var rate = RateWindow()
@@ -52,6 +54,13 @@ public struct RoomBook {
         }
     }
 
+    /// Changes a room in place, creating it (with a new epoch) first if needed: a room
+    /// copied out of the table and written back copied its whole history every time.
+    private mutating func updateRoom<Result>(_ name: String, _ body: (inout Room) -> Result) -> Result {
+        if rooms[name] == nil { rooms[name] = Room(epoch: makeEpoch()) }
+        return body(&rooms[name]!)
+    }
+
     public let limits: Limits
     private(set) var rooms: [String: Room] = [:]
     private let makeEpoch: () -> String
@@ -69,27 +78,26 @@ public struct RoomBook {
 
     /// Appends the next message of `room` and returns it.
     public mutating func publish(room name: String, from: String, text: String, nowMs: Int) -> RoomMessage {
-        var room = rooms[name] ?? Room(epoch: makeEpoch())
-        room.seq += 1
-        room.rate.record(nowMs: nowMs)
-        let message = RoomMessage(room: name, seq: room.seq, epoch: room.epoch, from: from, text: text, ts: nowMs)
-        room.history.append(message)
-        Self.trim(&room.history, limits: limits, nowMs: nowMs)
-        rooms[name] = room
-        return message
+        let limits = limits
+        return updateRoom(name) { room in
+            room.seq += 1
+            room.rate.record(nowMs: nowMs)
+            let message = RoomMessage(room: name, seq: room.seq, epoch: room.epoch, from: from, text: text, ts: nowMs)
+            room.history.append(message)
+            Self.trim(&room.history, limits: limits, nowMs: nowMs)
+            return message
+        }
     }
 
     /// Rebuilds rooms from a journal, in the order the messages were sequenced.
     public mutating func restore(_ messages: [RoomMessage], nowMs: Int) {
         for message in messages {
-            var room = rooms[message.room] ?? Room(epoch: message.epoch)
-            if room.epoch != message.epoch {
-                room = Room(epoch: message.epoch)
+            if rooms[message.room]?.epoch != message.epoch {
+                rooms[message.room] = Room(epoch: message.epoch)
             }
-            room.seq = message.seq
-            room.history.append(message)
-            Self.trim(&room.history, limits: limits, nowMs: nowMs)
-            rooms[message.room] = room
+            rooms[message.room]!.seq = message.seq
+            rooms[message.room]!.history.append(message)
+            Self.trim(&rooms[message.room]!.history, limits: limits, nowMs: nowMs)
         }
     }
 
@@ -110,28 +118,26 @@ public struct RoomBook {
     public mutating func join(room name: String, link: LinkID, members: Int, since: Int?, epoch: String?, history: Int, nowMs: Int)
         -> (snapshot: RoomSnapshot, replay: [RoomMessage], gap: Gap?)
     {
-        var room = rooms[name] ?? Room(epoch: makeEpoch())
-        if members > 0 {
-            room.interest[link, default: 0] += members
+        let limits = limits
+        return updateRoom(name) { room in
+            if members > 0 {
+                room.interest[link, default: 0] += members
+            }
+            Self.trim(&room.history, limits: limits, nowMs: nowMs)
+            let (replay, gap) = HistoryRules.replay(held: room.history, epoch: room.epoch, seq: room.seq, since: since, epoch: epoch, history: history)
+            return (RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members), replay, gap)
         }
-        Self.trim(&room.history, limits: limits, nowMs: nowMs)
-        rooms[name] = room
-        let (replay, gap) = HistoryRules.replay(held: room.history, epoch: room.epoch, seq: room.seq, since: since, epoch: epoch, history: history)
-        return (RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members), replay, gap)
     }
 
     /// A room's state; a room nobody has used yet gets its epoch now.
     public mutating func snapshot(room name: String) -> RoomSnapshot {
-        let room = rooms[name] ?? Room(epoch: makeEpoch())
-        rooms[name] = room
-        return RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members)
+        updateRoom(name) { room in RoomSnapshot(name: name, epoch: room.epoch, seq: room.seq, members: room.members) }
     }
 
     /// Counts `members` fewer members of `link` in `room`.
     public mutating func leave(room name: String, link: LinkID, members: Int) {
-        guard var room = rooms[name], let count = room.interest[link] else { return }
-        room.interest[link] = count - members > 0 ? count - members : nil
-        rooms[name] = room
+        guard let count = rooms[name]?.interest[link] else { return }
+        rooms[name]!.interest[link] = count - members > 0 ? count - members : nil
     }
 
     /// Forgets every member of a link that went away.
@@ -144,9 +150,9 @@ public struct RoomBook {
     /// Up to `limit` messages before `before` (default: the newest), oldest first, and
     /// whether older ones exist in the history.
     public mutating func fetch(room name: String, before: HistoryPosition?, limit: Int, nowMs: Int) -> (messages: [RoomMessage], more: Bool) {
-        guard var room = rooms[name] else { return ([], false) }
-        Self.trim(&room.history, limits: limits, nowMs: nowMs)
-        rooms[name] = room
+        guard rooms[name] != nil else { return ([], false) }
+        Self.trim(&rooms[name]!.history, limits: limits, nowMs: nowMs)
+        let room = rooms[name]!
         return HistoryRules.page(held: room.history, epoch: room.epoch, before: before, limit: limit)
     }
 
@@ -162,17 +168,15 @@ public struct RoomBook {
     /// Forgets rooms nobody is in whose history has expired.
     public mutating func sweep(nowMs: Int) {
         for name in Array(rooms.keys) {
-            guard var room = rooms[name] else { continue }
-            Self.trim(&room.history, limits: limits, nowMs: nowMs)
-            if room.interest.isEmpty && room.history.isEmpty {
+            guard rooms[name] != nil else { continue }
+            Self.trim(&rooms[name]!.history, limits: limits, nowMs: nowMs)
+            if let room = rooms[name], room.interest.isEmpty && room.history.isEmpty {
                 rooms[name] = nil
-            } else {
-                rooms[name] = room
             }
         }
     }
 
-    private static func trim(_ history: inout [RoomMessage], limits: Limits, nowMs: Int) {
+    private static func trim(_ history: inout CircularBuffer<RoomMessage>, limits: Limits, nowMs: Int) {
         if history.count > limits.historyMessages {
             history.removeFirst(history.count - limits.historyMessages)
         }
