@@ -284,9 +284,10 @@ public enum WorkerProcess {
         }.wait()
 
         let outbound = config.limits.outboundBufferBytes
+        // No per-connection TCP_NODELAY option: ServerBootstrap sets it on the listener and
+        // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
         let server = try ServerBootstrap(group: runtime.group)
             .serverChannelOption(.backlog, value: Int32(config.server.backlog))
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
             .childChannelOption(.recvAllocator, value: Self.readBuffers)
             .childChannelInitializer { channel in

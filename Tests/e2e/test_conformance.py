@@ -4,12 +4,18 @@ Each protocol violation on /ws gets the close code the RFC asks for, while anoth
 of the same worker keeps getting its room's messages; pings are answered in the middle of
 a fragmented message; a client's close is answered and the server closes TCP, leaving no
 half-open socket behind; frames that arrive in the same packet as the upgrade request are
-answered at once; an upgrade asked with another method than GET is refused.
+answered at once, in one packet with the 101 when they fit; an upgrade asked with another
+method than GET is refused; accepted sockets have TCP_NODELAY (Nagle would hold a small
+frame for up to 40 ms behind an unacknowledged one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import re
+import socket
 import subprocess
 
 import pytest
@@ -113,6 +119,37 @@ def test_frames_in_the_same_packet_as_the_upgrade_are_answered(make_gateway):
         client.abort()
 
     run_async(scenario(), timeout=30)
+
+
+def test_accepted_sockets_have_tcp_nodelay(make_gateway):
+    gw = make_gateway(workers=1, env=FAST)
+    client = socket.create_connection((gw.host, gw.port), timeout=5)
+    try:
+        client.sendall(upgrade_request(gw, "/ws?user=nodelay"))
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += client.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 101"), reply[:100]
+        # The server's end of this connection, borrowed from the worker with pidfd_getfd(2).
+        local_port = client.getsockname()[1]
+        out = subprocess.run(["ss", "-tnpH", "state", "established", f"dport = :{local_port}"],
+                             capture_output=True, text=True, timeout=10).stdout
+        found = re.search(r"pid=(\d+),fd=(\d+)", out)
+        assert found, f"no server socket for port {local_port} in ss: {out!r}"
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = libc.syscall(434, int(found.group(1)), 0)  # pidfd_open
+        theirs = libc.syscall(438, pidfd, int(found.group(2)), 0) if pidfd >= 0 else -1  # pidfd_getfd
+        if theirs < 0:
+            pytest.skip(f"pidfd_getfd not permitted here (errno {ctypes.get_errno()})")
+        borrowed = socket.socket(fileno=theirs)
+        try:
+            assert borrowed.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            borrowed.detach()
+            os.close(theirs)
+            os.close(pidfd)
+    finally:
+        client.close()
 
 
 def test_upgrade_with_another_method_than_get_is_refused(make_gateway):

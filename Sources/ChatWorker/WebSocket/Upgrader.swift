@@ -141,9 +141,11 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
             response.writeStaticString("\r\n")
         }
         response.writeStaticString("\r\n")
-        context.writeAndFlush(wrapOutboundOut(response), promise: nil)
+        // Not flushed yet: the session's hello goes out in the same write(2).
+        context.write(wrapOutboundOut(response), promise: nil)
         do {
             try policy.configure(context.channel, upgrade.head, upgrade.endpoint)
+            context.flush()
             let pipeline = context.pipeline.syncOperations
             let decoder = try pipeline.context(handlerType: ByteToMessageHandler<HTTPRequestDecoder>.self)
             pipeline.removeHandler(context: context, promise: nil)
