@@ -234,7 +234,8 @@ struct RequestTarget {
 extension Substring {
     /// Decodes %XX escapes (and + as space); a malformed escape is kept as it is.
     var removingPercentEncoding: Substring {
-        guard contains("%") || contains("+") else { return self }
+        // A byte scan: `contains("%")` would go through Foundation's string search here.
+        guard utf8.contains(where: { $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "+") }) else { return self }
         var bytes: [UInt8] = []
         var iterator = utf8.makeIterator()
         while let byte = iterator.next() {
