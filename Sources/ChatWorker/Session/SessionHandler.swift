@@ -4,6 +4,7 @@ import ChatBus
 import ChatProtocol
 import ChatSystem
 import NIOCore
+import NIOWebSocket
 
 /// One client's conversation: turns requests into actions on the worker's rooms and
 /// the bus, and writes the answers. Lives on the worker's single event loop, like
@@ -27,6 +28,10 @@ final class SessionHandler: ChannelInboundHandler {
     /// Set while this session waits in the room table's list of members to flush.
     var flushQueued = false
     private var context: ChannelHandlerContext?
+    /// Where this session's frames enter the pipeline: the context next to the head (the
+    /// frame decoder's; everything between it and here is inbound-only), so a write or a
+    /// flush does not walk every stage in between, once per member per message.
+    private var output: ChannelHandlerContext?
     private var rooms = Memberships<Membership>()
     private var bucket: TokenBucket
     private var flood: FloodDetector
@@ -48,6 +53,7 @@ final class SessionHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        output = (try? context.pipeline.syncOperations.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)) ?? context
         // A strong capture: the WebSocket handler drops the closure when it is removed from
         // the pipeline, which ends the cycle (a weak one cost a side table per connection).
         webSocket.onClosing = { [self] in
@@ -64,6 +70,7 @@ final class SessionHandler: ChannelInboundHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         departed()
         self.context = nil
+        output = nil
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -299,11 +306,11 @@ final class SessionHandler: ChannelInboundHandler {
         }
         worker.counters.messagesOut += 1
         worker.counters.bytesOut += frame.readableBytes
-        context.write(wrapOutboundOut(frame), promise: nil)
+        (output ?? context).write(wrapOutboundOut(frame), promise: nil)
     }
 
     func flush() {
-        context?.flush()
+        (output ?? context)?.flush()
         checkBacklog()
     }
 
