@@ -181,14 +181,12 @@ final class Worker: BusDelegate {
 
     // MARK: housekeeping
 
-    /// One shared sweep instead of a timer per connection: pings connections that went
-    /// quiet and closes those that stayed silent past the idle timeout.
     /// How often `sweepIdle` runs.
     static let idleSweepInterval = TimeAmount.milliseconds(250)
 
-    /// Pings connections that have been quiet for `idle_ping_s` (each up to a quarter of
-    /// that, at most 10 s, early: a stable offset per connection) and closes those quiet
-    /// for `idle_timeout_s`. Without the spread, viewers who joined in one burst and never
+    /// One shared sweep instead of a timer per connection. Pings connections that have
+    /// been quiet for `idle_ping_s` (each up to a quarter of that, at most 10 s, early: a
+    /// stable offset per connection) and closes those quiet for `idle_timeout_s`. Without the spread, viewers who joined in one burst and never
     /// write were all pinged in the same tick, 9,000 writes and then 9,000 pongs on one
     /// loop: a 200 ms stall for every member of the worker, every `idle_ping_s`.
     func sweepIdle() {

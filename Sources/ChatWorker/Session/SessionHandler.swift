@@ -299,18 +299,18 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Queues an already framed message (the same bytes go to every member of a room).
     func write(_ frame: ByteBuffer) {
-        guard let context, !closing else { return }
+        guard let output, !closing else { return }
         if holding != nil {
             holding!.append(frame)
             return
         }
         worker.counters.messagesOut += 1
         worker.counters.bytesOut += frame.readableBytes
-        (output ?? context).write(wrapOutboundOut(frame), promise: nil)
+        output.write(wrapOutboundOut(frame), promise: nil)
     }
 
     func flush() {
-        (output ?? context)?.flush()
+        output?.flush()
         checkBacklog()
     }
 
