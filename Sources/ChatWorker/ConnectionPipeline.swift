@@ -27,14 +27,14 @@ enum ConnectionPipeline {
         let origins = config.server.originList
         let verifier = worker.verifier
         let policy = FirstRequestHandler.Policy(
-            endpoint: { head in
-                switch RequestTarget(head.uri).path {
+            endpoint: { path in
+                switch path {
                 case "/ws": chat
                 case "/echo": echo
                 default: nil
                 }
             },
-            decide: { channel, head, selected in
+            decide: { channel, head, target, selected in
                 var headers = HTTPHeaders()
                 if head.headers[canonicalForm: "Sec-WebSocket-Protocol"].contains("chatgw.v1") {
                     headers.add(name: "Sec-WebSocket-Protocol", value: "chatgw.v1")
@@ -44,7 +44,6 @@ enum ConnectionPipeline {
                     verdict.refusal = refusal
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
-                let target = RequestTarget(head.uri)
                 guard let verifier else {
                     switch Identity.fromQuery(target) {
                     case .success(let user): verdict.user = user

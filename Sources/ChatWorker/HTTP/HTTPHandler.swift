@@ -129,7 +129,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     json.field("epoch", published.epoch)
                 }
             case .failure:
-                refuse(context: context, head: head, HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "the message bus is unreachable; retry shortly"))
+                refuse(context: context, head: head, .busUnavailable)
             }
         }
     }
@@ -145,7 +145,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     json.field("members", snapshot.members)
                 }
             case .failure:
-                refuse(context: context, head: head, HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "the message bus is unreachable; retry shortly"))
+                refuse(context: context, head: head, .busUnavailable)
             }
         }
     }
@@ -166,7 +166,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 ServerMessage.history(room: room, messages: page.messages, more: page.more, ref: nil).encode(into: &buffer)
                 send(context: context, head: head, status: .ok, body: buffer, contentType: "application/json")
             case .failure:
-                refuse(context: context, head: head, HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "the message bus is unreachable; retry shortly"))
+                refuse(context: context, head: head, .busUnavailable)
             }
         }
     }

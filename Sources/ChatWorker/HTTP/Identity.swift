@@ -10,6 +10,7 @@ struct HTTPRefusal: Error, Sendable {
     var message: String
 
     static let upgradeRequired = HTTPRefusal(status: .upgradeRequired, code: "bad_request", message: "this endpoint takes a WebSocket upgrade")
+    static let busUnavailable = HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "the message bus is unreachable; retry shortly")
 }
 
 /// What the upgrade decided about one connection. The upgrader writes it; the HTTP

@@ -17,11 +17,12 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
     typealias InboundOut = HTTPServerRequestPart
     typealias OutboundOut = ByteBuffer
 
-    /// What an upgrade request is decided on: its endpoint, or nil for "not ours" (the
-    /// HTTP handler answers it), and the verdict: extra response headers, or nil to refuse.
+    /// What an upgrade request is decided on: the endpoint of its path, or nil for "not
+    /// ours" (the HTTP handler answers it), and the verdict: extra response headers, or nil
+    /// to refuse. The request target is parsed once and handed to both.
     struct Policy {
-        var endpoint: (HTTPRequestHead) -> Endpoint?
-        var decide: (Channel, HTTPRequestHead, Endpoint) -> EventLoopFuture<HTTPHeaders?>
+        var endpoint: (Substring) -> Endpoint?
+        var decide: (Channel, HTTPRequestHead, RequestTarget, Endpoint) -> EventLoopFuture<HTTPHeaders?>
         /// Adds the WebSocket handlers once the 101 is written.
         var configure: (Channel, HTTPRequestHead, Endpoint) throws -> Void
         var makeHTTPHandler: () -> HTTPHandler
@@ -61,11 +62,11 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
         let part = unwrapInboundIn(data)
         switch (state, part) {
         case (.waitingForHead, .head(let head)):
-            guard Self.asksForWebSocket(head), let endpoint = policy.endpoint(head) else {
-                return continueAsHTTP(context: context, replaying: [part])
-            }
+            guard Self.asksForWebSocket(head) else { return continueAsHTTP(context: context, replaying: [part]) }
+            let target = RequestTarget(head.uri)
+            guard let endpoint = policy.endpoint(target.path) else { return continueAsHTTP(context: context, replaying: [part]) }
             state = .upgrading(Upgrade(head: head, endpoint: endpoint))
-            decide(context: context, head: head, endpoint: endpoint)
+            decide(context: context, head: head, target: target, endpoint: endpoint)
         case (.upgrading(var upgrade), .end):
             upgrade.endSeen = true
             state = .upgrading(upgrade)
@@ -101,12 +102,12 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
             && head.headers[canonicalForm: "Connection"].contains { $0.lowercased() == "upgrade" }
     }
 
-    private func decide(context: ChannelHandlerContext, head: HTTPRequestHead, endpoint: Endpoint) {
+    private func decide(context: ChannelHandlerContext, head: HTTPRequestHead, target: RequestTarget, endpoint: Endpoint) {
         let channel = context.channel
         let decide = policy.decide
         let verdict = handshake.buildUpgradeResponse(channel: channel, upgradeRequest: head, initialResponseHeaders: HTTPHeaders())
             .assumeIsolated().flatMap { accept -> EventLoopFuture<HTTPHeaders?> in
-                decide(channel, head, endpoint).assumeIsolated().map { extra -> HTTPHeaders? in
+                decide(channel, head, target, endpoint).assumeIsolated().map { extra -> HTTPHeaders? in
                     guard var headers = extra else { return nil }
                     headers.add(contentsOf: accept)
                     return headers
