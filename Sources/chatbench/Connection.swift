@@ -379,18 +379,10 @@ final class BenchConnection: ChannelInboundHandler {
         }
         var at = 2
         let t = UInt64(Scan.digits(p, &at))
-        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "p") else {
+        guard let (publisher, n) = Scan.publisherAndCounter(p, &at) else {
             shard.counters.unparsed += 1
             return
         }
-        at += 3
-        let publisher = Scan.digits(p, &at)
-        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "n") else {
-            shard.counters.unparsed += 1
-            return
-        }
-        at += 3
-        let n = Int32(truncatingIfNeeded: Scan.digits(p, &at))
         let rooms = shard.spec.rooms
         if publisher % rooms == room {
             let slot = publisher / rooms
@@ -468,12 +460,7 @@ final class BenchConnection: ChannelInboundHandler {
         let now = shard.nowNs
         let t = UInt64(sentAt)
         LatencyHist.record(&shard.latency, nanos: now > t ? now - t : 0)
-        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "p") else { return }
-        at += 3
-        let publisher = Scan.digits(p, &at)
-        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "n") else { return }
-        at += 3
-        let n = Int32(truncatingIfNeeded: Scan.digits(p, &at))
+        guard let (publisher, n) = Scan.publisherAndCounter(p, &at) else { return }
         let rooms = shard.spec.rooms
         if publisher % rooms == room {
             let slot = publisher / rooms
@@ -604,6 +591,18 @@ enum Scan {
             at += 1
         }
         return v
+    }
+
+    /// `;p=<publisher>;n=<counter>` at `at`, the part of a benchmark text after its `t=<ns>`
+    /// (chatgw's JSON envelope and nchan's bare frames carry the same text).
+    @inline(__always)
+    static func publisherAndCounter(_ p: UnsafeRawBufferPointer, _ at: inout Int) -> (publisher: Int, counter: Int32)? {
+        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "p") else { return nil }
+        at += 3
+        let publisher = digits(p, &at)
+        guard at + 3 < p.count, p[at] == UInt8(ascii: ";"), p[at + 1] == UInt8(ascii: "n") else { return nil }
+        at += 3
+        return (publisher, Int32(truncatingIfNeeded: digits(p, &at)))
     }
 
     /// The string after `needle` up to the next quote (error codes, bye reasons).
