@@ -39,6 +39,7 @@ public enum RelayProcess {
                 return NIOLoopBound(Relay(book: RoomBook(limits: settings.limits), journal: journal, logger: logger), eventLoop: loop)
             }.wait()
             let server = try ServerBootstrap(group: runtime.group)
+                .serverChannelInitializer { channel in AcceptPause.install(on: channel, logger: logger) }
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try RelayCodec.addHandlers(to: channel.pipeline.syncOperations)

@@ -286,6 +286,7 @@ public enum WorkerProcess {
         // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
         let server = try ServerBootstrap(group: runtime.group)
             .serverChannelOption(.backlog, value: Int32(config.server.backlog))
+            .serverChannelInitializer { channel in AcceptPause.install(on: channel, logger: logger) }
             .childChannelOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
             .childChannelOption(.recvAllocator, value: Self.readBuffers)
             .childChannelInitializer { channel in

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import time
@@ -338,3 +339,51 @@ def test_sigquit_drains_over_window_and_exits_clean(make_gateway):
         f"SIGQUIT closed all 200 clients within {spread:.2f}s; expected them spread over the "
         f"{drain_s}s drain window"
     )
+
+
+# 10 --------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_worker_out_of_files_waits_without_spinning_and_recovers(make_gateway):
+    """A worker at its open-file limit: accept() fails with EMFILE while connections wait in
+    the listen queue. It must not spin on the readable socket, must say why in the log, keep
+    serving the connections it has, and take the waiting ones as soon as files free up."""
+    gw = make_gateway(workers=1)
+    worker = gw.workers_by_slot()[0]
+    spare = 6
+    limit = len(os.listdir(f"/proc/{worker}/fd")) + spare
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
+
+    async def main():
+        held = []
+        for i in range(spare):
+            held.append((await connect_hello(gw, f"held{i}", timeout=5))[0])
+        waiting = [asyncio.ensure_future(connect_hello(gw, f"wait{i}", timeout=20)) for i in range(3)]
+        try:
+            await asyncio.sleep(0.5)
+            assert not any(t.done() for t in waiting), "a connection was served beyond the file limit"
+            cpu_before, t0 = _cpu_seconds(worker), time.monotonic()
+            await asyncio.sleep(2.0)
+            busy = (_cpu_seconds(worker) - cpu_before) / (time.monotonic() - t0)
+            assert busy < 0.2, f"worker used {busy:.0%} of a core while out of files (spinning on accept)"
+            assert await ping_ok(held[0]), "a held connection stopped answering while the worker was full"
+            line = gw.wait_for_log("accept failed", timeout=2)
+            assert "Too many open files" in line.raw, line.raw
+
+            for ws in held[:3]:
+                await ws.close()
+            done = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+            assert [hello.get("user") for _, hello in done] == ["wait0", "wait1", "wait2"], done
+            await close_all([ws for ws, _ in done] + held[3:])
+        finally:
+            for t in waiting:
+                t.cancel()
+
+    run_async(main(), 40)
+    assert gw.workers_by_slot()[0] == worker, "the worker was replaced"
+    assert not gw.find_log("child exited"), gw.find_log("child exited")
