@@ -79,6 +79,7 @@ let package = Package(
         .testTarget(name: "ChatBusTests", dependencies: ["ChatBus", "ChatRelay"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
         .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive"]),
+        .testTarget(name: "ChatWorkerTests", dependencies: ["ChatWorker"] + nio),
     ],
     swiftLanguageModes: [.v6]
 )

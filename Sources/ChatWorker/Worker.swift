@@ -63,6 +63,7 @@ final class Worker: BusDelegate {
     let eventLoop: any EventLoop
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
+    private let idle = IdleTable<SessionHandler>()
     private var nextConnection: UInt64 = 0
     private(set) var stopping = false
     private var stopReason = ByeReason.shutdown
@@ -88,6 +89,7 @@ final class Worker: BusDelegate {
 
     func register(_ session: SessionHandler) {
         sessions[ObjectIdentifier(session)] = session
+        session.webSocket.idle = (idle, idle.add(session, now: .now()))
         if stopping {
             // Accepted while draining a removed slot: send it straight on to another worker.
             session.sayGoodbye(stopReason, retryMs: Int.random(in: 500...3_000))
@@ -116,6 +118,8 @@ final class Worker: BusDelegate {
 
     func unregister(_ session: SessionHandler) {
         guard sessions.removeValue(forKey: ObjectIdentifier(session)) != nil else { return }
+        if let row = session.webSocket.idle?.row { idle.remove(row) }
+        session.webSocket.idle = nil
         if stopping && sessions.isEmpty { onDrained?() }
     }
 
@@ -184,26 +188,20 @@ final class Worker: BusDelegate {
     /// How often `sweepIdle` runs.
     static let idleSweepInterval = TimeAmount.milliseconds(250)
 
-    /// One shared sweep instead of a timer per connection. Pings connections that have
-    /// been quiet for `idle_ping_s` (each up to a quarter of that, at most 10 s, early: a
-    /// stable offset per connection) and closes those quiet for `idle_timeout_s`. Without the spread, viewers who joined in one burst and never
+    /// One shared sweep over the idle table instead of a timer per connection. Pings
+    /// connections that have been quiet for `idle_ping_s` (each up to a quarter of that, at
+    /// most 10 s, early: a stable offset per connection) and closes those quiet for
+    /// `idle_timeout_s`. Without the spread, viewers who joined in one burst and never
     /// write were all pinged in the same tick, 9,000 writes and then 9,000 pongs on one
     /// loop: a 200 ms stall for every member of the worker, every `idle_ping_s`.
     func sweepIdle() {
-        let now = NIODeadline.now()
         let pingAfter = TimeAmount.seconds(Int64(settings.limits.idlePingSeconds))
-        let spreadNs = UInt64(min(pingAfter.nanoseconds / 4, TimeAmount.seconds(10).nanoseconds))
-        let closeAfter = TimeAmount.seconds(Int64(settings.limits.idleTimeoutSeconds))
-        for (id, session) in sessions {
-            let quiet = now - session.webSocket.lastInbound
-            let early = spreadNs > 0 ? TimeAmount.nanoseconds(Int64(UInt64(truncatingIfNeeded: id.hashValue) % spreadNs)) : .zero
-            if quiet >= closeAfter {
-                session.close(code: CloseCode.goingAway)
-            } else if quiet >= pingAfter - early, !session.webSocket.pingSent {
-                session.webSocket.pingSent = true
-                session.ping()
-            }
-        }
+        let due = idle.due(
+            now: .now(), pingAfter: pingAfter,
+            closeAfter: .seconds(Int64(settings.limits.idleTimeoutSeconds)),
+            spread: .nanoseconds(min(pingAfter.nanoseconds / 4, TimeAmount.seconds(10).nanoseconds)))
+        for session in due.close { session.close(code: CloseCode.goingAway) }
+        for session in due.ping { session.ping() }
     }
 
     /// Says goodbye to every client, spread evenly over `window` so that their

@@ -40,11 +40,9 @@ final class WebSocketHandler: ChannelInboundHandler {
         }
     }
     private var context: ChannelHandlerContext?
-    /// When the peer last sent a frame, and whether the worker's idle sweep has pinged it
-    /// since (read by the sweep; kept here rather than in an object of its own, which cost
-    /// an allocation per connection).
-    var lastInbound = NIODeadline.now()
-    var pingSent = false
+    /// The worker's idle table and this connection's row, told of every frame that comes
+    /// in (sessions only: the echo endpoint is not swept).
+    var idle: (table: IdleTable<SessionHandler>, row: Int)?
     /// Called once, when the connection stops being open (a close sent or received, or a
     /// protocol error): nothing more may be written after the close frame.
     var onClosing: (() -> Void)?
@@ -66,8 +64,7 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
-        lastInbound = NIODeadline.now()
-        pingSent = false
+        if let idle { idle.table.heard(idle.row, at: .now()) }
         switch frame.opcode {
         case .connectionClose:
             receivedClose(context: context, frame: frame)
