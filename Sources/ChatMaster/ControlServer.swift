@@ -21,6 +21,7 @@ final class ControlServer {
     private var clients: [Int32: Client] = [:]
     /// How long a client may take to send its request.
     private let timeout = 5.0
+    private var gate = AcceptGate(maxClients: 64)
 
     init(path: String) throws(SystemError) {
         self.path = path
@@ -51,7 +52,9 @@ final class ControlServer {
         listenFD = try Descriptors.moveAbove(fd)
     }
 
-    var pollDescriptors: [Int32] { [listenFD] + clients.filter { !$0.value.answered }.map(\.key) }
+    var pollDescriptors: [Int32] {
+        (gate.isOpen(clients: clients.count) ? [listenFD] : []) + clients.filter { !$0.value.answered }.map(\.key)
+    }
 
     /// Accepts and reads; calls `handle` for each complete request.
     func serve(handle: (ControlRequest, @escaping (ControlResponse) -> Void) -> Void) {
@@ -117,7 +120,7 @@ final class ControlServer {
 
     private func acceptAll() {
         while true {
-            guard let fd = Descriptors.acceptNonBlocking(listenFD) else { return }
+            guard let fd = gate.next(from: listenFD, clients: clients.count) else { return }
             guard Self.peerIsTrusted(fd) else {
                 close(fd)
                 continue

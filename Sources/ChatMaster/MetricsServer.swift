@@ -107,10 +107,11 @@ final class MetricsBook {
 
 /// Serves `GET /metrics` (Prometheus text) from the supervision loop. Requests are tiny
 /// and answered at once; anything else gets 404, a request over 8 KiB or slower than 5 s
-/// is dropped.
+/// is dropped. At most 64 connections at once; more wait in the kernel's queue.
 final class MetricsServer {
     private let listenFD: Int32
     private var clients: [Int32: (buffer: [UInt8], openedAt: Double)] = [:]
+    private var gate = AcceptGate(maxClients: 64)
 
     init(host: String, port: Int) throws(SystemError) {
         let fd = try ListeningSocket.bind(host: host, port: port, backlog: 64, reusePort: false)
@@ -118,11 +119,11 @@ final class MetricsServer {
         listenFD = fd
     }
 
-    var pollDescriptors: [Int32] { [listenFD] + Array(clients.keys) }
+    var pollDescriptors: [Int32] { (gate.isOpen(clients: clients.count) ? [listenFD] : []) + Array(clients.keys) }
 
     func serve(body: () -> String) {
         while true {
-            guard let fd = Descriptors.acceptNonBlocking(listenFD) else { break }
+            guard let fd = gate.next(from: listenFD, clients: clients.count) else { break }
             clients[fd] = ([], monotonicSeconds())
         }
         let now = monotonicSeconds()

@@ -96,6 +96,12 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pid_alive(pid: int) -> bool:
     """True if the pid exists and is not a zombie (an exited, unreaped process)."""
     state = _proc_state(pid)

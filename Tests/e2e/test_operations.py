@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -24,6 +25,7 @@ from conftest import (
     close_all,
     collect_until_close,
     conn_slot,
+    cpu_seconds,
     connect_hello,
     connect_on_slot,
     first_lines,
@@ -47,6 +49,7 @@ from ops_support import (
     ctl_socket,
     ctl_status,
     scrape,
+    scrape_text,
     set_yaml_key,
     wait_until,
     worker_argv,
@@ -946,3 +949,66 @@ def test_chatctl_rooms_top_sorted_by_members(make_gateway):
     rows = [l.split() for l in table.stdout.splitlines()[1:] if l.strip()]
     assert [r[:3] for r in rows] == [[r, str(m), str(s)] for r, m, s in plan[:5]], table.stdout
     print(f"\n[rooms] clients per slot {dict(per_slot)}")
+
+
+# 11 --------------------------------------------------------------------------
+
+
+def test_master_holds_at_most_64_metrics_and_control_clients(make_gateway):
+    """Anyone who can reach the metrics port could otherwise open connections until the
+    master runs out of the files it needs to restart children. Beyond 64 at once, the
+    rest wait in the kernel's queue; each server's cap is its own; the master stays idle."""
+    gw = make_gateway(workers=1)
+    master = gw.master_pid
+    fds_before = len(os.listdir(f"/proc/{master}/fd"))
+    silent = []
+    try:
+        for _ in range(120):  # 64 held, the rest in the listen queue (backlog 64)
+            s = socket.create_connection(("127.0.0.1", gw.metrics_port), timeout=2)
+            silent.append(s)
+        time.sleep(0.5)
+        held = len(os.listdir(f"/proc/{master}/fd")) - fds_before
+        assert 60 <= held <= 66, f"the master holds {held} more files for 120 silent metrics clients (cap 64)"
+        cpu0, t0 = cpu_seconds(master), time.monotonic()
+        time.sleep(1.0)
+        busy = (cpu_seconds(master) - cpu0) / (time.monotonic() - t0)
+        assert busy < 0.2, f"the master used {busy:.0%} of a core with its metrics port full"
+        # The control socket has a cap of its own.
+        r = chatctl(gw, "status")
+        assert r.returncode == 0 and "generation 1" in r.stdout, r
+    finally:
+        for s in silent:
+            s.close()
+    # Once they are gone (the master drops silent clients after 5 s at most; closed ones at
+    # once), a scrape is served again.
+    deadline = time.monotonic() + 8
+    while True:
+        try:
+            text = scrape_text(gw, timeout=2)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert "chatgw_connections" in text
+    assert gw.alive() and not gw.find_log("child exited")
+
+
+def test_master_out_of_files_does_not_spin_on_its_metrics_port(make_gateway):
+    gw = make_gateway(workers=1)
+    master = gw.master_pid
+    soft, hard = resource.prlimit(master, resource.RLIMIT_NOFILE)
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{master}/fd")) + 8, hard))
+    silent = [socket.create_connection(("127.0.0.1", gw.metrics_port), timeout=2) for _ in range(20)]
+    try:
+        time.sleep(0.5)
+        cpu0, t0 = cpu_seconds(master), time.monotonic()
+        time.sleep(1.5)
+        busy = (cpu_seconds(master) - cpu0) / (time.monotonic() - t0)
+        assert busy < 0.2, f"the master used {busy:.0%} of a core while out of files"
+    finally:
+        for s in silent:
+            s.close()
+    resource.prlimit(master, resource.RLIMIT_NOFILE, (soft, hard))
+    r = chatctl(gw, "status")
+    assert r.returncode == 0 and "generation 1" in r.stdout, r

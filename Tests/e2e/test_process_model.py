@@ -20,6 +20,7 @@ from conftest import (
     close_all,
     collect_until_close,
     conn_slot,
+    cpu_seconds,
     connect_hello,
     first_lines,
     free_port,
@@ -344,11 +345,6 @@ def test_sigquit_drains_over_window_and_exits_clean(make_gateway):
 # 10 --------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_worker_out_of_files_waits_without_spinning_and_recovers(make_gateway):
     """A worker at its open-file limit: accept() fails with EMFILE while connections wait in
     the listen queue. It must not spin on the readable socket, must say why in the log, keep
@@ -356,8 +352,8 @@ def test_worker_out_of_files_waits_without_spinning_and_recovers(make_gateway):
     gw = make_gateway(workers=1)
     worker = gw.workers_by_slot()[0]
     spare = 6
-    limit = len(os.listdir(f"/proc/{worker}/fd")) + spare
-    resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
+    _, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{worker}/fd")) + spare, hard))
 
     async def main():
         held = []
@@ -367,9 +363,9 @@ def test_worker_out_of_files_waits_without_spinning_and_recovers(make_gateway):
         try:
             await asyncio.sleep(0.5)
             assert not any(t.done() for t in waiting), "a connection was served beyond the file limit"
-            cpu_before, t0 = _cpu_seconds(worker), time.monotonic()
+            cpu_before, t0 = cpu_seconds(worker), time.monotonic()
             await asyncio.sleep(2.0)
-            busy = (_cpu_seconds(worker) - cpu_before) / (time.monotonic() - t0)
+            busy = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - t0)
             assert busy < 0.2, f"worker used {busy:.0%} of a core while out of files (spinning on accept)"
             assert await ping_ok(held[0]), "a held connection stopped answering while the worker was full"
             line = gw.wait_for_log("accept failed", timeout=2)
