@@ -19,6 +19,11 @@ struct AcceptGate {
         self.maxClients = maxClients
     }
 
+    /// When a pause ends, while one lasts: the master's poll must wake up for it.
+    var resumesAt: Double? {
+        pausedUntil > monotonicSeconds() ? pausedUntil : nil
+    }
+
     /// Whether to poll the listening socket.
     func isOpen(clients: Int) -> Bool {
         clients < maxClients && monotonicSeconds() >= pausedUntil

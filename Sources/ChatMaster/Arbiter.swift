@@ -386,6 +386,11 @@ public final class Arbiter {
             guard let child = children.removeValue(forKey: pid) else { continue }
             close(child.linkFD)
             book.forget(pid: pid)
+            if child.slot.role == .relay {
+                // Its answers to `rooms` will not come now.
+                for reply in pendingRooms.values { reply(.failure("the relay exited before answering")) }
+                pendingRooms.removeAll()
+            }
             let uptime = monotonicSeconds() - child.startedAt
             var fields = metadata(child)
             fields["status"] = "\(status)"
@@ -548,6 +553,9 @@ public final class Arbiter {
         let now = monotonicSeconds()
         for record in slots.values {
             if let due = record.nextStartAt { wake = min(wake, max(0, due - now)) }
+        }
+        for due in [control.acceptResumesAt, metrics?.acceptResumesAt].compactMap({ $0 }) {
+            wake = min(wake, max(0, due - now))
         }
         return wake
     }

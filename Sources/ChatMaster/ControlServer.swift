@@ -13,6 +13,8 @@ final class ControlServer {
     private struct Client {
         var buffer: [UInt8] = []
         let openedAt: Double
+        /// Tells a late answer for a closed client from one for a new client on the same fd.
+        let serial: UInt64
         var answered = false
     }
 
@@ -21,6 +23,11 @@ final class ControlServer {
     private var clients: [Int32: Client] = [:]
     /// How long a client may take to send its request.
     private let timeout = 5.0
+    /// How long an answer may take (`rooms` waits for the relay): a request that is never
+    /// answered must not hold one of the 64 places for ever. Shorter than chatctl's own
+    /// 10 s, so that it shows this reason.
+    private let answerTimeout = 8.0
+    private var nextSerial: UInt64 = 0
     private var gate = AcceptGate(maxClients: 64)
 
     init(path: String) throws(SystemError) {
@@ -52,6 +59,8 @@ final class ControlServer {
         listenFD = try Descriptors.moveAbove(fd)
     }
 
+    var acceptResumesAt: Double? { gate.resumesAt }
+
     var pollDescriptors: [Int32] {
         (gate.isOpen(clients: clients.count) ? [listenFD] : []) + clients.filter { !$0.value.answered }.map(\.key)
     }
@@ -61,9 +70,15 @@ final class ControlServer {
         acceptAll()
         let now = monotonicSeconds()
         for fd in Array(clients.keys) {
-            guard var client = clients[fd], !client.answered else { continue }
+            guard var client = clients[fd] else { continue }
+            if client.answered {
+                if now - client.openedAt > answerTimeout {
+                    finish(fd, serial: client.serial, with: .failure("no answer within \(Int(answerTimeout)) s"))
+                }
+                continue
+            }
             if now - client.openedAt > timeout {
-                finish(fd, with: .failure("timed out waiting for a request"))
+                finish(fd, serial: client.serial, with: .failure("timed out waiting for a request"))
                 continue
             }
             var chunk = [UInt8](repeating: 0, count: 4096)
@@ -76,16 +91,17 @@ final class ControlServer {
             clients[fd] = client
             guard let newline = client.buffer.firstIndex(of: UInt8(ascii: "\n")) else {
                 if client.buffer.count > ControlProtocol.maximumRequestBytes {
-                    finish(fd, with: .failure("request longer than \(ControlProtocol.maximumRequestBytes) bytes"))
+                    finish(fd, serial: client.serial, with: .failure("request longer than \(ControlProtocol.maximumRequestBytes) bytes"))
                 }
                 continue
             }
             clients[fd]?.answered = true
             switch Self.parse(client.buffer[..<newline]) {
             case .failure(let refusal):
-                finish(fd, with: refusal.response)
+                finish(fd, serial: client.serial, with: refusal.response)
             case .success(let request):
-                handle(request) { [weak self] response in self?.finish(fd, with: response) }
+                let serial = client.serial
+                handle(request) { [weak self] response in self?.finish(fd, serial: serial, with: response) }
             }
         }
     }
@@ -125,7 +141,8 @@ final class ControlServer {
                 close(fd)
                 continue
             }
-            clients[fd] = Client(openedAt: monotonicSeconds())
+            nextSerial += 1
+            clients[fd] = Client(openedAt: monotonicSeconds(), serial: nextSerial)
         }
     }
 
@@ -135,8 +152,8 @@ final class ControlServer {
         return uid == geteuid() || uid == 0
     }
 
-    private func finish(_ fd: Int32, with response: ControlResponse) {
-        guard clients[fd] != nil else { return }
+    private func finish(_ fd: Int32, serial: UInt64, with response: ControlResponse) {
+        guard clients[fd]?.serial == serial else { return }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         var bytes = Array((try? encoder.encode(response)) ?? Data())

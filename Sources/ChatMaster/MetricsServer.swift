@@ -119,6 +119,8 @@ final class MetricsServer {
         listenFD = fd
     }
 
+    var acceptResumesAt: Double? { gate.resumesAt }
+
     var pollDescriptors: [Int32] { (gate.isOpen(clients: clients.count) ? [listenFD] : []) + Array(clients.keys) }
 
     func serve(body: () -> String) {

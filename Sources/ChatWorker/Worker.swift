@@ -288,13 +288,12 @@ public enum WorkerProcess {
             .childChannelInitializer { channel in
                 // Set here rather than as childChannelOptions, which NIO applies through a
                 // chain of futures per connection (3.5% of a worker's CPU in a handshake storm).
-                do {
+                channel.eventLoop.makeCompletedFuture {
                     try channel.syncOptions?.setOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
                     try channel.syncOptions?.setOption(.recvAllocator, value: Self.readBuffers)
-                } catch {
-                    return channel.eventLoop.makeFailedFuture(error)
+                }.flatMap {
+                    ConnectionPipeline.configure(channel, worker: worker)
                 }
-                return ConnectionPipeline.configure(channel, worker: worker)
             }
             .withBoundSocket(Descriptors.childListenFD)
             .wait()

@@ -36,6 +36,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -100,6 +101,18 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def limit_files_to(pid: int, free: int) -> tuple[int, int]:
+    """Lower pid's RLIMIT_NOFILE soft limit so that exactly `free` more files fit (the limit
+    caps the fd number, so the gaps below it count too); returns the old (soft, hard)."""
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    open_fds = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    limit = 0
+    while limit - sum(1 for fd in open_fds if fd < limit) < free:
+        limit += 1
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+    return old
 
 
 def pid_alive(pid: int) -> bool:

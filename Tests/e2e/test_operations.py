@@ -26,6 +26,7 @@ from conftest import (
     collect_until_close,
     conn_slot,
     cpu_seconds,
+    limit_files_to,
     connect_hello,
     connect_on_slot,
     first_lines,
@@ -954,53 +955,51 @@ def test_chatctl_rooms_top_sorted_by_members(make_gateway):
 # 11 --------------------------------------------------------------------------
 
 
-def test_master_holds_at_most_64_metrics_and_control_clients(make_gateway):
+def test_master_holds_at_most_64_metrics_and_64_control_clients(make_gateway):
     """Anyone who can reach the metrics port could otherwise open connections until the
-    master runs out of the files it needs to restart children. Beyond 64 at once, the
-    rest wait in the kernel's queue; each server's cap is its own; the master stays idle."""
+    master runs out of the files it needs to restart children. Beyond 64 at once on each
+    socket, the rest wait in the kernel's queue; once they go, both serve again."""
     gw = make_gateway(workers=1)
     master = gw.master_pid
     fds_before = len(os.listdir(f"/proc/{master}/fd"))
     silent = []
     try:
-        for _ in range(120):  # 64 held, the rest in the listen queue (backlog 64)
-            s = socket.create_connection(("127.0.0.1", gw.metrics_port), timeout=2)
+        # 64 held and the rest in each listen queue (backlog 64).
+        for _ in range(100):
+            silent.append(socket.create_connection(("127.0.0.1", gw.metrics_port), timeout=2))
+        for _ in range(80):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             silent.append(s)
+            # A Unix socket's connect fails with EAGAIN, instead of waiting, while the
+            # queue is full (the master has not taken its first 64 yet).
+            deadline = time.monotonic() + 3
+            while True:
+                try:
+                    s.connect(str(ctl_socket(gw)))
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the master took no control client for 3 s"
+                    time.sleep(0.01)
         time.sleep(0.5)
         held = len(os.listdir(f"/proc/{master}/fd")) - fds_before
-        assert 60 <= held <= 66, f"the master holds {held} more files for 120 silent metrics clients (cap 64)"
-        cpu0, t0 = cpu_seconds(master), time.monotonic()
-        time.sleep(1.0)
-        busy = (cpu_seconds(master) - cpu0) / (time.monotonic() - t0)
-        assert busy < 0.2, f"the master used {busy:.0%} of a core with its metrics port full"
-        # The control socket has a cap of its own.
-        r = chatctl(gw, "status")
-        assert r.returncode == 0 and "generation 1" in r.stdout, r
+        assert 124 <= held <= 130, f"the master holds {held} more files for 100 metrics and 80 control clients (caps 64 + 64)"
     finally:
         for s in silent:
             s.close()
-    # Once they are gone (the master drops silent clients after 5 s at most; closed ones at
-    # once), a scrape is served again.
-    deadline = time.monotonic() + 8
-    while True:
-        try:
-            text = scrape_text(gw, timeout=2)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    assert "chatgw_connections" in text
+    # Closed clients are dropped at once; the queued ones are then taken, seen closed, dropped.
+    r = chatctl(gw, "status")
+    assert r.returncode == 0 and "generation 1" in r.stdout, r
+    assert "chatgw_connections" in scrape_text(gw, timeout=5)
     assert gw.alive() and not gw.find_log("child exited")
 
 
 def test_master_out_of_files_does_not_spin_on_its_metrics_port(make_gateway):
     gw = make_gateway(workers=1)
     master = gw.master_pid
-    soft, hard = resource.prlimit(master, resource.RLIMIT_NOFILE)
-    resource.prlimit(master, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{master}/fd")) + 8, hard))
-    silent = [socket.create_connection(("127.0.0.1", gw.metrics_port), timeout=2) for _ in range(20)]
+    old_limit = limit_files_to(master, 8)
+    silent = []
     try:
+        silent = [socket.create_connection(("127.0.0.1", gw.metrics_port), timeout=2) for _ in range(20)]
         time.sleep(0.5)
         cpu0, t0 = cpu_seconds(master), time.monotonic()
         time.sleep(1.5)
@@ -1009,6 +1008,29 @@ def test_master_out_of_files_does_not_spin_on_its_metrics_port(make_gateway):
     finally:
         for s in silent:
             s.close()
-    resource.prlimit(master, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.prlimit(master, resource.RLIMIT_NOFILE, old_limit)
     r = chatctl(gw, "status")
     assert r.returncode == 0 and "generation 1" in r.stdout, r
+
+
+def test_chatctl_rooms_fails_cleanly_when_the_relay_stops_answering(make_gateway):
+    """`rooms` waits for the relay's answer: a relay that stops (here SIGSTOP, then the
+    watchdog's kill) must turn into an error for chatctl, not a hang, and must not keep
+    the request's place on the control socket."""
+    gw = make_gateway(workers=1, env={"CHATGW_SUPERVISOR_HEARTBEAT_TIMEOUT_S": "2"})
+    relay = gw.relay_pid()
+    os.kill(relay, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = chatctl(gw, "rooms")
+        took = time.monotonic() - t0
+    finally:
+        try:
+            os.kill(relay, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert r.returncode == 1 and "relay exited before answering" in r.stderr, r
+    assert took < 6, f"chatctl rooms took {took:.1f}s to fail"
+    new_relay = gw.wait_child("relay", not_pid=relay, timeout=10)
+    assert new_relay, "the relay was not replaced"
+    assert wait_until(lambda: chatctl(gw, "rooms").returncode == 0, 10, interval=0.2), chatctl(gw, "rooms")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import signal
 import socket
 import time
@@ -21,6 +20,7 @@ from conftest import (
     collect_until_close,
     conn_slot,
     cpu_seconds,
+    limit_files_to,
     connect_hello,
     first_lines,
     free_port,
@@ -352,8 +352,7 @@ def test_worker_out_of_files_waits_without_spinning_and_recovers(make_gateway):
     gw = make_gateway(workers=1)
     worker = gw.workers_by_slot()[0]
     spare = 6
-    _, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
-    resource.prlimit(worker, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{worker}/fd")) + spare, hard))
+    limit_files_to(worker, spare)
 
     async def main():
         held = []

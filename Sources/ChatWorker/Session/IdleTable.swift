@@ -51,7 +51,8 @@ final class IdleTable<Owner: AnyObject> {
                 let quiet = now - rows[index].lastHeard
                 if quiet >= closeAfter {
                     if let owner = owners[index] { close.append(owner) }
-                } else if !rows[index].pingSent, quiet >= pingAfter - Self.offset(of: index, spreadNs: spreadNs) {
+                } else if !rows[index].pingSent, quiet >= pingAfter - spread,
+                          quiet >= pingAfter - Self.offset(of: index, spreadNs: spreadNs) {
                     guard let owner = owners[index] else { continue }
                     rows[index].pingSent = true
                     ping.append(owner)
