@@ -11,7 +11,9 @@ import NIOCore
 /// (measured: 100% of a core, 700,000 failed accepts a second). NIO's AcceptBackoffHandler
 /// does not stop that (it only delays the next read request, and none comes), so this turns
 /// autoRead off for a moment instead, which takes the socket out of epoll; nginx pauses its
-/// accept events the same way. Each pause is logged, at most once per `warningPeriod`.
+/// accept events the same way. Out of files, a `relieve` given by the owner goes first: the
+/// worker's answers the waiting connections itself (`OverflowRefusal`), and no pause is
+/// needed when it could. Either is logged, at most once per `warningPeriod`.
 public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
     public typealias InboundIn = any Channel
     public typealias InboundOut = any Channel
@@ -22,18 +24,24 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
     public static let warningPeriod: TimeAmount = .seconds(10)
 
     private let logger: Logger
+    /// Called when accept() failed with EMFILE; returns how many waiting connections it
+    /// took and answered itself, or nil when it could not (then the socket pauses).
+    private let relieve: (() -> Int?)?
     private var resume: Scheduled<Void>?
     private var failuresSinceWarning = 0
+    /// Connections `relieve` answered since the last warning; nil when it has not run.
+    private var relievedSinceWarning: Int?
     private var lastWarning: NIODeadline?
 
-    public init(logger: Logger) {
+    public init(logger: Logger, relieve: (() -> Int?)? = nil) {
         self.logger = logger
+        self.relieve = relieve
     }
 
     /// For a `serverChannelInitializer`.
-    public static func install(on channel: any Channel, logger: Logger) -> EventLoopFuture<Void> {
+    public static func install(on channel: any Channel, logger: Logger, relieve: (() -> Int?)? = nil) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(AcceptPause(logger: logger))
+            try channel.pipeline.syncOperations.addHandler(AcceptPause(logger: logger, relieve: relieve))
         }
     }
 
@@ -53,6 +61,13 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         failuresSinceWarning += 1
+        // (accept() fails with EMFILE even with nobody waiting, right after the last file
+        // went: then `relieve` answers no one, which is fine.)
+        if ioError.errnoCode == EMFILE, let relieve, let taken = relieve() {
+            relievedSinceWarning = (relievedSinceWarning ?? 0) + taken
+            warnIfDue(ioError)
+            return
+        }
         warnIfDue(ioError)
         guard resume == nil, let options = context.channel.syncOptions else { return }
         do {
@@ -83,11 +98,18 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
         let now = NIODeadline.now()
         if let lastWarning, now < lastWarning + Self.warningPeriod { return }
         lastWarning = now
-        logger.warning("accept failed; new connections wait in the listen queue", metadata: [
+        var metadata: Logger.Metadata = [
             "error": "\(String(cString: strerror(error.errnoCode)))",
             "failures": "\(failuresSinceWarning)",
-            "retry_ms": "\(Self.interval.nanoseconds / 1_000_000)",
-        ])
+        ]
+        if let relievedSinceWarning {
+            metadata["answered_503"] = "\(relievedSinceWarning)"
+            logger.warning("accept failed; connections beyond the limit are answered 503", metadata: metadata)
+        } else {
+            metadata["retry_ms"] = "\(Self.interval.nanoseconds / 1_000_000)"
+            logger.warning("accept failed; new connections wait in the listen queue", metadata: metadata)
+        }
         failuresSinceWarning = 0
+        relievedSinceWarning = nil
     }
 }

@@ -284,7 +284,10 @@ public enum WorkerProcess {
         // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
         let server = try ServerBootstrap(group: runtime.group)
             .serverChannelOption(.backlog, value: Int32(config.server.backlog))
-            .serverChannelInitializer { channel in AcceptPause.install(on: channel, logger: logger) }
+            .serverChannelInitializer { channel in
+                let overflow = OverflowRefusal(listenFD: Descriptors.childListenFD)
+                return AcceptPause.install(on: channel, logger: logger, relieve: overflow.refuseWaiting)
+            }
             .childChannelInitializer { channel in
                 // Set here rather than as childChannelOptions, which NIO applies through a
                 // chain of futures per connection (3.5% of a worker's CPU in a handshake storm).

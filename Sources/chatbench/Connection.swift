@@ -202,7 +202,8 @@ final class BenchConnection: ChannelInboundHandler {
             }
             let status = buffer.getString(at: buffer.readerIndex, length: min(12, headEnd)) ?? ""
             guard status == "HTTP/1.1 101" else {
-                let line = buffer.getString(at: buffer.readerIndex, length: min(headEnd, 40))?.split(separator: "\r").first ?? ""
+                // ("\r\n" is one Character: split on newlines, not on "\r".)
+                let line = buffer.getString(at: buffer.readerIndex, length: min(headEnd, 40))?.split(whereSeparator: \.isNewline).first ?? ""
                 failHandshake(context: context, status: String(line))
                 return
             }
