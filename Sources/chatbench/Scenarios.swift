@@ -22,6 +22,7 @@ extension LatencySummary {
 struct Sample {
     var at = monotonicNanos()
     var server: [String: Int] = [:]
+    var serverSystem = 0
     var machine = Proc.machineTicks()
     var client = Proc.selfTicks()
 
@@ -51,6 +52,7 @@ final class Monitor {
         server?.refresh()
         var s = Sample()
         s.server = server?.cpuTicksByRole() ?? [:]
+        s.serverSystem = server?.systemTicks() ?? 0
         return s
     }
 
@@ -103,6 +105,7 @@ func log(_ line: String) {
 struct CPUUse {
     var seconds: Double
     var serverTicks: Int
+    var serverSystemTicks: Int
     var serverByRole: [String: Int]
     var machineBusyPercent: Double
     var clientTicks: Int
@@ -110,6 +113,7 @@ struct CPUUse {
     init(_ a: Sample, _ b: Sample, clientTicks: Int) {
         seconds = Double(b.at - a.at) / 1e9
         serverTicks = b.serverTotal - a.serverTotal
+        serverSystemTicks = b.serverSystem - a.serverSystem
         var roles: [String: Int] = [:]
         for (role, t) in b.server { roles[role] = t - (a.server[role] ?? 0) }
         serverByRole = roles
@@ -123,12 +127,17 @@ struct CPUUse {
 
     /// Microseconds of server CPU per event.
     func serverMicros(per events: Int) -> Double { events > 0 ? round3(serverSeconds * 1e6 / Double(events)) : 0 }
+    /// The kernel's part of `serverMicros` (stime).
+    func serverSystemMicros(per events: Int) -> Double {
+        events > 0 ? round3(Double(serverSystemTicks) / Proc.ticksPerSecond * 1e6 / Double(events)) : 0
+    }
     func clientMicros(per events: Int) -> Double { events > 0 ? round3(clientSeconds * 1e6 / Double(events)) : 0 }
 
     var json: JSON {
         [
             "seconds": round3(seconds),
             "server_cpu_percent": round3(100 * serverSeconds / max(seconds, 0.001)),
+            "server_sys_cpu_percent": round3(100 * Double(serverSystemTicks) / Proc.ticksPerSecond / max(seconds, 0.001)),
             "server_cpu_percent_by_role": serverByRole.mapValues { round3(100 * Double($0) / Proc.ticksPerSecond / max(seconds, 0.001)) },
             "client_cpu_percent": round3(100 * clientSeconds / max(seconds, 0.001)),
             "machine_busy_percent": round3(machineBusyPercent),
@@ -265,6 +274,7 @@ enum Scenarios {
             "seconds": round3(seconds), "handshakes_per_s": round3(rate),
             "handshake_latency": hs.json, "hello_latency": hello.json,
             "server_cpu_us_per_handshake": cpu.serverMicros(per: ok),
+            "server_sys_us_per_handshake": cpu.serverSystemMicros(per: ok),
             "client_cpu_us_per_handshake": cpu.clientMicros(per: ok),
             "cpu": cpu.json, "not_closed": left,
         ]
@@ -272,7 +282,7 @@ enum Scenarios {
             "connect: \(ok) of \(connections) connections in \(fmt(seconds, 2)) s = \(fmt(rate, 0)) handshakes/s, \(totalFailures(r)) failed\(kindsText(r))",
             "  handshake (connect to 101): \(hs.text)",
             "  to hello: \(hello.text)",
-            "  server CPU \(fmt(cpu.serverMicros(per: ok), 1)) us/handshake; load generator \(fmt(cpu.clientMicros(per: ok), 1)) us/handshake; machine busy \(fmt(cpu.machineBusyPercent, 0))%",
+            "  server CPU \(fmt(cpu.serverMicros(per: ok), 1)) us/handshake (kernel \(fmt(cpu.serverSystemMicros(per: ok), 1))); load generator \(fmt(cpu.clientMicros(per: ok), 1)) us/handshake; machine busy \(fmt(cpu.machineBusyPercent, 0))%",
         ])
     }
 
@@ -396,6 +406,7 @@ enum Scenarios {
                 "error_kinds": r.errorKinds,
                 "latency": lat.json,
                 "server_cpu_us_per_delivery": cpu.serverMicros(per: c.deliveries),
+                "server_sys_us_per_delivery": cpu.serverSystemMicros(per: c.deliveries),
                 "client_cpu_us_per_message": cpu.clientMicros(per: c.deliveries + c.sent),
                 "cpu": cpu.json, "pass": pass,
             ]
@@ -405,7 +416,7 @@ enum Scenarios {
             }
             steps.append(step)
             summary.append("  \(fmt(rate, 0)) msg/s -> \(fmt(achieved, 0)) deliveries/s (offered \(fmt(offered, 0))): latency \(lat.text)")
-            summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))%), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message; \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost)")
+            summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))% of a core; kernel \(fmt(cpu.serverSystemMicros(per: c.deliveries), 2))), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message; \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost)")
             if p.stalled > 0 {
                 summary.append("      stalled members \(r.stalledMembers) (not reading; left out of the figures above), \(r.stalledGone) of them seen closed so far")
             }

@@ -41,10 +41,15 @@ enum Proc {
         return text[text.index(after: close)...].split(separator: " ")
     }
 
-    /// utime + stime (fields 14 and 15) in clock ticks; pid 0 is this process.
-    static func cpuTicks(_ pid: Int32) -> Int? {
+    /// utime and stime (fields 14 and 15) in clock ticks; pid 0 is this process.
+    static func cpuTicksSplit(_ pid: Int32) -> (user: Int, system: Int)? {
         guard let f = statFields(pid), f.count > 12, let u = Int(f[11]), let s = Int(f[12]) else { return nil }
-        return u + s
+        return (u, s)
+    }
+
+    /// utime + stime in clock ticks; pid 0 is this process.
+    static func cpuTicks(_ pid: Int32) -> Int? {
+        cpuTicksSplit(pid).map { $0.user + $0.system }
     }
 
     static func selfTicks() -> Int { cpuTicks(0) ?? 0 }
@@ -146,6 +151,11 @@ struct ServerProcesses {
 
     func cpuTicks() -> Int {
         members.reduce(0) { $0 + (Proc.cpuTicks($1.pid) ?? 0) }
+    }
+
+    /// stime alone: the kernel's share (on loopback, the receiving end's TCP input too).
+    func systemTicks() -> Int {
+        members.reduce(0) { $0 + (Proc.cpuTicksSplit($1.pid)?.system ?? 0) }
     }
 
     func cpuTicksByRole() -> [String: Int] {
