@@ -121,6 +121,7 @@ extension ChatBench {
 
         func run() throws {
             guard common.proto == "chatgw" else { throw ValidationError("churn: only --protocol chatgw") }
+            guard rate > 0, duration > 0, rooms > 0 else { throw ValidationError("churn: --rate, --duration and --rooms must be positive") }
             let ctx = try Context.make(common, total: min(Int(rate * duration), common.concurrency), rooms: rooms, publishers: 0, textBytes: 0)
             Scenarios.churn(ctx, rate: rate, duration: duration, rooms: rooms)
         }
