@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatSystem
 import Logging
 import NIOCore
 
@@ -45,14 +46,9 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// ECONNABORTED (a client gone before we took it) needs no pause; running out of files,
-    /// kernel memory or buffers does.
     static func pausesAccepting(_ error: any Error) -> IOError? {
-        guard let ioError = error as? IOError else { return nil }
-        switch ioError.errnoCode {
-        case EMFILE, ENFILE, ENOBUFS, ENOMEM: return ioError
-        default: return nil
-        }
+        guard let ioError = error as? IOError, Descriptors.acceptFailedForWantOfResources(ioError.errnoCode) else { return nil }
+        return ioError
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -33,10 +33,7 @@ struct AcceptGate {
     mutating func next(from listenFD: Int32, clients: Int) -> Int32? {
         guard isOpen(clients: clients) else { return nil }
         if let fd = Descriptors.acceptNonBlocking(listenFD) { return fd }
-        switch errno {
-        case EMFILE, ENFILE, ENOBUFS, ENOMEM: pausedUntil = monotonicSeconds() + Self.pause
-        default: break
-        }
+        if Descriptors.acceptFailedForWantOfResources(errno) { pausedUntil = monotonicSeconds() + Self.pause }
         return nil
     }
 }

@@ -39,6 +39,16 @@ public enum Descriptors {
         return fd >= 0 ? fd : nil
     }
 
+    /// Whether accept() failed for want of files, kernel memory or buffers: the waiting
+    /// connection stays queued (and the socket readable), so the caller must pause rather
+    /// than try again at once. ECONNABORTED (a client gone before it was taken) is not.
+    public static func acceptFailedForWantOfResources(_ code: Int32) -> Bool {
+        switch code {
+        case EMFILE, ENFILE, ENOBUFS, ENOMEM: true
+        default: false
+        }
+    }
+
     /// The uid of the peer process of a Unix socket.
     public static func peerUID(_ fd: Int32) -> uid_t? {
         let uid = chatgw_peer_uid(fd)

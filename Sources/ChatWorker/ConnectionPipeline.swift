@@ -10,6 +10,15 @@ import NIOWebSocket
 enum ConnectionPipeline {
     typealias Endpoint = FirstRequestHandler.Endpoint
 
+    /// NIO keeps each connection's last read buffer for the next read, so its first size is
+    /// memory every idle member holds. Chat frames and handshakes are small; reads that fill
+    /// the buffer grow it (up to 64 KiB) for the rare big message.
+    static let readBuffers = AdaptiveRecvByteBufferAllocator(
+        minimum: 64,
+        initial: 256,
+        maximum: 65_536
+    )
+
     /// NIO's handshake rules (key, version, the accept value); the decision is ours.
     private static let handshake = NIOWebSocketServerUpgrader(
         automaticErrorHandling: false,
@@ -88,7 +97,13 @@ enum ConnectionPipeline {
             },
             makeHTTPHandler: { HTTPHandler(worker: worker, verdict: verdict) }
         )
+        let outbound = config.limits.outboundBufferBytes
         return channel.eventLoop.makeCompletedFuture {
+            // Set here rather than as the bootstrap's childChannelOptions, which NIO applies
+            // through a chain of futures per connection (3.5% of a worker's CPU in a
+            // handshake storm).
+            try channel.syncOptions?.setOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
+            try channel.syncOptions?.setOption(.recvAllocator, value: readBuffers)
             let pipeline = channel.pipeline.syncOperations
             try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
             try pipeline.addHandler(FirstRequestHandler(policy: policy, handshake: handshake))

@@ -231,15 +231,6 @@ final class Worker: BusDelegate {
 
 /// Starts a worker process and never returns.
 public enum WorkerProcess {
-    /// NIO keeps each connection's last read buffer for the next read, so its first size is
-    /// memory every idle member holds. Chat frames and handshakes are small; reads that fill
-    /// the buffer grow it (up to 64 KiB) for the rare big message.
-    static let readBuffers = AdaptiveRecvByteBufferAllocator(
-        minimum: 64,
-        initial: 256,
-        maximum: 65_536
-    )
-
     public static func run(settings: WorkerSettings, logger: Logger) -> Never {
         if let crashSlot = ProcessEnvironment.current()["CHATGW_TEST_CRASH_SLOT"], crashSlot == "\(settings.slot)" {
             logger.critical("crashing on purpose (CHATGW_TEST_CRASH_SLOT)")
@@ -279,7 +270,6 @@ public enum WorkerProcess {
             return NIOLoopBound(worker, eventLoop: loop)
         }.wait()
 
-        let outbound = config.limits.outboundBufferBytes
         // No per-connection TCP_NODELAY option: ServerBootstrap sets it on the listener and
         // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
         let server = try ServerBootstrap(group: runtime.group)
@@ -289,14 +279,7 @@ public enum WorkerProcess {
                 return AcceptPause.install(on: channel, logger: logger, relieve: overflow.refuseWaiting)
             }
             .childChannelInitializer { channel in
-                // Set here rather than as childChannelOptions, which NIO applies through a
-                // chain of futures per connection (3.5% of a worker's CPU in a handshake storm).
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.syncOptions?.setOption(.writeBufferWaterMark, value: .init(low: outbound / 2, high: outbound))
-                    try channel.syncOptions?.setOption(.recvAllocator, value: Self.readBuffers)
-                }.flatMap {
-                    ConnectionPipeline.configure(channel, worker: worker)
-                }
+                ConnectionPipeline.configure(channel, worker: worker)
             }
             .withBoundSocket(Descriptors.childListenFD)
             .wait()

@@ -78,11 +78,7 @@ final class BenchConnection: ChannelInboundHandler {
         guard let context, state == .open, joined, !stalled else { return false }
         stalled = true
         shard.members[room] -= 1
-        if let options = context.channel.syncOptions {
-            try? options.setOption(.autoRead, value: false)
-        } else {
-            _ = context.channel.setOption(.autoRead, value: false)
-        }
+        Self.setAutoRead(false, on: context.channel)
         return true
     }
 
@@ -90,12 +86,16 @@ final class BenchConnection: ChannelInboundHandler {
     /// close frame or the TCP close if it cut this member off.
     func resumeReading() {
         guard stalled, let context, state != .closed else { return }
-        if let options = context.channel.syncOptions {
-            try? options.setOption(.autoRead, value: true)
-        } else {
-            _ = context.channel.setOption(.autoRead, value: true)
-        }
+        Self.setAutoRead(true, on: context.channel)
         context.read()
+    }
+
+    private static func setAutoRead(_ on: Bool, on channel: any Channel) {
+        if let options = channel.syncOptions {
+            try? options.setOption(.autoRead, value: on)
+        } else {
+            _ = channel.setOption(.autoRead, value: on)
+        }
     }
 
     // MARK: lifecycle

@@ -174,10 +174,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     // MARK: answers
 
     private func refuse(context: ChannelHandlerContext, head: HTTPRequestHead, _ refusal: HTTPRefusal) {
-        sendJSON(context: context, head: head, status: refusal.status) { json in
-            json.field("code", refusal.code)
-            json.field("message", refusal.message)
-        }
+        sendJSON(context: context, head: head, status: refusal.status) { json in refusal.writeFields(into: &json) }
     }
 
     private func sendJSON(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus = .ok, fields: (inout JSONWriter) -> Void) {

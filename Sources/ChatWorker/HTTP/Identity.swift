@@ -12,6 +12,12 @@ struct HTTPRefusal: Error, Sendable {
     static let upgradeRequired = HTTPRefusal(status: .upgradeRequired, code: "bad_request", message: "this endpoint takes a WebSocket upgrade")
     static let busUnavailable = HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "the message bus is unreachable; retry shortly")
     static let workerFull = HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "this worker has no room for another connection; retry shortly")
+
+    /// The body's fields, `{"code":...,"message":...}`.
+    func writeFields(into json: inout JSONWriter) {
+        json.field("code", code)
+        json.field("message", message)
+    }
 }
 
 /// What the upgrade decided about one connection. The upgrader writes it; the HTTP

@@ -58,8 +58,7 @@ final class OverflowRefusal {
     private static func response(_ refusal: HTTPRefusal) -> [UInt8] {
         var json = JSONWriter(buffer: ByteBufferAllocator().buffer(capacity: 128))
         json.beginObject()
-        json.field("code", refusal.code)
-        json.field("message", refusal.message)
+        refusal.writeFields(into: &json)
         json.endObject()
         let body = Array(json.buffer.readableBytesView)
         let head = "HTTP/1.1 \(refusal.status.code) \(refusal.status.reasonPhrase)\r\n"

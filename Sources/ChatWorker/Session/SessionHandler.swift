@@ -22,7 +22,7 @@ final class SessionHandler: ChannelInboundHandler {
     let user: String
     let permission: RoomPermission
     let connectionID: String
-    /// Also the connection's activity record for the worker's idle sweep.
+    /// Also holds the connection's row in the worker's idle table.
     let webSocket: WebSocketHandler
     private let worker: Worker
     /// Set while this session waits in the room table's list of members to flush.
