@@ -28,7 +28,7 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
-        // PROTOCOL.md as types and codecs; no I/O.
+        // docs/PROTOCOL.md as types and codecs; no I/O.
         .target(name: "ChatProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         // The config model, its loading (file, environment, flags) and validation.
         .target(name: "ChatConfig", dependencies: [.product(name: "Configuration", package: "swift-configuration")]),
@@ -66,7 +66,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(name: "chatctl", dependencies: ["ChatControl", "ChatConfig", "ChatAuth",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        // The load generator (issue 11): connect, idle, fanout and churn scenarios.
+        // The load generator behind scripts/bench: connect, idle, fanout and churn scenarios.
         .executableTarget(name: "chatbench", dependencies: [
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOCore", package: "swift-nio"),

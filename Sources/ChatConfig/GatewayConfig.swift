@@ -1,6 +1,7 @@
 import Foundation
 
-/// The whole gateway configuration, one stored property per key of docs/CONFIG-SPEC.md.
+/// The whole gateway configuration, one stored property per key of etc/chatgw.yaml
+/// (the keys and their ranges: `ConfigField.all`).
 ///
 /// `GatewayConfig()` holds the built-in defaults. Load it with `ConfigLoader.load`, which
 /// also validates it; the master passes the result to its children with `encodedJSON()`
@@ -206,8 +207,9 @@ extension GatewayConfig {
     public var controlSocketPath: String { control.socket.isEmpty ? inStateDirectory("chatgw.ctl") : control.socket }
     /// The embedded relay's Unix socket.
     public var relaySocketPath: String { bus.relaySocket.isEmpty ? inStateDirectory("relay.sock") : bus.relaySocket }
-    /// Where the relay keeps history when `history.persist` is on.
+    /// The archiver's SQLite file when `archive.kind` is sqlite.
     public var archiveSQLitePath: String { archive.sqlitePath.isEmpty ? inStateDirectory("archive.sqlite") : archive.sqlitePath }
+    /// Where the relay keeps history when `history.persist` is on.
     public var historyDirectory: String { history.directory.isEmpty ? inStateDirectory("history") : history.directory }
 
     private func inStateDirectory(_ name: String) -> String {

@@ -12,7 +12,7 @@ public struct HistoryPosition: Sendable, Equatable {
     }
 }
 
-/// Every request a client may send, per PROTOCOL.md "Client to server".
+/// Every request a client may send, per docs/PROTOCOL.md "Client to server".
 public enum ClientMessage: Sendable, Equatable {
     case join(room: String, since: Int?, epoch: String?, history: Int, ref: String?)
     case leave(room: String, ref: String?)
@@ -27,7 +27,7 @@ public enum ClientMessage: Sendable, Equatable {
     }
 
     /// Parses one text frame. Every way a frame can be wrong becomes a `ProtocolError`
-    /// with the code PROTOCOL.md names and a message saying which field is wrong.
+    /// with the code docs/PROTOCOL.md names and a message saying which field is wrong.
     public static func decode(_ text: ByteBuffer, maxTextBytes: Int) -> Result<ClientMessage, ProtocolError> {
         let object: [String: JSONValue]
         do {

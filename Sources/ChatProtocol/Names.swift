@@ -1,4 +1,4 @@
-/// The name rules of PROTOCOL.md "Identity".
+/// The name rules of docs/PROTOCOL.md "Identity".
 public enum Names {
     /// 1 to 32 characters from [A-Za-z0-9_.-].
     public static func isValidUser(_ name: Substring) -> Bool {

@@ -20,7 +20,7 @@ public struct RoomMessage: Sendable, Equatable {
     }
 }
 
-/// `error` codes of PROTOCOL.md.
+/// `error` codes of docs/PROTOCOL.md.
 public enum ErrorCode: String, Sendable {
     case badJSON = "bad_json"
     case badFrame = "bad_frame"
@@ -35,7 +35,7 @@ public enum ErrorCode: String, Sendable {
     case `internal`
 }
 
-/// `bye` reasons of PROTOCOL.md.
+/// `bye` reasons of docs/PROTOCOL.md.
 public enum ByeReason: String, Sendable {
     case reload
     case shutdown
@@ -44,7 +44,7 @@ public enum ByeReason: String, Sendable {
     case kicked
 }
 
-/// WebSocket close codes of PROTOCOL.md.
+/// WebSocket close codes of docs/PROTOCOL.md.
 public enum CloseCode {
     public static let normal: UInt16 = 1000
     public static let goingAway: UInt16 = 1001
@@ -82,7 +82,7 @@ public struct ProtocolError: Error, Sendable, Equatable {
     }
 }
 
-/// Every frame the server sends, per PROTOCOL.md "Server to client".
+/// Every frame the server sends, per docs/PROTOCOL.md "Server to client".
 public enum ServerMessage: Sendable {
     case hello(user: String, conn: String, heartbeatSeconds: Int)
     case joined(room: String, seq: Int, epoch: String, members: Int, ref: String?)

@@ -14,7 +14,7 @@ Helpers (import them in tests with ``from conftest import ...``):
 * ``ws_connect``, ``connect_hello``, ``open_many``, ``close_all``, ``recv_json``,
   ``recv_until``, ``collect_until_close``, ``ping_ok`` -- asyncio WebSocket helpers
   on ``websockets.asyncio.client`` with a timeout on every step.
-* ``join_room``, ``send_message``, ``app_ping`` -- protocol helpers (PROTOCOL.md).
+* ``join_room``, ``send_message``, ``app_ping`` -- protocol helpers (docs/PROTOCOL.md).
 * ``run_async(coro, timeout)`` -- ``asyncio.run`` with an overall timeout.
 * process helpers: ``pid_alive``, ``wait_pids_dead``, ``tagged_pids``,
   ``free_port``, ``parse_log_line``.

@@ -3,7 +3,7 @@ epochs, resume filled from the archive, the archiver child surviving `kill -9`, 
 gateways on one Redis and one PostgreSQL, a database outage under traffic, bad input and
 unusable archive files, and the archive turned off.
 
-PROTOCOL.md (`history`, v1.1 rows, "With the archive on ... filled from the archive");
+docs/PROTOCOL.md (`history`, v1.1 rows, "With the archive on ... filled from the archive");
 README. Black-box: the binaries (CHATGW_BIN, chatctl next to it for `chatctl token`),
 WebSocket clients, HTTP, ps and signals, plus the archive itself read from outside: the
 SQLite file (read-only, WAL) or a real PostgreSQL cluster (pg_support.PgCluster, one per

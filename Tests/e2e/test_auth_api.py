@@ -1,7 +1,7 @@
 """JWT authentication at the upgrade, the server-side HTTP API, Origin checks and
 oversized request heads, end to end.
 
-PROTOCOL.md "Identity" and "Server-side HTTP API"; README. Black-box: the binaries
+docs/PROTOCOL.md "Identity" and "Server-side HTTP API"; README. Black-box: the binaries
 (CHATGW_BIN, and chatctl next to it or CHATCTL_BIN for ``chatctl token``), raw HTTP on
 sockets, ``http.client``, WebSocket clients, ps.
 
@@ -152,7 +152,7 @@ REFUSALS = [
      "tokens must be signed with HS256"),
     ("hs384", lambda: craft_token({"sub": "alice", "exp": _exp(600)}, alg="HS384", digest=hashlib.sha384),
      "tokens must be signed with HS256"),
-    # PROTOCOL.md: sub and exp are required claims
+    # docs/PROTOCOL.md: sub and exp are required claims
     ("no-exp", lambda: craft_token({"sub": "alice"}), None),
     ("no-sub", lambda: craft_token({"exp": _exp(600)}), None),
 ]

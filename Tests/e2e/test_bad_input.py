@@ -1,5 +1,5 @@
-"""Bad input from clients: every case is answered as PROTOCOL.md says, and the worker
-that got it keeps serving its other connections (pids unchanged, a witness connection
+"""Bad input from clients: every case is answered as docs/PROTOCOL.md says, and the
+worker that got it keeps serving its other connections (pids unchanged, a witness connection
 on every worker slot still answers application and WebSocket pings, new connections
 still get their hello).
 

@@ -1,4 +1,4 @@
-"""Idle connections (PROTOCOL.md): a connection quiet for `idle_ping_s` gets a WebSocket
+"""Idle connections (docs/PROTOCOL.md): a connection quiet for `idle_ping_s` gets a WebSocket
 ping; one quiet for `idle_timeout_s` is closed with 1001; one that answers stays.
 
 Pings are spread: each connection is pinged up to a quarter of `idle_ping_s` (at most

@@ -1,5 +1,5 @@
 """Rooms end to end: fan-out over workers, ordering, resume and gaps, history, relay
-crash, slow consumers, leave, ping, scroll-back (PROTOCOL.md).
+crash, slow consumers, leave, ping, scroll-back (docs/PROTOCOL.md).
 
 Black-box: the binary (CHATGW_BIN), WebSocket clients, ps and signals.
 """
