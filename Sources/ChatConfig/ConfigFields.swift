@@ -160,6 +160,7 @@ struct ConfigField: Sendable {
         ConfigField("bus.kind", \.bus.kind, BusKind.allowed),
         ConfigField("bus.relay_socket", \.bus.relaySocket, "a path"),
         ConfigField("bus.redis_url", \.bus.redisURL, "a string"),
+        .int("bus.outage_wait_ms", \.bus.outageWaitMs, 0...600_000),
 
         .int("history.messages", \.history.messages, 0...100_000),
         .int("history.max_age_s", \.history.maxAgeSeconds, 1...31_536_000),

@@ -95,7 +95,15 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public var relaySocket = ""
         /// `bus.redis_url`: Redis server used when `kind` is redis.
         public var redisURL = "redis://127.0.0.1:6379/0"
+        /// `bus.outage_wait_ms`: how long a join or send waits for an unreachable bus (a
+        /// relay or Redis restart) before the client is told `unavailable`, 0...600000 ms.
+        public var outageWaitMs = 5000
         public init() {}
+
+        /// Whether both name the same bus; the workers' own settings aside.
+        public func sameEndpoint(as other: Bus) -> Bool {
+            kind == other.kind && relaySocket == other.relaySocket && redisURL == other.redisURL
+        }
     }
 
     public struct History: Sendable, Codable, Equatable {

@@ -33,13 +33,13 @@ public struct MasterSettings: Sendable, Equatable {
 
     /// Whether the archiver must be replaced to apply `other`.
     func archiverDiffers(from other: MasterSettings) -> Bool {
-        config.archive != other.config.archive || config.bus != other.config.bus
+        config.archive != other.config.archive || !config.bus.sameEndpoint(as: other.config.bus)
             || config.archiveSQLitePath != other.config.archiveSQLitePath
     }
 
     /// Whether the relay must be replaced to apply `other` (its own settings changed).
     func relayDiffers(from other: MasterSettings) -> Bool {
-        config.bus != other.config.bus || config.history != other.config.history
+        !config.bus.sameEndpoint(as: other.config.bus) || config.history != other.config.history
             || config.relaySocketPath != other.config.relaySocketPath
     }
 }

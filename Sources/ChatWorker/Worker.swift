@@ -65,6 +65,14 @@ final class Worker: BusDelegate {
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     private let idle = IdleTable<SessionHandler>()
     private var nextConnection: UInt64 = 0
+    /// Joins and sends that came while the bus was unreachable, waiting for it to come
+    /// back (until their deadline): a relay or Redis restart takes a fraction of a second,
+    /// and a client told `unavailable` for it has to have been written to retry.
+    private var waitingForBus: [(deadline: NIODeadline, proceed: (Bool) -> Void)] = []
+    /// Re-joins after the bus came back that are not answered yet; requests wait for them.
+    private var resyncsUnanswered = 0
+    /// Counts bus links, so that a re-join answered after its link was replaced is not counted.
+    private var busLinks = 0
     private(set) var stopping = false
     private var stopReason = ByeReason.shutdown
     var onDrained: (() -> Void)?
@@ -133,19 +141,57 @@ final class Worker: BusDelegate {
     /// reload never hands clients to a worker that would answer `unavailable`).
     var whenBusFirstConnected: (() -> Void)?
 
-    /// (Re)joins every room that has local members, resuming where this worker left off.
+    /// (Re)joins every room that has local members, resuming where this worker left off,
+    /// then lets the requests that waited for the bus go on once every re-join is answered:
+    /// a send let go earlier could be sequenced before its room's re-join reads the bus's
+    /// history (Redis subscribes first), and fall out of what that re-join replays.
     func busConnected() {
         if let first = whenBusFirstConnected {
             whenBusFirstConnected = nil
             first()
         }
+        busLinks += 1
+        let link = busLinks
+        resyncsUnanswered = rooms.rooms.count
         for (name, room) in rooms.rooms {
             bus.join(room: name, since: room.lastSeq, epoch: room.epoch, history: 0, members: rooms.memberCount(name)) { [self] result in
                 if case .success(let answer) = result {
                     rooms.resynced(name, result: answer)
                 }
+                guard link == busLinks else { return }
+                resyncsUnanswered -= 1
+                if resyncsUnanswered == 0 { releaseBusWaits() }
             }
         }
+        if resyncsUnanswered == 0 { releaseBusWaits() }
+    }
+
+    private func releaseBusWaits() {
+        // Lost again meanwhile: they wait for the next link.
+        guard bus.isAvailable else { return }
+        let waiting = waitingForBus
+        waitingForBus.removeAll()
+        for request in waiting { request.proceed(true) }
+    }
+
+    /// The deadline of a request that may wait for the bus (`bus.outage_wait_ms` from now).
+    func busWaitDeadline() -> NIODeadline {
+        .now() + .milliseconds(Int64(settings.config.bus.outageWaitMs))
+    }
+
+    /// Runs `proceed(true)` once the bus is reachable (at once if it is), or
+    /// `proceed(false)` when `deadline` passes first.
+    func whenBusAvailable(until deadline: NIODeadline, _ proceed: @escaping (Bool) -> Void) {
+        if bus.isAvailable && resyncsUnanswered == 0 { return proceed(true) }
+        guard deadline > .now() else { return proceed(false) }
+        waitingForBus.append((deadline, proceed))
+    }
+
+    private func expireBusWaits(now: NIODeadline) {
+        guard waitingForBus.contains(where: { $0.deadline <= now }) else { return }
+        let expired = waitingForBus.filter { $0.deadline <= now }
+        waitingForBus.removeAll { $0.deadline <= now }
+        for request in expired { request.proceed(false) }
     }
 
     func busLost() {
@@ -185,7 +231,8 @@ final class Worker: BusDelegate {
 
     // MARK: housekeeping
 
-    /// How often `sweepIdle` runs.
+    /// How often `sweepIdle` runs (also how late a request waiting for the bus may learn
+    /// that it waited long enough).
     static let idleSweepInterval = TimeAmount.milliseconds(250)
 
     /// One shared sweep over the idle table instead of a timer per connection. Pings
@@ -195,6 +242,7 @@ final class Worker: BusDelegate {
     /// write were all pinged in the same tick, 9,000 writes and then 9,000 pongs on one
     /// loop: a 200 ms stall for every member of the worker, every `idle_ping_s`.
     func sweepIdle() {
+        expireBusWaits(now: .now())
         let pingAfter = TimeAmount.seconds(Int64(settings.limits.idlePingSeconds))
         let due = idle.due(
             now: .now(), pingAfter: pingAfter,

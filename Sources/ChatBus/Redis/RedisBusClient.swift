@@ -106,6 +106,7 @@ public final class RedisBusClient: Bus {
                     return JoinResult(room: state.snapshot, replay: replay, gap: gap)
                 })
                 joinAnswered(room)
+                if case .success(let state) = result { answered(room, upTo: state.snapshot) }
             }
         }
     }
@@ -129,8 +130,10 @@ public final class RedisBusClient: Bus {
                 return completion(.failure(.unavailable))
             }
             let published = Published(seq: seq, epoch: epoch)
-            // Answer once this worker has delivered the message itself (if it gets it).
-            guard var state = rooms[room], state.subscribed, !(state.epoch == epoch && state.lastSeq >= seq) else {
+            // Answer once this worker has delivered the message itself (if it gets it): live,
+            // or, while the room's subscription is still being set up (a re-join after a
+            // reconnect), in the join's replay (`answered`).
+            guard var state = rooms[room], state.subscribed || state.subscribing, !(state.epoch == epoch && state.lastSeq >= seq) else {
                 return completion(.success(published))
             }
             state.pendingAcks.append((seq, epoch, { completion(.success(published)) }))
@@ -212,6 +215,17 @@ public final class RedisBusClient: Bus {
         rooms[room] = state
         for message in held { deliver(message) }
         unsubscribeIfUnused(room)
+    }
+
+    /// A join was answered and its replay handed to the worker: the publishes it covers
+    /// were delivered that way, so their answers may go.
+    private func answered(_ room: String, upTo snapshot: RoomSnapshot) {
+        guard var state = rooms[room], !state.pendingAcks.isEmpty else { return }
+        let covered: ((seq: Int, epoch: String, complete: () -> Void)) -> Bool = { $0.epoch == snapshot.epoch && $0.seq <= snapshot.seq }
+        let due = state.pendingAcks.filter(covered)
+        state.pendingAcks.removeAll(where: covered)
+        rooms[room] = state
+        for ack in due { ack.complete() }
     }
 
     private func whenSubscribed(_ room: String, then action: @escaping () -> Void) {

@@ -8,6 +8,15 @@ import NIOCore
 // resync after a bus outage where to resume. A room message is encoded into one
 // WebSocket frame and those bytes are written to every member; each member is flushed
 // once per loop tick, however many messages reached it in that tick.
+//
+// A member passes through up to two waiting states before it gets live frames:
+// - `filling`: its join's replay is still being read from the archive. Live messages of
+//   the room past the join's seq are kept for it (encoded once, shared with the members)
+//   and handed over when the fill is done, after the replay: replayed messages precede
+//   live ones (docs/PROTOCOL.md, Ordering and delivery).
+// - `pending`: it was answered at a seq this worker has not delivered up to yet (a bus
+//   whose live feed and answers travel on different connections); it becomes a member
+//   once the room's delivery reaches that seq.
 
 final class LocalRooms {
     /// A class, so that a join or a delivery changes the room in place: a struct copied out
@@ -18,6 +27,9 @@ final class LocalRooms {
         /// and answers travel on different connections): they become members once the
         /// room's delivery reaches the seq they were given.
         var pending: [(session: SessionHandler, fromSeq: Int)] = []
+        /// Joined while its replay is read from the archive: the live frames it will get
+        /// once the replay is out.
+        var filling: [ObjectIdentifier: Filling] = [:]
         var epoch: String
         var lastSeq: Int
         var knownMembers: Int
@@ -26,6 +38,20 @@ final class LocalRooms {
             self.epoch = epoch
             self.lastSeq = lastSeq
             self.knownMembers = knownMembers
+        }
+    }
+
+    /// A member whose replay is being read: where its live messages start, and those that
+    /// came meanwhile.
+    struct Filling {
+        var session: SessionHandler
+        var epoch: String
+        var fromSeq: Int
+        var frames: [ByteBuffer] = []
+
+        /// Whether a live message belongs after the replay the join answered with.
+        func follows(_ message: RoomMessage) -> Bool {
+            message.epoch != epoch || message.seq > fromSeq
         }
     }
 
@@ -52,8 +78,9 @@ final class LocalRooms {
     }
 
     /// Adds a member once the bus answered its join (the answer's seq is where its live
-    /// messages start).
-    func add(_ session: SessionHandler, to name: String, snapshot: RoomSnapshot) {
+    /// messages start). A member whose replay is still to be read from the archive
+    /// (`filling`) gets nothing until `finishFilling`.
+    func add(_ session: SessionHandler, to name: String, snapshot: RoomSnapshot, filling: Bool = false) {
         let room: Room
         if let existing = rooms[name] {
             room = existing
@@ -62,8 +89,29 @@ final class LocalRooms {
             rooms[name] = room
         }
         room.knownMembers = snapshot.members
-        if room.epoch == snapshot.epoch && room.lastSeq < snapshot.seq {
-            room.pending.append((session, snapshot.seq))
+        if filling {
+            room.filling[ObjectIdentifier(session)] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
+        } else {
+            admit(session, to: room, fromSeq: snapshot.seq, epoch: snapshot.epoch)
+        }
+    }
+
+    /// The replay of a filling member is written: the live frames kept for it, in order
+    /// (the caller writes them), and from now on it is a member like any other.
+    func finishFilling(_ session: SessionHandler, in name: String) -> [ByteBuffer] {
+        guard let room = rooms[name], let filling = room.filling.removeValue(forKey: ObjectIdentifier(session)) else { return [] }
+        if filling.frames.isEmpty {
+            admit(session, to: room, fromSeq: filling.fromSeq, epoch: filling.epoch)
+        } else {
+            // Frames were kept, so the room's delivery is past the join's seq.
+            room.members[ObjectIdentifier(session)] = session
+        }
+        return filling.frames
+    }
+
+    private func admit(_ session: SessionHandler, to room: Room, fromSeq: Int, epoch: String) {
+        if room.epoch == epoch && room.lastSeq < fromSeq {
+            room.pending.append((session, fromSeq))
         } else {
             room.members[ObjectIdentifier(session)] = session
         }
@@ -73,15 +121,16 @@ final class LocalRooms {
     func remove(_ session: SessionHandler, from name: String) {
         rooms[name]?.members[ObjectIdentifier(session)] = nil
         rooms[name]?.pending.removeAll { $0.session === session }
-        if let room = rooms[name], room.members.isEmpty, room.pending.isEmpty {
+        rooms[name]?.filling[ObjectIdentifier(session)] = nil
+        if let room = rooms[name], room.members.isEmpty, room.pending.isEmpty, room.filling.isEmpty {
             rooms[name] = nil
         }
     }
 
-    /// Local members of a room, pending ones included.
+    /// Local members of a room, pending and filling ones included.
     func memberCount(_ name: String) -> Int {
         guard let room = rooms[name] else { return 0 }
-        return room.members.count + room.pending.count
+        return room.members.count + room.pending.count + room.filling.count
     }
 
     /// A live message from the bus: one encoding, the same bytes to every member.
@@ -91,8 +140,13 @@ final class LocalRooms {
         let epochChanged = room.epoch != message.epoch
         room.epoch = message.epoch
         room.lastSeq = message.seq
-        broadcast(.message(message), to: room.members)
+        let frame = broadcast(.message(message), to: room.members)
         deliveries += room.members.count
+        if !room.filling.isEmpty {
+            for (id, filling) in room.filling where filling.follows(message) {
+                room.filling[id]!.frames.append(frame)
+            }
+        }
         if !room.pending.isEmpty {
             for (session, fromSeq) in room.pending where epochChanged || fromSeq <= message.seq {
                 room.members[ObjectIdentifier(session)] = session
@@ -108,7 +162,8 @@ final class LocalRooms {
     func resynced(_ name: String, result: JoinResult) {
         guard let room = rooms[name] else { return }
         if let gap = result.gap {
-            broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), to: room.members)
+            let frame = broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), to: room.members)
+            for id in room.filling.keys { room.filling[id]!.frames.append(frame) }
         }
         if room.epoch != result.room.epoch {
             room.epoch = result.room.epoch
@@ -126,7 +181,8 @@ final class LocalRooms {
         room.pending.removeAll()
     }
 
-    private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) {
+    @discardableResult
+    private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) -> ByteBuffer {
         let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
         for session in members.values {
             session.write(frame)
@@ -136,6 +192,7 @@ final class LocalRooms {
             }
         }
         scheduleFlush()
+        return frame
     }
 
     private func scheduleFlush() {

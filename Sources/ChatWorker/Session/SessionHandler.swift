@@ -16,6 +16,10 @@ final class SessionHandler: ChannelInboundHandler {
     private enum Membership {
         /// Asked the bus; `joined` not sent yet.
         case joining
+        /// The bus answered; the replay is being read from the archive, and `joined`, the
+        /// replay and the live messages that came meanwhile go out, in that order, when it
+        /// is read. Until then the room is not joined (a `send` gets `not_joined`).
+        case filling
         case joined
     }
 
@@ -36,9 +40,6 @@ final class SessionHandler: ChannelInboundHandler {
     private var bucket: TokenBucket
     private var flood: FloodDetector
     private var closing = false
-    /// While a join is filled from the archive, everything else waits here, so that the
-    /// join's replay comes before any live message.
-    private var holding: [ByteBuffer]?
 
     init(user: AuthorizedUser, connectionID: String, webSocket: WebSocketHandler, worker: Worker) {
         self.webSocket = webSocket
@@ -102,13 +103,6 @@ final class SessionHandler: ChannelInboundHandler {
         flush()
     }
 
-    private func releaseHeld() {
-        guard let held = holding else { return }
-        holding = nil
-        for frame in held { write(frame) }
-        flush()
-    }
-
     /// Still over the outbound buffer after a flush gave the kernel all it would take:
     /// this reader is too slow for its rooms. Cut it off rather than let its backlog grow
     /// or hold anyone else back. (Judged after the flush, not on every write, so a burst
@@ -165,47 +159,87 @@ final class SessionHandler: ChannelInboundHandler {
         guard rooms.count < worker.settings.limits.roomsPerConnection else {
             return send(.error(ProtocolError(.tooManyRooms, "at most \(worker.settings.limits.roomsPerConnection) rooms per connection", ref: ref, room: room)))
         }
-        guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
         rooms[room] = .joining
         worker.counters.joins += 1
-        worker.bus.join(room: room, since: since, epoch: epoch, history: history, members: 1) { [self] result in
-            guard context != nil, rooms[room] == .joining else {
-                // Left or disconnected while the bus was answering: undo the count.
-                if case .success = result { worker.bus.leave(room: room, members: 1) }
-                return
-            }
-            switch result {
-            case .success(let answer):
-                rooms[room] = .joined
-                worker.rooms.add(self, to: room, snapshot: answer.room)
-                if let gap = answer.gap, let since, let archive = worker.archive {
-                    // The history no longer reaches back to `since`: fill from the archive
-                    // (the rest of the client's old epoch, and the current epoch's part the
-                    // history lost). Live messages that arrive meanwhile wait behind it.
-                    holding = []
-                    let oldEpoch = epoch.flatMap { $0 == gap.epoch ? nil : $0 }
-                    context!.eventLoop.makeFutureWithTask { () async throws -> [[RoomMessage]] in
-                        var tail: [RoomMessage] = []
-                        if let oldEpoch {
-                            tail = try await archive.range(room: room, epoch: oldEpoch, from: since + 1, to: Int(Int32.max))
-                        }
-                        let filled = gap.from > 0 ? try await archive.range(room: room, epoch: gap.epoch, from: gap.from, to: gap.to) : []
-                        return [tail, filled]
-                    }
-                    .assumeIsolated()
-                    .whenComplete { [self] result in
-                        let parts = (try? result.get()) ?? [[], []]
-                        let (tail, filled) = (parts[0], parts[1])
-                        sendJoin(room, answer: answer, previousEpoch: tail, archived: filled, ref: ref)
-                        releaseHeld()
-                    }
-                    return
-                }
-                sendJoin(room, answer: answer, previousEpoch: [], archived: [], ref: ref)
-            case .failure:
+        requestJoin(room, since: since, epoch: epoch, history: history, ref: ref, deadline: worker.busWaitDeadline())
+    }
+
+    /// Asks the bus to join, once it is reachable. A join is safe to ask again: when the
+    /// link drops before the answer, it waits for the bus again (until `deadline`).
+    private func requestJoin(_ room: String, since: Int?, epoch: String?, history: Int, ref: String?, deadline: NIODeadline) {
+        worker.whenBusAvailable(until: deadline) { [self] available in
+            // Left or disconnected while waiting: nothing was asked yet.
+            guard context != nil, rooms[room] == .joining else { return }
+            guard available else {
                 rooms[room] = nil
                 sendUnavailable(ref: ref, room: room)
+                return flush()
             }
+            worker.bus.join(room: room, since: since, epoch: epoch, history: history, members: 1) { [self] result in
+                guard context != nil, rooms[room] == .joining else {
+                    // Left or disconnected while the bus was answering: undo the count.
+                    if case .success = result { worker.bus.leave(room: room, members: 1) }
+                    return
+                }
+                switch result {
+                case .success(let answer):
+                    if let gap = answer.gap, let since, let archive = worker.archive {
+                        fill(room, answer: answer, gap: gap, since: since, epoch: epoch, archive: archive, ref: ref)
+                        return
+                    }
+                    rooms[room] = .joined
+                    worker.rooms.add(self, to: room, snapshot: answer.room)
+                    sendJoin(room, answer: answer, previousEpoch: [], archived: [], ref: ref)
+                case .failure(.unavailable) where deadline > .now():
+                    return requestJoin(room, since: since, epoch: epoch, history: history, ref: ref, deadline: deadline)
+                case .failure:
+                    rooms[room] = nil
+                    sendUnavailable(ref: ref, room: room)
+                }
+                flush()
+            }
+        }
+    }
+
+    /// How often a fill reads the archive again for messages it does not hold yet.
+    private static let archiveRereads = 3
+
+    /// The history no longer reaches back to `since`: fill from the archive (the rest of
+    /// the client's old epoch, and the current epoch's part the history lost). The room's
+    /// live messages that arrive meanwhile are kept by the room table for this member and
+    /// written after the replay.
+    private func fill(_ room: String, answer: JoinResult, gap: Gap, since: Int, epoch: String?,
+                      archive: any ArchiveStore, ref: String?) {
+        rooms[room] = .filling
+        worker.rooms.add(self, to: room, snapshot: answer.room, filling: true)
+        let oldEpoch = epoch.flatMap { $0 == gap.epoch ? nil : $0 }
+        // The archiver writes in batches, so the newest of the messages the history dropped
+        // may not be in the archive yet: read what is missing again, a batch later.
+        let batchWait = Duration.milliseconds(worker.settings.config.archive.batchMilliseconds + 50)
+        context!.eventLoop.makeFutureWithTask { () async throws -> (tail: [RoomMessage], filled: [RoomMessage]) in
+            var tail: [RoomMessage] = []
+            if let oldEpoch {
+                tail = try await archive.range(room: room, epoch: oldEpoch, from: since + 1, to: Int(Int32.max))
+            }
+            guard gap.from > 0 else { return (tail, []) }
+            var filled = try await archive.range(room: room, epoch: gap.epoch, from: gap.from, to: gap.to)
+            for _ in 0..<Self.archiveRereads where (filled.last?.seq ?? gap.from - 1) < gap.to {
+                try await Task.sleep(for: batchWait)
+                let next = (filled.last?.seq ?? gap.from - 1) + 1
+                filled += try await archive.range(room: room, epoch: gap.epoch, from: next, to: gap.to)
+            }
+            return (tail, filled)
+        }
+        .assumeIsolated()
+        .whenComplete { [self] result in
+            // Left or disconnected meanwhile: the room table and the bus were told then.
+            guard context != nil, rooms[room] == .filling else { return }
+            rooms[room] = .joined
+            let read = (try? result.get()) ?? (tail: [], filled: [])
+            sendJoin(room, answer: answer, previousEpoch: read.tail, archived: read.filled, ref: ref)
+            let live = worker.rooms.finishFilling(self, in: room)
+            for frame in live { write(frame) }
+            worker.counters.deliveries += live.count
             flush()
         }
     }
@@ -238,7 +272,7 @@ final class SessionHandler: ChannelInboundHandler {
         guard let membership = rooms.removeValue(forKey: room) else {
             return send(.error(ProtocolError(.notJoined, "not a member of this room", ref: ref, room: room)))
         }
-        if membership == .joined {
+        if membership != .joining {
             worker.rooms.remove(self, from: room)
             worker.bus.leave(room: room, members: 1)
         }
@@ -249,17 +283,29 @@ final class SessionHandler: ChannelInboundHandler {
         guard rooms[room] == .joined else {
             return send(.error(ProtocolError(.notJoined, "join the room before sending to it", ref: ref, room: room)))
         }
-        guard worker.bus.isAvailable else { return sendUnavailable(ref: ref, room: room) }
-        let started = monotonicSeconds()
-        worker.bus.publish(room: room, from: user, text: text) { [self] result in
-            worker.counters.observeBusLatency(seconds: monotonicSeconds() - started)
-            switch result {
-            case .success(let published):
-                if let ref { send(.ack(ref: ref, room: room, seq: published.seq)) }
-            case .failure:
-                sendUnavailable(ref: ref, room: room)
+        // Waits for an unreachable bus like a join, but is never asked twice: a send whose
+        // link dropped before the answer may have been sequenced, so it is `unavailable`.
+        worker.whenBusAvailable(until: worker.busWaitDeadline()) { [self] available in
+            guard context != nil else { return }
+            guard rooms[room] == .joined else {
+                send(.error(ProtocolError(.notJoined, "left the room before the message could be sent", ref: ref, room: room)))
+                return flush()
             }
-            flush()
+            guard available else {
+                sendUnavailable(ref: ref, room: room)
+                return flush()
+            }
+            let started = monotonicSeconds()
+            worker.bus.publish(room: room, from: user, text: text) { [self] result in
+                worker.counters.observeBusLatency(seconds: monotonicSeconds() - started)
+                switch result {
+                case .success(let published):
+                    if let ref { send(.ack(ref: ref, room: room, seq: published.seq)) }
+                case .failure:
+                    sendUnavailable(ref: ref, room: room)
+                }
+                flush()
+            }
         }
     }
 
@@ -300,10 +346,6 @@ final class SessionHandler: ChannelInboundHandler {
     /// Queues an already framed message (the same bytes go to every member of a room).
     func write(_ frame: ByteBuffer) {
         guard let output, !closing else { return }
-        if holding != nil {
-            holding!.append(frame)
-            return
-        }
         worker.counters.messagesOut += 1
         worker.counters.bytesOut += frame.readableBytes
         output.write(wrapOutboundOut(frame), promise: nil)
@@ -342,7 +384,7 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Leaves every room; a room still being joined is undone when the bus answers.
     private func departedRooms() {
-        for room in rooms.rooms(in: .joined) {
+        for room in rooms.rooms(in: .joined) + rooms.rooms(in: .filling) {
             worker.rooms.remove(self, from: room)
             worker.bus.leave(room: room, members: 1)
         }
