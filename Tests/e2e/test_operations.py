@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from datetime import datetime
 
 from conftest import (
     Inbox,
@@ -82,7 +83,9 @@ class ResumeClient:
 
     Remembers the epoch and every seq it saw. On `bye` it notes the time and
     retry_ms, waits for the close, waits until retry_ms has passed since the bye, then
-    reconnects and joins with since+epoch, and keeps reading.
+    reconnects and joins with since+epoch, and keeps reading. An `error` (for instance a
+    join answered `unavailable`) is kept in ``errors``: the test stops waiting for that
+    client and reports it.
     """
 
     MAX_RECONNECTS = 3
@@ -97,6 +100,7 @@ class ResumeClient:
         self.byes: list[tuple[float, dict]] = []  # (loop time, bye)
         self.closes: list[tuple[float, int | None]] = []  # (loop time, close code)
         self.reconnects: list[float] = []  # loop time of each reconnect (connect started)
+        self.resumed_from: list[int] = []  # the `since` of each re-join
         self.gaps: list[dict] = []
         self.errors: list[dict] = []
         self.epoch_changes: list[dict] = []
@@ -154,6 +158,7 @@ class ResumeClient:
                 self.reconnects.append(loop.time())
                 self.ws, hello = await connect_hello(self.gw, self.user, timeout=10)
                 self.hellos.append(hello)
+                self.resumed_from.append(self.last())
                 await send_json(self.ws, {"type": "join", "room": self.room, "since": self.last(),
                                           "epoch": self.epoch, "ref": f"j{len(self.reconnects)}"})
         except asyncio.CancelledError:
@@ -234,14 +239,29 @@ class Publisher:
 
 
 def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, tmp_path):
+    """500 members of 5 rooms, a publisher at 20 messages a second, a HUP: every member is
+    told `bye` `reload` with a retry_ms spread over the drain window, comes back to a new
+    worker, resumes, and has exactly 1..N of its room.
+
+    A correctness test: the traffic (2,000 deliveries a second) is a small share of what a
+    debug build on a busy 2-core machine carries, and the waits are generous. At 100
+    messages a second (10,000 deliveries a second), with 6 CPU hogs beside it, each debug
+    worker got about a quarter of a core and fell behind the live traffic: the answers to
+    the re-joins, which come on the relay link after the live messages, took 8 s and more,
+    new connections waited in the listen queue, and the test ran out of time.
+    """
     drain_s = 6.0
-    n_clients, n_rooms, rate = 500, 5, 100.0
+    n_clients, n_rooms, rate = 500, 5, 20.0
+    # Nominally everyone is back ~2 x 0.8 x drain_s after the HUP (the last close, then its
+    # retry_ms): a slow or busy machine gets three times that.
+    rejoin_wait_s = drain_s + 24
     cfg = copy_config(tmp_path)
     gw = make_gateway(workers=2, config=cfg, env={
         **FAST,
         "CHATGW_SUPERVISOR_DRAIN_TIMEOUT_S": str(int(drain_s)),
-        # a client may be away up to ~retry_ms (<= drain) while 20 msg/s go to its room:
-        # keep enough history that a resume never needs more than the history holds
+        # a client may be away up to ~retry_ms (<= drain) plus however long the machine makes
+        # it wait, while 4 msg/s go to its room: keep enough history that a resume never
+        # needs more than the history holds
         "CHATGW_HISTORY_MESSAGES": "2000",
     })
     rooms = [f"hup-{k}" for k in range(n_rooms)]
@@ -273,23 +293,37 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
             assert pub.failure is None, pub.failure
             mark = gw.log_mark()
             t_hup = loop.time()
+            wall_hup = time.time()
             gw.signal(signal.SIGHUP)
 
             # everybody is told to go, waits, comes back and re-joins
             ok = await _wait_async(
-                lambda: all(c.failure or (c.reconnects and len(c.joined) == len(c.reconnects) + 1) for c in clients),
-                drain_s + 12)
+                lambda: all(c.failure or c.errors or (c.reconnects and len(c.joined) == len(c.reconnects) + 1)
+                            for c in clients),
+                rejoin_wait_s)
             timings["hup->all rejoined"] = loop.time() - t_hup
             failures = [(c.user, c.failure) for c in clients if c.failure]
             assert not failures, f"{len(failures)} clients failed:\n{first_lines(failures)}"
-            assert ok, (f"{sum(not c.reconnects for c in clients)} clients never reconnected, "
-                        f"{sum(len(c.joined) != len(c.reconnects) + 1 for c in clients)} not re-joined "
-                        f"{drain_s + 12}s after the HUP")
+            # The relay is kept and a new worker takes clients only once its bus link is up:
+            # a join refused (`unavailable` above all) means the reload lost the bus on the way.
+            refused = [(c.user, [h.get("conn") for h in c.hellos], c.errors[:2]) for c in clients if c.errors]
+            assert not refused, f"{len(refused)} clients got an error around the reload:\n{first_lines(refused)}"
+            no_bye = sum(not c.byes for c in clients)
+            away = sum(bool(c.byes) and not c.reconnects for c in clients)
+            waiting = [c for c in clients if c.reconnects and len(c.joined) != len(c.reconnects) + 1]
+            assert ok, (f"{rejoin_wait_s:g}s after the HUP: {no_bye} clients got no bye, {away} not reconnected, "
+                        f"{len(waiting)} reconnected but without `joined`, e.g. "
+                        f"{[(c.user, [h.get('conn') for h in c.hellos], round(loop.time() - c.reconnects[-1], 1)) for c in waiting[:3]]} "
+                        f"(user, connections, seconds since the reconnect)")
             await asyncio.sleep(1.0)
             pub.stop.set()
             await asyncio.wait_for(pub_task, 10)
             assert pub.failure is None, pub.failure
             sent_during = sum(1 for t in pub.sent_at if t_hup <= t <= t_hup + drain_s)
+            drain_started = [l for l in gw.find_log("stopping", since=mark) if l.fields.get("reason") == "reload"]
+            assert len(drain_started) == 2, [l.raw for l in drain_started]
+            # when the old workers started draining (their new workers were ready), in seconds after the HUP
+            drain_at = [datetime.fromisoformat(l.ts).timestamp() - wall_hup for l in drain_started]
 
             # the final seq of every room, seen by a fresh member
             ws, _ = await connect_hello(gw, "final", timeout=10)
@@ -302,7 +336,7 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
             ok = await _wait_async(lambda: all(c.last() >= final[c.room] or c.failure for c in clients), 15)
             await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
             timings["total"] = loop.time() - t0
-            return clients, pub, t_hup, final, sent_during, mark
+            return clients, pub, t_hup, final, sent_during, mark, drain_at
         finally:
             for c in clients:
                 if c.task:
@@ -310,13 +344,19 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
             await asyncio.gather(*(c.task for c in clients if c.task), return_exceptions=True)
             await close_all([c.ws for c in clients])
 
-    clients, pub, t_hup, final, sent_during, mark = run_async(main(), 80)
+    clients, pub, t_hup, final, sent_during, mark, drain_at = run_async(main(), 80)
+    missed = [c.joined[1]["seq"] - c.resumed_from[0] for c in clients]
     print(f"\n[hup] {n_clients} clients, timings {({k: round(v, 2) for k, v in timings.items()})}, "
           f"final seqs {final}, sent {len(pub.sent_at)} ({sent_during} during the drain window), "
-          f"publisher reconnects {pub.reconnects}")
+          f"publisher reconnects {pub.reconnects}; old workers draining {[round(d, 2) for d in drain_at]}s "
+          f"after the HUP; messages to catch up on at the re-join: max {max(missed)}, "
+          f"{sum(m > 0 for m in missed)} clients with some")
 
-    # traffic really flowed during the reload
-    assert sent_during >= 0.5 * rate * drain_s, f"only {sent_during} messages sent during the drain window"
+    # traffic really flowed during the reload: most clients came back to messages posted while
+    # they were away (so the check of their seqs below covers a resume), and (nearly) every
+    # message sent got a seq
+    assert sum(m > 0 for m in missed) >= n_clients // 2, \
+        f"only {sum(m > 0 for m in missed)} of {n_clients} clients missed anything while away: no traffic during the reload?"
     assert sum(final.values()) >= len(pub.sent_at) * 0.95, (final, len(pub.sent_at))
 
     # every client: one bye(reload) with a sane retry_ms, close 1001, came back no earlier than retry_ms
@@ -345,7 +385,10 @@ def test_hup_under_traffic_rolls_workers_without_losing_messages(make_gateway, t
     assert max(retry) >= 0.4 * drain_s * 1000, f"retry_ms all below {max(retry)} ms (drain {drain_s}s)"
     assert max(closes) - min(closes) >= 0.4 * drain_s, \
         f"closes not spread over the drain window: {min(closes):.2f}..{max(closes):.2f}s after the HUP"
-    assert max(closes) <= drain_s + 1.5, f"last reload close {max(closes):.2f}s after the HUP (drain {drain_s}s)"
+    # (the window starts when the old worker starts draining: once its successor is ready,
+    # which a busy machine may make take a while after the HUP)
+    assert max(closes) <= max(drain_at) + drain_s + 1.5, \
+        f"last reload close {max(closes):.2f}s after the HUP, the drains began {drain_at} (drain {drain_s}s)"
 
     # no hole, no duplicate, in order: the union over both connections is exactly 1..N
     bad = [p for p in (c.seq_problem(final[c.room]) for c in clients) if p]

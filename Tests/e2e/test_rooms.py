@@ -37,6 +37,7 @@ from conftest import (
     wait_all,
     wait_bus_ready,
 )
+from ops_support import scrape
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 
@@ -364,16 +365,39 @@ def test_relay_kill_during_traffic(make_gateway):
 
 
 def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
-    gw = make_gateway(workers=2, env={**FAST, "CHATGW_LIMITS_OUTBOUND_BUFFER_BYTES": "65536"})
+    """A member that stops reading is cut off (bye slow_consumer, close 4000) while the room
+    goes on: the normal member on its worker gets every message in order and is never
+    dropped, and neither is the publisher.
+
+    A correctness test, not a speed test (scripts/bench measures speed): 500 messages of
+    16 KB at 50 a second, a small fraction of what even a debug build on a busy machine
+    carries (the old 10,000 small messages at 1,000 a second measured the Python client and
+    the debug build: p99 16 s on a busy machine). "Does not hold the room back" is therefore
+    judged against references, not a latency bound: (1) the slow member is cut off while
+    the room's messages are still on their way to the normal member (its socket buffers,
+    some 3 MB here, and the 64 KB outbound buffer are full about 40% of the way), and (2)
+    the normal member, on the slow member's worker, gets each message about when a control
+    member on the other worker gets it. A server that waited for the slow member would
+    stall its whole worker until it gave up on it: the normal member would fall behind the
+    control member by as long as it waited (and never get everything if it waited for good).
+    """
+    gw = make_gateway(workers=2, env={**FAST, "CHATGW_LIMITS_OUTBOUND_BUFFER_BYTES": "65536",
+                                      "CHATGW_LIMITS_MAX_TEXT_BYTES": "16384"})
     room = "slow"
-    n = 10_000
+    n, rate = 500, 50.0
+    max_behind_s = 1.0  # normal member behind the control member, any message
+
+    def drops(slot: int) -> float:
+        return scrape(gw).value("chatgw_slow_consumer_disconnects_total", role="worker", slot=slot) or 0.0
 
     async def main():
         await wait_bus_ready(gw)
         normal, nh = await connect_hello(gw, "normal")
         slot = conn_slot(nh)
-        pub, ph = await connect_hello(gw, "pub")
-        conns = [normal, pub]
+        other = 1 - slot
+        control, _ = await connect_on_slot(gw, other, user_prefix="control")
+        pub, _ = await connect_on_slot(gw, other, user_prefix="pub")
+        conns = [normal, control, pub]
         slow = None
         try:
             # the slow one sits on the normal member's worker, reads its hello and joined, then never reads
@@ -394,34 +418,67 @@ def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
             base = j["seq"]
 
             rx = Inbox(normal, "normal")
+            cx = Inbox(control, "control")
             px = Inbox(pub, "pub")  # the publisher gets its own messages: keep reading them
             loop = asyncio.get_running_loop()
-            pad = "x" * 180
+
+            # Watch the worker's slow-consumer counter (reported with each heartbeat) until the
+            # normal member has every message; note how many it had when the drop showed, and
+            # read what the slow one was sent from then on (its bye and close frame come last,
+            # if it reads them before the server gives up the close handshake).
+            dropped_at: list[int] = []  # messages the normal member had once the drop showed
+            slow_end: list[asyncio.Task] = []
+
+            async def watch():
+                while not dropped_at and rx.counts["message"] < n and not rx.done:
+                    try:
+                        gone = await loop.run_in_executor(None, drops, slot) >= 1
+                    except OSError:  # a scrape that timed out on a busy machine: ask again
+                        gone = False
+                    if gone:
+                        dropped_at.append(rx.counts["message"])
+                        slow_end.append(asyncio.create_task(slow.wait_close(15)))
+                    else:
+                        await asyncio.sleep(0.2)
+
+            watcher = asyncio.create_task(watch())
+            pad = "x" * 16_000
             t0 = loop.time()
             for i in range(n):
                 await send_json(pub, {"type": "send", "room": room, "text": f"{i}:{loop.time():.6f}:{pad}"})
-                if i % 10 == 9:
-                    # about 1,000 messages/s (290 KB/s into every member); catch up if the loop
-                    # fell behind. At 2,000/s a worker stall of ~100 ms (a loaded machine) is
-                    # enough to queue 64 KB for a member that reads fine, within one loop tick.
-                    target = t0 + (i + 1) / 1000
-                    await asyncio.sleep(max(0.0, target - loop.time()))
+                await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - loop.time()))
             publish_s = loop.time() - t0
-            await rx.wait(lambda ib: ib.counts["message"] >= n, 30, f"{n} messages")
+
+            # correctness: every message, in order, to the normal member and the control member
+            await wait_all([rx, cx], lambda ib: ib.counts["message"] >= n, 60, f"{n} messages")
+            await watcher
             rx.stop()
+            cx.stop()
             px.stop()
-            msgs = rx.of("message", room)
-            times = [t for m, t in zip(rx.msgs, rx.times) if m.get("type") == "message"]
-            assert len(msgs) == n, f"normal member got {len(msgs)} of {n}"
-            assert [m["seq"] for m in msgs] == list(range(base + 1, base + n + 1)), "normal member: seqs not consecutive"
-            assert not rx.of("bye") and not rx.of("error"), (rx.of("bye"), rx.of("error"))
-            lat = sorted(t - float(m["text"].split(":")[1]) for m, t in zip(msgs, times))
-            p50, p99, mx = lat[len(lat) // 2], lat[int(len(lat) * 0.99)], lat[-1]
+            want = list(range(base + 1, base + n + 1))
+            for ib in (rx, cx):
+                msgs = ib.of("message", room)
+                assert [m["seq"] for m in msgs] == want, f"{ib.name}: {len(msgs)} messages, seqs not {base + 1}..{base + n}"
+                assert not ib.of("bye") and not ib.of("error"), (ib.name, ib.of("bye"), ib.of("error"))
             pub_bye = px.of("bye")
             assert not pub_bye, f"the publisher was dropped: {pub_bye}"
 
-            # the slow one: its connection must end; if the close frame can be read, 4000
-            end = await slow.wait_close(10)
+            # the slow one: dropped as a slow consumer (and only it), while the room's messages were
+            # still on their way to the normal member
+            counted = {s: drops(s) for s in (0, 1)}
+            for _ in range(30):
+                if counted[slot] >= 1:
+                    break
+                await asyncio.sleep(0.2)
+                counted = {s: drops(s) for s in (0, 1)}
+            assert counted == {slot: 1.0, other: 0.0}, f"slow-consumer disconnects by slot: {counted} (the slow one is on {slot})"
+            assert dropped_at and dropped_at[0] < n, (
+                f"the slow member was still connected when the normal member had all {n} messages of 16 KB "
+                f"(it had {dropped_at} when the drop showed): a server that waits for it holds the room back"
+            )
+
+            # its connection ended; if its bye and close frame could be read, slow_consumer and 4000
+            end = await (slow_end[0] if slow_end else slow.wait_close(10))
             room_frames = [m for m in end.json_messages() if isinstance(m, dict) and m.get("type") == "message"]
             byes = [m for m in end.json_messages() if isinstance(m, dict) and m.get("type") == "bye"]
             assert end.error is None, (
@@ -432,17 +489,30 @@ def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
                 assert byes[-1].get("reason") == "slow_consumer", byes
             if end.close_code is not None:
                 assert end.close_code == 4000, f"slow consumer close code {end.close_code}"
-            assert p99 < 0.5, f"normal member latency p50 {p50*1000:.1f} ms p99 {p99*1000:.1f} ms max {mx*1000:.1f} ms"
-            return publish_s, p50, p99, mx, len(room_frames), end
+
+            # kept pace: each message reached the normal member (the slow one's worker) about when it
+            # reached the control member (the other worker); both are read by this one client
+            seen = {}
+            for m, t in zip(cx.msgs, cx.times):
+                if m.get("type") == "message":
+                    seen[m["seq"]] = t
+            behind = [(t - seen[m["seq"]], m["seq"]) for m, t in zip(rx.msgs, rx.times) if m.get("type") == "message"]
+            worst = max(behind)
+            lat = sorted(t - float(m["text"].split(":")[1]) for m, t in zip(rx.msgs, rx.times) if m.get("type") == "message")
+            assert worst[0] < max_behind_s, (
+                f"the normal member fell {worst[0]:.2f}s behind the control member at seq {worst[1]}: the slow member "
+                f"held its worker back (normal member latency p50 {lat[len(lat) // 2] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms)"
+            )
+            return publish_s, lat, worst, dropped_at[0], len(room_frames), end
         finally:
             if slow is not None:
                 slow.abort()
             await close_all(conns)
 
-    publish_s, p50, p99, mx, got, end = run_async(main(), 60)
-    print(f"slow consumer: published {n} in {publish_s:.2f}s; normal member latency p50 {p50*1000:.1f} ms, "
-          f"p99 {p99*1000:.1f} ms, max {mx*1000:.1f} ms; slow one read {got} before its end "
-          f"(close {end.close_code}, eof {end.eof})")
+    publish_s, lat, worst, dropped_at, got, end = run_async(main(), 75)
+    print(f"slow consumer: published {n} in {publish_s:.2f}s; drop seen with {dropped_at} delivered; normal member "
+          f"at most {worst[0] * 1000:.0f} ms behind the control member, latency p50 {lat[len(lat) // 2] * 1000:.1f} ms "
+          f"max {lat[-1] * 1000:.1f} ms; slow one read {got} before its end (close {end.close_code}, eof {end.eof})")
 
 
 # 6 ---------------------------------------------------------------------------
