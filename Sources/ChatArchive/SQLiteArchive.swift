@@ -63,9 +63,11 @@ public final class SQLiteArchive: ArchiveStore {
     public func insert(_ messages: [RoomMessage]) async throws {
         guard !messages.isEmpty else { return }
         try await pool.write { db in
-            let statement = try db.cachedStatement(sql: "INSERT OR IGNORE INTO chat_messages VALUES (?, ?, ?, ?, ?, ?)")
+            // The text goes in as bytes, stored as TEXT: GRDB binds (and reads) a String as a
+            // C string, which ends at the first U+0000, a valid character in a chat message.
+            let statement = try db.cachedStatement(sql: "INSERT OR IGNORE INTO chat_messages VALUES (?, ?, ?, ?, CAST(? AS TEXT), ?)")
             for message in messages {
-                try statement.execute(arguments: [message.room, message.epoch, message.seq, message.from, message.text, message.ts])
+                try statement.execute(arguments: [message.room, message.epoch, message.seq, message.from, Data(message.text.utf8), message.ts])
             }
         }
     }
@@ -91,12 +93,12 @@ public final class SQLiteArchive: ArchiveStore {
                                     arguments: [room, before.epoch, before.seq])
                     ?? Int.max
                 rows = try Row.fetchAll(db, sql: """
-                    SELECT * FROM chat_messages WHERE room = ?
+                    SELECT \(Self.columns) FROM chat_messages WHERE room = ?
                       AND (ts < ? OR (ts = ? AND (epoch < ? OR (epoch = ? AND seq < ?))))
                     ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?
                     """, arguments: [room, anchor, anchor, before.epoch, before.epoch, before.seq, limit + 1])
             } else {
-                rows = try Row.fetchAll(db, sql: "SELECT * FROM chat_messages WHERE room = ? ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?",
+                rows = try Row.fetchAll(db, sql: "SELECT \(Self.columns) FROM chat_messages WHERE room = ? ORDER BY ts DESC, epoch DESC, seq DESC LIMIT ?",
                                         arguments: [room, limit + 1])
             }
             let more = rows.count > limit
@@ -107,7 +109,7 @@ public final class SQLiteArchive: ArchiveStore {
 
     public func range(room: String, epoch: String, from: Int, to: Int) async throws -> [RoomMessage] {
         try await pool.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM chat_messages WHERE room = ? AND epoch = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            try Row.fetchAll(db, sql: "SELECT \(Self.columns) FROM chat_messages WHERE room = ? AND epoch = ? AND seq BETWEEN ? AND ? ORDER BY seq",
                              arguments: [room, epoch, from, to]).map(Self.message)
         }
     }
@@ -136,8 +138,12 @@ public final class SQLiteArchive: ArchiveStore {
         try? pool.close()
     }
 
+    /// Every column, the text read back as bytes (see `insert`).
+    private static let columns = "room, epoch, seq, sender, CAST(body AS BLOB) AS body, ts"
+
     private static func message(_ row: Row) -> RoomMessage {
-        RoomMessage(room: row["room"], seq: row["seq"], epoch: row["epoch"], from: row["sender"], text: row["body"], ts: row["ts"])
+        let body: Data = row["body"]
+        return RoomMessage(room: row["room"], seq: row["seq"], epoch: row["epoch"], from: row["sender"], text: String(decoding: body, as: UTF8.self), ts: row["ts"])
     }
 
     /// One line, without Foundation's user-info dump.

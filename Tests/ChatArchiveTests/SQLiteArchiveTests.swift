@@ -30,6 +30,17 @@ private func message(_ room: String, _ epoch: String, _ seq: Int, ts: Int) -> Ro
         #expect(!oldest.more)
     }
 
+    @Test func textRoundTripsExactlyWithNulAndEveryPlane() async throws {
+        let archive = try SQLiteArchive(path: temporaryPath(), readOnly: false)
+        try await archive.prepare()
+        let text = "quote \" nul \u{0} after nul, emoji 😀 rtl \u{202E} é"
+        var sent = message("r", "e1", 1, ts: 1)
+        sent.text = text
+        try await archive.insert([sent])
+        #expect(try await archive.range(room: "r", epoch: "e1", from: 1, to: 1).map(\.text) == [text])
+        #expect(try await archive.page(room: "r", before: nil, limit: 1).messages.map(\.text) == [text])
+    }
+
     @Test func tipsAreTheNewestEpochsHighestSeq() async throws {
         let archive = try SQLiteArchive(path: temporaryPath(), readOnly: false)
         try await archive.prepare()
