@@ -195,10 +195,13 @@ def test_resume_on_another_gateway(redis_server, make_gateway):
 # 3 ---------------------------------------------------------------------------
 
 
-def test_redis_restart_during_traffic(redis_server, make_gateway):
-    """Stop Redis under ~50 msg/s, keep sending ~1 s, start it again on the same port."""
-    a = _gateway(make_gateway, redis_server.url)
-    b = _gateway(make_gateway, redis_server.url)
+@pytest.mark.parametrize("outage_wait_ms", [0, 5000])
+def test_redis_restart_during_traffic(redis_server, make_gateway, outage_wait_ms):
+    """Stop Redis under ~50 msg/s, keep sending ~1 s, start it again on the same port.
+    With bus.outage_wait_ms 0 the sends made meanwhile are refused; with 5 s (the
+    default) they wait for Redis and are acked once it is back."""
+    a = _gateway(make_gateway, redis_server.url, CHATGW_BUS_OUTAGE_WAIT_MS=str(outage_wait_ms))
+    b = _gateway(make_gateway, redis_server.url, CHATGW_BUS_OUTAGE_WAIT_MS=str(outage_wait_ms))
     room = "restart"
 
     async def main():
@@ -276,11 +279,19 @@ def test_redis_restart_during_traffic(redis_server, make_gateway):
             assert not bad_codes, f"send errors other than unavailable: {bad_codes[:3]}"
             assert not set(acks) & set(errors), "a send got both ack and error"
 
-            # while Redis was down, sends were refused (not lost, not acked)
             down = [r for r in sent_at if marks["down"] + 0.05 < sent_at[r] < marks["start"]]
             assert len(down) >= 20, f"only {len(down)} sends while Redis was down: {marks}"
-            acked_down = [r for r in down if r in acks]
-            assert not acked_down, f"sends made while Redis was down were acked: {[acks[r] for r in acked_down[:3]]}"
+            if outage_wait_ms == 0:
+                # while Redis was down, sends were refused (not lost, not acked)
+                acked_down = [r for r in down if r in acks]
+                assert not acked_down, f"sends made while Redis was down were acked: {[acks[r] for r in acked_down[:3]]}"
+            else:
+                # they waited for Redis, and were acked once it was back
+                refused_down = [r for r in down if r not in acks]
+                assert not refused_down, (f"{len(refused_down)} sends made while Redis was down were not acked: "
+                                          f"{[errors.get(r) for r in refused_down[:3]]}")
+                early = [r for r in down if ack_time[r] < marks["start"]]
+                assert not early, f"sends acked while Redis was down: {[acks[r] for r in early[:3]]}"
 
             # back: the first ack within 2 s, and from 2 s on every send is acked
             after_up = [r for r in acks if sent_at[r] > marks["up"]]
@@ -577,9 +588,10 @@ def test_history_max_age_bounds_resume_and_scrollback(redis_server, make_gateway
 
 @pytest.mark.parametrize("mode", ["garbage", "close", "ok"])
 def test_not_redis_on_the_redis_port(fake_redis, make_gateway, mode):
-    """A server on the Redis port that is not Redis: workers log, keep running, refuse joins."""
+    """A server on the Redis port that is not Redis: workers log, keep running, refuse joins
+    (after bus.outage_wait_ms, here 500 ms)."""
     fake = fake_redis(mode)
-    gw = _gateway(make_gateway, fake.url)  # ready once the bus is up or after 3 s
+    gw = _gateway(make_gateway, fake.url, CHATGW_BUS_OUTAGE_WAIT_MS="500")  # ready once the bus is up or after 3 s
 
     async def main():
         pids0 = gw.workers_by_slot()
@@ -654,10 +666,11 @@ def test_real_redis_replaces_a_bad_one(fake_redis, make_redis, make_gateway, mod
 
 
 def test_gateway_started_before_redis(make_redis, make_gateway):
-    """No Redis at start: ready after 3 s, joins refused; Redis starts: joins work within 2 s."""
+    """No Redis at start: ready after 3 s, joins refused after bus.outage_wait_ms (here 1 s);
+    Redis starts: joins work within 2 s."""
     real = make_redis(start=False)
     t0 = time.monotonic()
-    gw = _gateway(make_gateway, real.url)
+    gw = _gateway(make_gateway, real.url, CHATGW_BUS_OUTAGE_WAIT_MS="1000")
     ready_s = time.monotonic() - t0
 
     async def main():
