@@ -13,41 +13,6 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
-/// What a worker is: its slot and generation, and the config the master resolved.
-public struct WorkerSettings: Sendable {
-    public var slot: Int
-    public var generation: Int
-    public var config: GatewayConfig
-
-    public init(slot: Int, generation: Int, config: GatewayConfig) {
-        self.slot = slot
-        self.generation = generation
-        self.config = config
-    }
-
-    var limits: GatewayConfig.Limits { config.limits }
-    var heartbeatSeconds: Int { config.server.heartbeatSeconds }
-}
-
-/// Figures the worker reports to the master (cumulative).
-struct WorkerCounters {
-    var messagesIn = 0
-    var messagesOut = 0
-    var joins = 0
-    /// Replayed messages written; live ones are counted by the room table.
-    var deliveries = 0
-    var bytesOut = 0
-    var slowConsumerDisconnects = 0
-    var floodDisconnects = 0
-    var busLatencyBuckets = [Int](repeating: 0, count: BusLatency.bucketBounds.count + 1)
-    var busLatencySumSeconds = 0.0
-
-    mutating func observeBusLatency(seconds: Double) {
-        busLatencyBuckets[BusLatency.bucket(for: seconds)] += 1
-        busLatencySumSeconds += seconds
-    }
-}
-
 /// One worker process: accepts on the socket the master bound for its slot and holds
 /// every connection, room table and its bus link on one event loop, so nothing here
 /// needs a lock and no message hops threads.
@@ -65,10 +30,8 @@ final class Worker: BusDelegate {
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     private let idle = IdleTable<SessionHandler>()
     private var nextConnection: UInt64 = 0
-    /// Joins and sends that came while the bus was unreachable, waiting for it to come
-    /// back (until their deadline): a relay or Redis restart takes a fraction of a second,
-    /// and a client told `unavailable` for it has to have been written to retry.
-    private var waitingForBus: [(deadline: NIODeadline, proceed: (Bool) -> Void)] = []
+    /// Joins and sends that came while the bus was unreachable, waiting for it to come back.
+    private var waitingForBus = BusWaits<(Bool) -> Void>()
     /// Re-joins after the bus came back that are not answered yet; requests wait for them.
     private var resyncsUnanswered = 0
     /// Counts bus links, so that a re-join answered after its link was replaced is not counted.
@@ -169,9 +132,7 @@ final class Worker: BusDelegate {
     private func releaseBusWaits() {
         // Lost again meanwhile: they wait for the next link.
         guard bus.isAvailable else { return }
-        let waiting = waitingForBus
-        waitingForBus.removeAll()
-        for request in waiting { request.proceed(true) }
+        for proceed in waitingForBus.takeAll() { proceed(true) }
     }
 
     /// The deadline of a request that may wait for the bus (`bus.outage_wait_ms` from now).
@@ -184,14 +145,7 @@ final class Worker: BusDelegate {
     func whenBusAvailable(until deadline: NIODeadline, _ proceed: @escaping (Bool) -> Void) {
         if bus.isAvailable && resyncsUnanswered == 0 { return proceed(true) }
         guard deadline > .now() else { return proceed(false) }
-        waitingForBus.append((deadline, proceed))
-    }
-
-    private func expireBusWaits(now: NIODeadline) {
-        guard waitingForBus.contains(where: { $0.deadline <= now }) else { return }
-        let expired = waitingForBus.filter { $0.deadline <= now }
-        waitingForBus.removeAll { $0.deadline <= now }
-        for request in expired { request.proceed(false) }
+        waitingForBus.add(proceed, until: deadline)
     }
 
     func busLost() {
@@ -211,15 +165,8 @@ final class Worker: BusDelegate {
         let fromArchive = eventLoop.makeFutureWithTask { try await archive.page(room: room, before: before, limit: limit) }
         let busAnswer: (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void = { busPage in
             fromArchive.assumeIsolated().whenComplete { archivePage in
-                let archived = try? archivePage.get()
-                let recent = try? busPage.get()
-                guard archived != nil || recent != nil else { return completion(.failure(.unavailable)) }
-                var seen = Set<String>()
-                let merged = ((archived?.messages ?? []) + (recent?.messages ?? []))
-                    .filter { seen.insert("\($0.epoch):\($0.seq)").inserted }
-                    .sorted { ($0.ts, $0.epoch, $0.seq) < ($1.ts, $1.epoch, $1.seq) }
-                let page = Array(merged.suffix(limit))
-                completion(.success((page, merged.count > limit || archived?.more == true || recent?.more == true)))
+                let page = HistoryMerge.page(archived: try? archivePage.get(), recent: try? busPage.get(), limit: limit)
+                completion(page.map { .success($0) } ?? .failure(.unavailable))
             }
         }
         if bus.isAvailable {
@@ -242,7 +189,7 @@ final class Worker: BusDelegate {
     /// write were all pinged in the same tick, 9,000 writes and then 9,000 pongs on one
     /// loop: a 200 ms stall for every member of the worker, every `idle_ping_s`.
     func sweepIdle() {
-        expireBusWaits(now: .now())
+        for proceed in waitingForBus.takeExpired(now: .now()) { proceed(false) }
         let pingAfter = TimeAmount.seconds(Int64(settings.limits.idlePingSeconds))
         let due = idle.due(
             now: .now(), pingAfter: pingAfter,
@@ -274,96 +221,5 @@ final class Worker: BusDelegate {
                 loop.assumeIsolated().scheduleTask(in: .milliseconds(Int64(delay))) { session.sayGoodbye(reason, retryMs: retryMs) }
             }
         }
-    }
-}
-
-/// Starts a worker process and never returns.
-public enum WorkerProcess {
-    public static func run(settings: WorkerSettings, logger: Logger) -> Never {
-        if let crashSlot = ProcessEnvironment.current()["CHATGW_TEST_CRASH_SLOT"], crashSlot == "\(settings.slot)" {
-            logger.critical("crashing on purpose (CHATGW_TEST_CRASH_SLOT)")
-            exit(70)
-        }
-        do {
-            try start(settings: settings, logger: logger)
-        } catch {
-            logger.critical("worker failed to start", metadata: ["error": "\(error)"])
-            exit(1)
-        }
-    }
-
-    private static func start(settings: WorkerSettings, logger: Logger) throws -> Never {
-        let runtime = ChildRuntime(logger: logger)
-        let loop = runtime.eventLoop
-        let config = settings.config
-        let secret = config.auth.jwtSecret
-        let verifier: TokenVerifier? = config.auth.mode == .jwt ? runBlocking { try? await TokenVerifier(secret: secret) } : nil
-        if config.auth.mode == .jwt && verifier == nil {
-            // The config was validated (a secret of at least 32 bytes); never fall back to no auth.
-            logger.critical("cannot set up JWT verification; refusing to serve without it")
-            exit(1)
-        }
-        let archive: (any ArchiveStore)?
-        do {
-            archive = try Archive.open(config, readOnly: true)
-        } catch {
-            logger.warning("archive not readable; scroll-back uses the bus history only", metadata: ["error": "\(error)"])
-            archive = nil
-        }
-        let worker = try loop.submit {
-            let bus = BusFactory.make(config: config, processName: "w\(settings.slot)", eventLoop: loop, logger: logger)
-            let worker = Worker(settings: settings, bus: bus, verifier: verifier, archive: archive, eventLoop: loop, logger: logger)
-            worker.onDrained = { runtime.finish() }
-            bus.start()
-            return NIOLoopBound(worker, eventLoop: loop)
-        }.wait()
-
-        // No per-connection TCP_NODELAY option: ServerBootstrap sets it on the listener and
-        // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
-        let server = try ServerBootstrap(group: runtime.group)
-            .serverChannelOption(.backlog, value: Int32(config.server.backlog))
-            .serverChannelInitializer { channel in
-                let overflow = OverflowRefusal(listenFD: Descriptors.childListenFD)
-                return AcceptPause.install(on: channel, logger: logger, relieve: overflow.refuseWaiting)
-            }
-            .childChannelInitializer { channel in
-                ConnectionPipeline.configure(channel, worker: worker)
-            }
-            .withBoundSocket(Descriptors.childListenFD)
-            .wait()
-        // NIO re-listens with a backlog of 128 whatever it was asked; restore ours.
-        listen(Descriptors.childListenFD, Int32(config.server.backlog))
-
-        loop.scheduleRepeatedTask(initialDelay: Worker.idleSweepInterval, delay: Worker.idleSweepInterval) { _ in worker.value.sweepIdle() }
-        try runtime.connect(
-            heartbeatInterval: .milliseconds(Int64(config.supervisor.heartbeatIntervalMs)),
-            commands: ChildCommands(
-                stats: { worker.value.stats },
-                stop: { reason, window, keepAccepting in
-                    let worker = worker.value
-                    if keepAccepting {
-                        // Our socket closes with us: keep taking what is queued on it until the end.
-                        worker.onDrained = { server.close().whenComplete { _ in runtime.finish() } }
-                    } else {
-                        server.close(promise: nil)
-                    }
-                    worker.stop(reason: reason == .reload ? .reload : .shutdown, window: window, on: loop)
-                },
-                kick: { user in _ = worker.value.kick(user: user) }
-            )
-        )
-        // Ready once the bus answers, or after a few seconds without it (the worker still
-        // serves; joins get `unavailable` until the bus is back).
-        let ready = NIOLockedValueBox(false)
-        let reportReady: @Sendable () -> Void = {
-            guard !ready.withLockedValue({ let was = $0; $0 = true; return was }) else { return }
-            logger.info("serving", metadata: ["slot": "\(settings.slot)", "generation": "\(settings.generation)"])
-            runtime.reportReady()
-        }
-        loop.execute {
-            if worker.value.bus.isAvailable { reportReady() } else { worker.value.whenBusFirstConnected = reportReady }
-        }
-        loop.scheduleTask(in: .seconds(3)) { reportReady() }
-        runtime.runUntilFinished()
     }
 }

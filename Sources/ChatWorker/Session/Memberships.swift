@@ -2,7 +2,8 @@
 /// rooms at most (`limits.rooms_per_connection`), so a list searched in order is as fast
 /// as a dictionary here and costs an idle member half the memory.
 struct Memberships<State: Equatable> {
-    private var entries: [(room: String, state: State)] = []
+    /// Every room and its state, in the order they were added.
+    private(set) var entries: [(room: String, state: State)] = []
 
     var count: Int { entries.count }
 
@@ -26,10 +27,5 @@ struct Memberships<State: Equatable> {
 
     mutating func removeAll() {
         entries.removeAll()
-    }
-
-    /// Every room in the given state.
-    func rooms(in state: State) -> [String] {
-        entries.filter { $0.state == state }.map(\.room)
     }
 }

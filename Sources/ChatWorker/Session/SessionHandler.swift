@@ -88,11 +88,8 @@ final class SessionHandler: ChannelInboundHandler {
         case .text(let text):
             switch ClientMessage.decode(text, maxTextBytes: worker.settings.limits.maxTextBytes) {
             case .success(let request):
-                if case .ping(let ref) = request {
-                    send(.pong(ref: ref))
-                } else if admit(request) {
-                    handle(request)
-                }
+                if case .ping = request {} else if !admit(request) { return }
+                handle(request)
             case .failure(let error):
                 send(.error(error))
             }
@@ -183,13 +180,13 @@ final class SessionHandler: ChannelInboundHandler {
                 }
                 switch result {
                 case .success(let answer):
-                    if let gap = answer.gap, let since, let archive = worker.archive {
-                        fill(room, answer: answer, gap: gap, since: since, epoch: epoch, archive: archive, ref: ref)
-                        return
+                    let reply = JoinReply(room: room, answer: answer, ref: ref)
+                    if let reads = JoinReply.reads(for: answer, since: since, epoch: epoch), let archive = worker.archive {
+                        return fill(reply, reading: reads, from: archive)
                     }
                     rooms[room] = .joined
                     worker.rooms.add(self, to: room, snapshot: answer.room)
-                    sendJoin(room, answer: answer, previousEpoch: [], archived: [], ref: ref)
+                    sendJoin(reply.messages())
                 case .failure(.unavailable) where deadline > .now():
                     return requestJoin(room, since: since, epoch: epoch, history: history, ref: ref, deadline: deadline)
                 case .failure:
@@ -201,81 +198,41 @@ final class SessionHandler: ChannelInboundHandler {
         }
     }
 
-    /// How often a fill reads the archive again for messages it does not hold yet.
-    private static let archiveRereads = 3
-
-    /// The history no longer reaches back to `since`: fill from the archive (the rest of
-    /// the client's old epoch, and the current epoch's part the history lost). The room's
-    /// live messages that arrive meanwhile are kept by the room table for this member and
-    /// written after the replay.
-    private func fill(_ room: String, answer: JoinResult, gap: Gap, since: Int, epoch: String?,
-                      archive: any ArchiveStore, ref: String?) {
+    /// The history no longer reaches back to `since`: the reply waits for the archive.
+    /// Meanwhile the room table keeps this member's live messages back; they are written
+    /// after the reply.
+    private func fill(_ reply: JoinReply, reading reads: JoinReply.ArchiveReads, from archive: any ArchiveStore) {
+        let room = reply.room
         rooms[room] = .filling
-        worker.rooms.add(self, to: room, snapshot: answer.room, filling: true)
-        let oldEpoch = epoch.flatMap { $0 == gap.epoch ? nil : $0 }
-        // The archiver writes in batches, so the newest of the messages the history dropped
-        // may not be in the archive yet: read what is missing again, a batch later.
+        worker.rooms.add(self, to: room, snapshot: reply.answer.room, filling: true)
         let batchWait = Duration.milliseconds(worker.settings.config.archive.batchMilliseconds + 50)
-        context!.eventLoop.makeFutureWithTask { () async throws -> (tail: [RoomMessage], filled: [RoomMessage]) in
-            var tail: [RoomMessage] = []
-            if let oldEpoch {
-                tail = try await archive.range(room: room, epoch: oldEpoch, from: since + 1, to: Int(Int32.max))
+        context!.eventLoop.makeFutureWithTask { try await archive.read(reads, room: room, batchWait: batchWait) }
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                // Left or disconnected meanwhile: the room table and the bus were told then.
+                guard context != nil, rooms[room] == .filling else { return }
+                rooms[room] = .joined
+                let read = (try? result.get()) ?? (olderEpochTail: [], lost: [])
+                sendJoin(reply.messages(olderEpochTail: read.olderEpochTail, archived: read.lost))
+                let live = worker.rooms.finishFilling(self, in: room)
+                for frame in live { write(frame) }
+                worker.counters.deliveries += live.count
+                flush()
             }
-            guard gap.from > 0 else { return (tail, []) }
-            var filled = try await archive.range(room: room, epoch: gap.epoch, from: gap.from, to: gap.to)
-            for _ in 0..<Self.archiveRereads where (filled.last?.seq ?? gap.from - 1) < gap.to {
-                try await Task.sleep(for: batchWait)
-                let next = (filled.last?.seq ?? gap.from - 1) + 1
-                filled += try await archive.range(room: room, epoch: gap.epoch, from: next, to: gap.to)
-            }
-            return (tail, filled)
-        }
-        .assumeIsolated()
-        .whenComplete { [self] result in
-            // Left or disconnected meanwhile: the room table and the bus were told then.
-            guard context != nil, rooms[room] == .filling else { return }
-            rooms[room] = .joined
-            let read = (try? result.get()) ?? (tail: [], filled: [])
-            sendJoin(room, answer: answer, previousEpoch: read.tail, archived: read.filled, ref: ref)
-            let live = worker.rooms.finishFilling(self, in: room)
-            for frame in live { write(frame) }
-            worker.counters.deliveries += live.count
-            flush()
-        }
     }
 
-    /// `joined`, then what the room's history could not give (from the archive: the rest
-    /// of the client's previous epoch, then the current epoch's lost part, with a `gap`
-    /// only for what the archive lacks too), then the replay.
-    private func sendJoin(_ room: String, answer: JoinResult, previousEpoch: [RoomMessage], archived: [RoomMessage], ref: String?) {
-        send(.joined(room: room, seq: answer.room.seq, epoch: answer.room.epoch, members: answer.room.members, ref: ref))
-        for message in previousEpoch { send(.message(message)) }
-        if let gap = answer.gap {
-            let firstArchived = archived.first?.seq ?? gap.to + 1
-            let lastArchived = archived.last?.seq ?? gap.to
-            if gap.from == 0 || firstArchived > gap.from {
-                send(.gap(room: room, from: gap.from, to: gap.from == 0 ? gap.to : min(gap.to, firstArchived - 1), epoch: gap.epoch))
-            }
-            for message in archived { send(.message(message)) }
-            if !archived.isEmpty && lastArchived < gap.to {
-                send(.gap(room: room, from: lastArchived + 1, to: gap.to, epoch: gap.epoch))
-            }
+    private func sendJoin(_ reply: [ServerMessage]) {
+        for message in reply {
+            if case .message = message { worker.counters.deliveries += 1 }
+            send(message)
         }
-        for message in answer.replay {
-            send(.message(message))
-        }
-        worker.counters.deliveries += answer.replay.count + archived.count + previousEpoch.count
-        flush()
     }
 
     private func leave(_ room: String, ref: String?) {
         guard let membership = rooms.removeValue(forKey: room) else {
             return send(.error(ProtocolError(.notJoined, "not a member of this room", ref: ref, room: room)))
         }
-        if membership != .joining {
-            worker.rooms.remove(self, from: room)
-            worker.bus.leave(room: room, members: 1)
-        }
+        quit(room, membership)
         send(.left(room: room, ref: ref))
     }
 
@@ -384,10 +341,15 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Leaves every room; a room still being joined is undone when the bus answers.
     private func departedRooms() {
-        for room in rooms.rooms(in: .joined) + rooms.rooms(in: .filling) {
-            worker.rooms.remove(self, from: room)
-            worker.bus.leave(room: room, members: 1)
-        }
+        for (room, membership) in rooms.entries { quit(room, membership) }
         rooms.removeAll()
+    }
+
+    /// Out of the room table and the bus's count. A room still being joined has neither
+    /// yet: the bus's answer is undone when it comes.
+    private func quit(_ room: String, _ membership: Membership) {
+        guard membership != .joining else { return }
+        worker.rooms.remove(self, from: room)
+        worker.bus.leave(room: room, members: 1)
     }
 }

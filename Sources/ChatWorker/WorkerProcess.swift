@@ -1,0 +1,103 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ChatArchive
+import ChatAuth
+import ChatBus
+import ChatLink
+import ChatSystem
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// Starts a worker process and never returns.
+public enum WorkerProcess {
+    public static func run(settings: WorkerSettings, logger: Logger) -> Never {
+        if let crashSlot = ProcessEnvironment.current()["CHATGW_TEST_CRASH_SLOT"], crashSlot == "\(settings.slot)" {
+            logger.critical("crashing on purpose (CHATGW_TEST_CRASH_SLOT)")
+            exit(70)
+        }
+        do {
+            try start(settings: settings, logger: logger)
+        } catch {
+            logger.critical("worker failed to start", metadata: ["error": "\(error)"])
+            exit(1)
+        }
+    }
+
+    private static func start(settings: WorkerSettings, logger: Logger) throws -> Never {
+        let runtime = ChildRuntime(logger: logger)
+        let loop = runtime.eventLoop
+        let config = settings.config
+        let secret = config.auth.jwtSecret
+        let verifier: TokenVerifier? = config.auth.mode == .jwt ? runBlocking { try? await TokenVerifier(secret: secret) } : nil
+        if config.auth.mode == .jwt && verifier == nil {
+            // The config was validated (a secret of at least 32 bytes); never fall back to no auth.
+            logger.critical("cannot set up JWT verification; refusing to serve without it")
+            exit(1)
+        }
+        let archive: (any ArchiveStore)?
+        do {
+            archive = try Archive.open(config, readOnly: true)
+        } catch {
+            logger.warning("archive not readable; scroll-back uses the bus history only", metadata: ["error": "\(error)"])
+            archive = nil
+        }
+        let worker = try loop.submit {
+            let bus = BusFactory.make(config: config, processName: "w\(settings.slot)", eventLoop: loop, logger: logger)
+            let worker = Worker(settings: settings, bus: bus, verifier: verifier, archive: archive, eventLoop: loop, logger: logger)
+            worker.onDrained = { runtime.finish() }
+            bus.start()
+            return NIOLoopBound(worker, eventLoop: loop)
+        }.wait()
+
+        // No per-connection TCP_NODELAY option: ServerBootstrap sets it on the listener and
+        // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
+        let server = try ServerBootstrap(group: runtime.group)
+            .serverChannelOption(.backlog, value: Int32(config.server.backlog))
+            .serverChannelInitializer { channel in
+                let overflow = OverflowRefusal(listenFD: Descriptors.childListenFD)
+                return AcceptPause.install(on: channel, logger: logger, relieve: overflow.refuseWaiting)
+            }
+            .childChannelInitializer { channel in
+                ConnectionPipeline.configure(channel, worker: worker)
+            }
+            .withBoundSocket(Descriptors.childListenFD)
+            .wait()
+        // NIO re-listens with a backlog of 128 whatever it was asked; restore ours.
+        listen(Descriptors.childListenFD, Int32(config.server.backlog))
+
+        loop.scheduleRepeatedTask(initialDelay: Worker.idleSweepInterval, delay: Worker.idleSweepInterval) { _ in worker.value.sweepIdle() }
+        try runtime.connect(
+            heartbeatInterval: .milliseconds(Int64(config.supervisor.heartbeatIntervalMs)),
+            commands: ChildCommands(
+                stats: { worker.value.stats },
+                stop: { reason, window, keepAccepting in
+                    let worker = worker.value
+                    if keepAccepting {
+                        // Our socket closes with us: keep taking what is queued on it until the end.
+                        worker.onDrained = { server.close().whenComplete { _ in runtime.finish() } }
+                    } else {
+                        server.close(promise: nil)
+                    }
+                    worker.stop(reason: reason == .reload ? .reload : .shutdown, window: window, on: loop)
+                },
+                kick: { user in _ = worker.value.kick(user: user) }
+            )
+        )
+        // Ready once the bus answers, or after a few seconds without it (the worker still
+        // serves; joins get `unavailable` until the bus is back).
+        let ready = NIOLockedValueBox(false)
+        let reportReady: @Sendable () -> Void = {
+            guard !ready.withLockedValue({ let was = $0; $0 = true; return was }) else { return }
+            logger.info("serving", metadata: ["slot": "\(settings.slot)", "generation": "\(settings.generation)"])
+            runtime.reportReady()
+        }
+        loop.execute {
+            if worker.value.bus.isAvailable { reportReady() } else { worker.value.whenBusFirstConnected = reportReady }
+        }
+        loop.scheduleTask(in: .seconds(3)) { reportReady() }
+        runtime.runUntilFinished()
+    }
+}
