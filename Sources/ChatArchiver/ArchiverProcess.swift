@@ -93,7 +93,7 @@ private final class Feed: BusDelegate {
         self.connected = connected
     }
 
-    var bus: (any Bus)?
+    var bus: (any ArchiverBus)?
 
     func bus(received message: RoomMessage) {
         backlog.append([message])
@@ -169,7 +169,7 @@ public enum ArchiverProcess {
 private struct Writer: Sendable {
     let store: any ArchiveStore
     let backlog: ArchiveBacklog
-    let bus: NIOLoopBound<(any Bus, Feed)>
+    let bus: NIOLoopBound<(any ArchiverBus, Feed)>
     let loop: any EventLoop
     let connected: NIOLockedValueBox<Bool>
     let config: GatewayConfig
@@ -267,7 +267,7 @@ private struct Writer: Sendable {
     }
 
     /// Runs a bus call on the archiver's loop and awaits its answer.
-    private func onLoop<T: Sendable>(_ call: @escaping @Sendable (any Bus, @escaping (T) -> Void) -> Void) async -> T {
+    private func onLoop<T: Sendable>(_ call: @escaping @Sendable (any ArchiverBus, @escaping (T) -> Void) -> Void) async -> T {
         await withCheckedContinuation { continuation in
             let bus = bus
             loop.execute {

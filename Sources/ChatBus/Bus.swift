@@ -5,8 +5,6 @@ import NIOCore
 public enum BusError: Error, Sendable, Equatable {
     /// The bus is down or the link dropped while the request was in flight: retry.
     case unavailable
-    /// The bus refused the request.
-    case refused(code: String, message: String)
 }
 
 /// The answer to a join: the room's state, what to replay, and what cannot be replayed.
@@ -49,10 +47,9 @@ public protocol Bus: AnyObject {
     var delegate: BusDelegate? { get set }
     var isAvailable: Bool { get }
 
-    /// Starts connecting, and reconnecting whenever the link drops.
+    /// Starts connecting, and reconnecting whenever the link drops (for the life of the
+    /// process).
     func start()
-    /// Stops for good.
-    func stop()
 
     /// Counts `members` more local members of `room` and answers with its state. Every
     /// message of the room with a seq above the answer's `seq` is delivered afterwards.
@@ -65,11 +62,15 @@ public protocol Bus: AnyObject {
     func publish(room: String, from: String, text: String, completion: @escaping (Result<Published, BusError>) -> Void)
     /// A room's state (seq, epoch, members over all workers) without joining it.
     func info(room: String, completion: @escaping (Result<RoomSnapshot, BusError>) -> Void)
-    /// Every message of every room from now on (the archiver), until the link drops.
-    func subscribeAll()
-    /// The names of the rooms the bus holds a sequence for.
-    func listRooms(completion: @escaping (Result<[String], BusError>) -> Void)
     /// Older messages for scroll-back.
     func fetch(room: String, before: HistoryPosition?, limit: Int,
                completion: @escaping (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void)
+}
+
+/// The archiver's side of the bus: everything a worker's has, and every room at once.
+public protocol ArchiverBus: Bus {
+    /// Every message of every room from now on, until the link drops.
+    func subscribeAll()
+    /// The names of the rooms the bus holds a sequence for.
+    func listRooms(completion: @escaping (Result<[String], BusError>) -> Void)
 }

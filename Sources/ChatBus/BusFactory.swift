@@ -7,7 +7,7 @@ import NIOCore
 
 /// The configured bus for a worker or the archiver: the embedded relay, or Redis.
 public enum BusFactory {
-    public static func make(config: GatewayConfig, processName: String, eventLoop: any EventLoop, logger: Logger) -> any Bus {
+    public static func make(config: GatewayConfig, processName: String, eventLoop: any EventLoop, logger: Logger) -> any ArchiverBus {
         var host = [CChar](repeating: 0, count: 256)
         gethostname(&host, host.count - 1)
         let hostname = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)

@@ -85,7 +85,7 @@ final class Relay {
             everything.insert(link)
         case .listRooms(let request):
             send(.roomList(request: request, rooms: book.roomNames), to: link)
-        case .joined, .message, .published, .fetched, .failed, .roomList:
+        case .joined, .message, .published, .fetched, .roomList:
             logger.warning("worker sent a relay-only frame; closing its link", metadata: ["link": "\(link)"])
             links[link]?.close(promise: nil)
         }

@@ -70,8 +70,6 @@ let sampleFrames: [RelayFrame] = [
     .published(request: 19, room: "live:42", seq: 120, epoch: "e9c1"),
     .fetched(request: 20, room: "live:42", messages: [], more: false),
     .fetched(request: 21, room: "live:42", messages: sampleMessages, more: true),
-    .failed(request: 22, code: "unavailable", message: "the bus is down"),
-    .failed(request: 0, code: "", message: ""),
 ]
 
 @Suite struct RelayFrameRoundTripTests {

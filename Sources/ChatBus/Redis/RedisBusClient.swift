@@ -16,7 +16,7 @@ private func b(_ text: String) -> [UInt8] { Array(text.utf8) }
 ///   none can slip past the new member between its snapshot and its membership;
 /// - a publish is answered only once its own message has been delivered, so the sender
 ///   sees its `ack` after its `message`.
-public final class RedisBusClient: Bus {
+public final class RedisBusClient: ArchiverBus {
     public struct Settings: Sendable {
         public var endpoint: RedisEndpoint
         public var historyMessages: Int
@@ -53,7 +53,6 @@ public final class RedisBusClient: Bus {
     private var scripts: (publish: String, join: String)?
     private var rooms: [String: Room] = [:]
     private var backoff = ReconnectBackoff()
-    private var stopped = false
     private var connecting = false
     private var aliveTask: RepeatedTask?
     /// Archiver mode: every room's messages (PSUBSCRIBE), no per-room bookkeeping.
@@ -75,12 +74,6 @@ public final class RedisBusClient: Bus {
         connect()
     }
 
-    public func stop() {
-        stopped = true
-        aliveTask?.cancel()
-        commands?.close()
-        subscriber?.close()
-    }
 
     // MARK: Bus
 
@@ -305,7 +298,7 @@ public final class RedisBusClient: Bus {
     // MARK: connections
 
     private func connect() {
-        guard !stopped, !connecting else { return }
+        guard !connecting else { return }
         connecting = true
         let endpoint = settings.endpoint
         let loop = eventLoop
@@ -357,11 +350,6 @@ public final class RedisBusClient: Bus {
 
     private func connected(commands: RedisConnection, subscriber: RedisConnection, scripts: (publish: String, join: String)) {
         connecting = false
-        guard !stopped else {
-            commands.close()
-            subscriber.close()
-            return
-        }
         let lost: () -> Void = { [weak self] in self?.disconnected() }
         commands.onClose = lost
         subscriber.onClose = lost
@@ -414,7 +402,6 @@ public final class RedisBusClient: Bus {
     }
 
     private func scheduleReconnect() {
-        guard !stopped else { return }
         eventLoop.assumeIsolated().scheduleTask(in: backoff.next()) { [self] in connect() }
     }
 

@@ -4,7 +4,7 @@ import NIOCore
 import NIOPosix
 
 /// The worker's link to the relay over its Unix socket, reconnecting with backoff.
-public final class RelayBusClient: Bus {
+public final class RelayBusClient: ArchiverBus {
     private enum Pending {
         case join((Result<JoinResult, BusError>) -> Void)
         case publish((Result<Published, BusError>) -> Void)
@@ -21,7 +21,6 @@ public final class RelayBusClient: Bus {
     private var pending: [UInt32: Pending] = [:]
     private var nextRequest: UInt32 = 0
     private var backoff = ReconnectBackoff()
-    private var stopped = false
     private var flushScheduled = false
 
     public init(socketPath: String, workerName: String, eventLoop: any EventLoop, logger: Logger) {
@@ -37,10 +36,6 @@ public final class RelayBusClient: Bus {
         connect()
     }
 
-    public func stop() {
-        stopped = true
-        channel?.close(promise: nil)
-    }
 
     public func join(room: String, since: Int?, epoch: String?, history: Int, members: Int,
                      completion: @escaping (Result<JoinResult, BusError>) -> Void) {
@@ -101,7 +96,6 @@ public final class RelayBusClient: Bus {
     }
 
     private func connect() {
-        guard !stopped else { return }
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
@@ -124,10 +118,6 @@ public final class RelayBusClient: Bus {
     }
 
     private func connected(_ channel: any Channel) {
-        guard !stopped else {
-            channel.close(promise: nil)
-            return
-        }
         self.channel = channel
         backoff.reset()
         logger.info("relay link up", metadata: ["socket": "\(socketPath)"])
@@ -154,7 +144,6 @@ public final class RelayBusClient: Bus {
     }
 
     private func scheduleReconnect() {
-        guard !stopped else { return }
         eventLoop.assumeIsolated().scheduleTask(in: backoff.next()) { [self] in connect() }
     }
 
@@ -177,15 +166,6 @@ public final class RelayBusClient: Bus {
         case .roomList(let request, let rooms):
             if case .rooms(let completion)? = pending.removeValue(forKey: request) {
                 completion(.success(rooms))
-            }
-        case .failed(let request, let code, let message):
-            let error = BusError.refused(code: code, message: message)
-            switch pending.removeValue(forKey: request) {
-            case .join(let completion)?: completion(.failure(error))
-            case .publish(let completion)?: completion(.failure(error))
-            case .fetch(let completion)?: completion(.failure(error))
-            case .rooms(let completion)?: completion(.failure(error))
-            case nil: break
             }
         case .hello, .join, .leave, .publish, .fetch, .info, .subscribeAll, .listRooms:
             logger.error("relay sent a worker-only frame; dropping the link")

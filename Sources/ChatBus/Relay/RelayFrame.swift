@@ -24,7 +24,7 @@ public enum RelayFrame: Equatable, Sendable {
     case join(request: UInt32, room: String, since: Int?, epoch: String?, history: Int, members: Int)
     /// `members` fewer local members in `room` (0 left: the worker stops receiving it).
     case leave(room: String, members: Int)
-    /// Sequence and forward a message; answer: `published` or `failed`.
+    /// Sequence and forward a message; answer: `published`.
     case publish(request: UInt32, room: String, from: String, text: String)
     /// Scroll-back; answer: `fetched`.
     case fetch(request: UInt32, room: String, before: HistoryPosition?, limit: Int)
@@ -40,7 +40,6 @@ public enum RelayFrame: Equatable, Sendable {
     case message(RoomMessage)
     case published(request: UInt32, room: String, seq: Int, epoch: String)
     case fetched(request: UInt32, room: String, messages: [RoomMessage], more: Bool)
-    case failed(request: UInt32, code: String, message: String)
     case roomList(request: UInt32, rooms: [String])
 
     public static let version: UInt8 = 1
@@ -81,7 +80,9 @@ public struct RelayFrameError: Error, CustomStringConvertible, Sendable {
 
 private enum FrameType: UInt8 {
     case hello = 1, join, leave, publish, fetch, info, subscribeAll, listRooms
-    case joined = 101, message, published, fetched, failed, roomList
+    case joined = 101, message, published, fetched
+    // 105 was `failed`, which no relay ever sent; a frame of that type is refused.
+    case roomList = 106
 }
 
 extension RelayFrame {
@@ -158,11 +159,6 @@ extension RelayFrame {
             buffer.writeRelayString(room)
             buffer.writeInteger(UInt8(more ? 1 : 0))
             buffer.writeMessages(messages, room: room)
-        case .failed(let request, let code, let message):
-            buffer.writeInteger(FrameType.failed.rawValue)
-            buffer.writeInteger(request)
-            buffer.writeRelayString(code)
-            buffer.writeRelayString(message)
         }
     }
 
@@ -232,8 +228,6 @@ extension RelayFrame {
             let room = try reader.string()
             let more = try reader.u8() != 0
             result = .fetched(request: request, room: room, messages: try reader.messages(room: room), more: more)
-        case .failed:
-            result = .failed(request: try reader.u32(), code: try reader.string(), message: try reader.string())
         }
         guard reader.buffer.readableBytes == 0 else { throw RelayFrameError("\(reader.buffer.readableBytes) trailing bytes in relay frame") }
         return result
