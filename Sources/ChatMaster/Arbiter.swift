@@ -22,12 +22,9 @@ public struct StartupError: Error, CustomStringConvertible {
 /// Reload and scaling are both "change the wanted slots, then converge": a slot whose
 /// generation moved on gets a new child, and the old one is drained once the new one is
 /// ready; a removed slot's child is drained; an added slot gets a socket and a child.
+/// Those decisions are the `SlotTable`'s; the arbiter tells it what happened and performs
+/// the actions it returns.
 public final class Arbiter {
-    private enum Phase {
-        case running
-        case stopping(reason: StopReason, deadline: Double)
-    }
-
     public static let version = "0.1.0"
 
     private var settings: MasterSettings
@@ -36,11 +33,9 @@ public final class Arbiter {
     private let signals: SignalQueue
     private let logger: Logger
     private let startedAt = monotonicSeconds()
-    private var phase = Phase.running
-    private var generation = 1
     private var boundPort: Int
+    private var table: SlotTable
     private var children: [pid_t: Child] = [:]
-    private var slots: [SlotID: SlotRecord] = [:]
     private var lastReload: ReloadReport?
     private var watchdogKills = 0
     private let control: ControlServer
@@ -64,16 +59,13 @@ public final class Arbiter {
             throw StartupError("cannot set up signal handling: \(error)")
         }
         SignalQueue.ignore(SIGPIPE)
-        var sockets: [Int32] = []
+        let sockets: [Int32]
         do {
-            try ListeningSocket.checkAvailable(host: settings.host, port: boundPort)
-            for _ in 0..<settings.workerCount {
-                let fd = try ListeningSocket.bind(host: settings.host, port: boundPort, backlog: settings.backlog, reusePort: true)
-                if boundPort == 0 { boundPort = ListeningSocket.localPort(fd) }
-                sockets.append(fd)
-            }
+            let bound = try Self.bindSlotSockets(settings.workerCount, host: settings.host, port: boundPort,
+                                                 backlog: settings.backlog, checkAvailable: true)
+            sockets = bound.sockets
+            boundPort = bound.port
         } catch {
-            sockets.forEach { close($0) }
             throw StartupError("cannot listen on \(config.server.listen): \(error.reason)")
         }
         do {
@@ -93,13 +85,8 @@ public final class Arbiter {
         } else {
             metrics = nil
         }
-        if config.bus.kind == .relay {
-            slots[SlotID(role: .relay, index: 0)] = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
-        }
-        if config.archive.kind != .none {
-            slots[SlotID(role: .archiver, index: 0)] = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
-        }
-        applyWorkerCount(settings.workerCount, sockets: Dictionary(uniqueKeysWithValues: sockets.enumerated().map { ($0.offset, $0.element) }))
+        table = SlotTable(rules: SlotTable.Rules(settings), workers: settings.workerCount, relay: config.bus.kind == .relay,
+                          archiver: config.archive.kind != .none, sockets: sockets, at: monotonicSeconds())
         logger.info("listening on \(settings.host):\(boundPort)", metadata: [
             "backlog": "\(settings.backlog)", "sockets": "\(settings.workerCount)",
         ])
@@ -118,14 +105,10 @@ public final class Arbiter {
             metrics?.serve { metricsText() }
             reap()
             murderUnresponsive()
-            if case .stopping = phase {
-                if children.isEmpty { break }
-                advanceStop()
-            } else {
-                manageChildren()
-            }
+            if table.isFinished { break }
+            manageChildren()
         }
-        closeListeners()
+        perform(table.closeSockets())
         control.closeAll()
         metrics?.closeAll()
         logger.info("stopped")
@@ -139,8 +122,8 @@ public final class Arbiter {
         case SIGTERM, SIGINT: beginStop(.shutdown)
         case SIGQUIT: beginStop(.drain)
         case SIGHUP: reload()
-        case SIGTTIN: scale(to: slots.keys.filter { $0.role == .worker }.count + 1)
-        case SIGTTOU: scale(to: slots.keys.filter { $0.role == .worker }.count - 1)
+        case SIGTTIN: scale(to: table.workerCount + 1)
+        case SIGTTOU: scale(to: table.workerCount - 1)
         default: break  // SIGCHLD: reaped below
         }
     }
@@ -150,7 +133,7 @@ public final class Arbiter {
         case .status, .workers:
             reply(ControlResponse(ok: true, status: statusReport()))
         case .rooms:
-            guard let relay = children.values.first(where: { $0.slot.role == .relay && $0.state == .running }) else {
+            guard let relay = children.values.first(where: { $0.slot.role == .relay && table.children[$0.pid]?.state == .running }) else {
                 return reply(.failure("the relay is not running"))
             }
             nextRoomsRequest += 1
@@ -159,7 +142,7 @@ public final class Arbiter {
         case .reload:
             reload()
             let report = lastReload
-            reply(ControlResponse(ok: report?.ok ?? false, error: report?.error, message: report?.ok == true ? "reloaded: generation \(generation)" : nil,
+            reply(ControlResponse(ok: report?.ok ?? false, error: report?.error, message: report?.ok == true ? "reloaded: generation \(table.generation)" : nil,
                                   status: statusReport()))
         case .stop:
             beginStop(request.fast == true ? .shutdown : .drain)
@@ -179,43 +162,9 @@ public final class Arbiter {
     }
 
     private func beginStop(_ reason: StopReason) {
-        guard case .running = phase else { return }
-        let deadline = monotonicSeconds() + settings.drainTimeout
+        guard let actions = table.beginStop(reason, at: monotonicSeconds()) else { return }
         logger.info("stopping", metadata: ["reason": "\(reason.rawValue)", "drain_timeout_s": "\(settings.drainTimeout)"])
-        phase = .stopping(reason: reason, deadline: deadline)
-        // Workers hold their own copies; closing ours lets the kernel refuse new
-        // connections as soon as the last worker stops accepting.
-        closeListeners()
-        for child in children.values where child.slot.role == .worker {
-            drain(child, reason: reason, keepAccepting: false)
-        }
-        stopRelayIfWorkersGone()
-    }
-
-    /// Workers go first so that the relay (and the archiver) can serve their last messages.
-    private func advanceStop() {
-        stopRelayIfWorkersGone()
-        guard case .stopping(_, let deadline) = phase, monotonicSeconds() >= deadline else { return }
-        for child in children.values {
-            logger.warning("killing child after drain timeout", metadata: metadata(child))
-            kill(child.pid, SIGKILL)
-        }
-    }
-
-    private func stopRelayIfWorkersGone() {
-        guard case .stopping = phase, !children.values.contains(where: { $0.slot.role == .worker }) else { return }
-        for child in children.values where child.slot.role != .worker {
-            if case .draining = child.state { continue }
-            drain(child, reason: .shutdown, keepAccepting: false)
-        }
-    }
-
-    /// Asks a child to say goodbye and exit; it is killed if still alive at the drain timeout.
-    private func drain(_ child: Child, reason: StopReason, keepAccepting: Bool) {
-        if case .draining = child.state { return }
-        let windowMs = reason == .shutdown ? 0 : Int(settings.drainTimeout * 800)
-        child.send(.stop(reason: reason, windowMs: windowMs, keepAccepting: keepAccepting))
-        child.state = .draining(deadline: monotonicSeconds() + settings.drainTimeout)
+        perform(actions)
     }
 
     // MARK: reload and scaling
@@ -223,7 +172,7 @@ public final class Arbiter {
     /// Re-reads the config. Invalid: keep everything, report why. Valid: the next
     /// generation of workers takes over slot by slot.
     private func reload() {
-        guard case .running = phase else { return }
+        guard !table.isStopping else { return }
         let config: GatewayConfig
         switch loadConfig() {
         case .failure(let error):
@@ -232,123 +181,101 @@ public final class Arbiter {
             config = loaded
         }
         let next = MasterSettings(config: config, executable: settings.executable)
-        let listenChanged = next.config.server.listen != settings.config.server.listen
-        var newSockets: [Int: Int32] = [:]
-        if listenChanged {
+        var newSockets: [Int32]?
+        var port = boundPort
+        if next.config.server.listen != settings.config.server.listen {
             do {
-                try ListeningSocket.checkAvailable(host: next.host, port: next.port)
-                for index in 0..<next.workerCount {
-                    newSockets[index] = try ListeningSocket.bind(host: next.host, port: next.port, backlog: next.backlog, reusePort: true)
-                }
+                let bound = try Self.bindSlotSockets(next.workerCount, host: next.host, port: next.port,
+                                                     backlog: next.backlog, checkAvailable: true)
+                newSockets = bound.sockets
+                port = bound.port
             } catch {
-                newSockets.values.forEach { close($0) }
                 return reloadFailed("cannot listen on \(next.config.server.listen): \(error.reason); still serving on \(settings.host):\(boundPort)")
             }
         }
+        // The relay or the archiver whose settings changed: the current one drains, and
+        // (if still wanted) a new one of this generation starts once it is gone.
         let relayChanged = next.relayDiffers(from: settings)
-        let archiverChanged = next.archiverDiffers(from: settings)
-        generation += 1
+        var replacing: [ChildRole: Bool] = [:]
+        if relayChanged { replacing[.relay] = next.config.bus.kind == .relay }
+        if next.archiverDiffers(from: settings) { replacing[.archiver] = next.config.archive.kind != .none }
         settings = next
-        if listenChanged {
-            boundPort = next.port == 0 ? (newSockets.values.first.map(ListeningSocket.localPort) ?? 0) : next.port
-            for (slot, record) in slots where slot.role == .worker {
-                if let fd = record.listenFD { close(fd) }
-                slots[slot]?.listenFD = nil
-            }
-        }
-        applyWorkerCount(next.workerCount, sockets: newSockets)
-        for slot in slots.keys where slot.role == .worker {
-            slots[slot]?.generation = generation
-            slots[slot]?.nextStartAt = 0
-        }
-        if relayChanged {
-            replaceSingleton(.relay, wanted: next.config.bus.kind == .relay, restart: next.restart)
-        }
-        if archiverChanged {
-            replaceSingleton(.archiver, wanted: next.config.archive.kind != .none, restart: next.restart)
-        }
-        lastReload = ReloadReport(ok: true, at: Date().timeIntervalSince1970, generation: generation, error: nil)
+        boundPort = port
+        perform(table.reload(rules: SlotTable.Rules(next), workers: next.workerCount, replacing: replacing,
+                             sockets: newSockets, at: monotonicSeconds()))
+        lastReload = ReloadReport(ok: true, at: Date().timeIntervalSince1970, generation: table.generation, error: nil)
         book.reloaded(ok: true)
-        logger.info("reloading", metadata: ["generation": "\(generation)", "workers": "\(next.workerCount)",
+        logger.info("reloading", metadata: ["generation": "\(table.generation)", "workers": "\(next.workerCount)",
                                             "relay": relayChanged ? "replaced" : "kept", "listen": "\(next.host):\(boundPort)"])
     }
 
-    /// The relay or the archiver after a reload changed its settings: the current one
-    /// drains, and (if still wanted) a new one of this generation starts once it is gone.
-    private func replaceSingleton(_ role: ChildRole, wanted: Bool, restart: RestartPolicy.Settings) {
-        let slot = SlotID(role: role, index: 0)
-        if wanted {
-            slots[slot, default: SlotRecord(policy: RestartPolicy(settings: restart), generation: generation)].generation = generation
-            slots[slot]?.nextStartAt = 0
-        } else {
-            slots[slot] = nil
-        }
-        for child in children.values where child.slot == slot {
-            drain(child, reason: .shutdown, keepAccepting: false)
-        }
-    }
-
     private func reloadFailed(_ reason: String) {
-        lastReload = ReloadReport(ok: false, at: Date().timeIntervalSince1970, generation: generation, error: reason)
+        lastReload = ReloadReport(ok: false, at: Date().timeIntervalSince1970, generation: table.generation, error: reason)
         book.reloaded(ok: false)
-        logger.error("reload failed; still running the previous config", metadata: ["reason": "\(reason)", "generation": "\(generation)"])
+        logger.error("reload failed; still running the previous config", metadata: ["reason": "\(reason)", "generation": "\(table.generation)"])
     }
 
     private func scale(to count: Int) {
-        guard case .running = phase, count >= 1, count <= GatewayConfig.maxWorkers else {
+        guard let actions = table.scale(to: count, at: monotonicSeconds()) else {
             logger.warning("scale refused", metadata: ["workers": "\(count)"])
             return
         }
-        applyWorkerCount(count, sockets: [:])
+        perform(actions)
         logger.info("scaled", metadata: ["workers": "\(count)"])
-    }
-
-    /// Adds or removes worker slots. A removed slot's child drains and keeps accepting
-    /// what is queued on its socket until it exits (the socket goes with it).
-    private func applyWorkerCount(_ count: Int, sockets: [Int: Int32]) {
-        for (slot, record) in slots where slot.role == .worker && slot.index >= count {
-            slots[slot] = nil
-            if let fd = record.listenFD { close(fd) }
-            for child in children.values where child.slot == slot {
-                drain(child, reason: .reload, keepAccepting: true)
-            }
-        }
-        for index in 0..<count {
-            let slot = SlotID(role: .worker, index: index)
-            if slots[slot] == nil {
-                var record = SlotRecord(policy: RestartPolicy(settings: settings.restart), generation: generation)
-                record.listenFD = sockets[index]
-                slots[slot] = record
-            } else if let fd = sockets[index] {
-                slots[slot]?.listenFD = fd
-            }
-        }
     }
 
     // MARK: children
 
+    /// Running: starts the children that are due. Stopping: the relay and the archiver
+    /// drain once the workers are gone, and what is left is killed at the deadline.
     private func manageChildren() {
-        let now = monotonicSeconds()
-        for (slot, record) in slots.sorted(by: { ($0.key.role.rawValue, $0.key.index) < ($1.key.role.rawValue, $1.key.index) }) {
-            guard let due = record.nextStartAt, due <= now else { continue }
-            let alive = children.values.filter { $0.slot == slot }
-            if alive.contains(where: { $0.generation == record.generation && !$0.isDraining }) {
-                slots[slot]?.nextStartAt = nil
-                continue
+        perform(table.converge(at: monotonicSeconds()))
+    }
+
+    /// Does what the slot table decided.
+    private func perform(_ actions: [SlotTable.Action]) {
+        for action in actions {
+            switch action {
+            case .start(let slot, let generation, let socket):
+                start(slot, generation: generation, socket: socket)
+            case .drain(let pid, let reason, let windowMs, let keepAccepting):
+                children[pid]?.send(.stop(reason: reason, windowMs: windowMs, keepAccepting: keepAccepting))
+            case .kill(let pid, let cause):
+                if let child = children[pid] { report(kill: cause, of: child) }
+                kill(pid, SIGKILL)
+            case .closeSocket(let fd):
+                close(fd)
             }
-            // One relay (archiver) at a time: a replaced one must let go of its socket, journal or database first.
-            if slot.role != .worker && !alive.isEmpty { continue }
-            spawn(slot)
         }
     }
 
-    private func spawn(_ slot: SlotID) {
-        guard var record = slots[slot] else { return }
+    private func report(kill cause: SlotTable.KillCause, of child: Child) {
+        switch cause {
+        case .unresponsive(let silentFor):
+            watchdogKills += 1
+            book.watchdogKilled(role: child.slot.role.rawValue, slot: child.slot.index)
+            var fields = metadata(child)
+            fields["silent_s"] = "\(Int(silentFor))"
+            logger.error("child unresponsive, killing", metadata: fields)
+        case .stopTimedOut:
+            logger.warning("killing child after drain timeout", metadata: metadata(child))
+        case .drainOverdue:
+            break
+        }
+    }
+
+    private func start(_ slot: SlotID, generation: Int, socket: SlotTable.ChildSocket) {
         do {
             var inherit: [Spawner.Inherit] = []
-            if slot.role == .worker {
-                let listenFD = try record.listenFD ?? ListeningSocket.bind(host: settings.host, port: boundPort, backlog: settings.backlog, reusePort: true)
-                record.listenFD = listenFD
+            switch socket {
+            case .none:
+                break
+            case .slot(let listenFD):
+                inherit.append(Spawner.Inherit(listenFD, as: Descriptors.childListenFD))
+            case .bindFirst:
+                let listenFD = try Self.bindSlotSockets(1, host: settings.host, port: boundPort, backlog: settings.backlog,
+                                                        checkAvailable: false).sockets[0]
+                table.adopt(socket: listenFD, for: slot)
                 inherit.append(Spawner.Inherit(listenFD, as: Descriptors.childListenFD))
             }
             let (masterEnd, childEnd) = try Descriptors.socketPair()
@@ -357,21 +284,21 @@ public final class Arbiter {
             inherit.append(Spawner.Inherit(childEnd, as: Descriptors.childLinkFD))
             var arguments = [settings.executable, slot.role.rawValue]
             if slot.role == .worker { arguments += ["--slot", "\(slot.index)"] }
-            arguments += ["--generation", "\(record.generation)"]
+            arguments += ["--generation", "\(generation)"]
             var environment = ProcessEnvironment.current()
             environment[GatewayConfig.environmentJSONVariable] = childConfig().encodedJSON()
             environment["CHATGW_MASTER_PID"] = "\(getpid())"
             let pid = try Spawner.spawn(executable: settings.executable, arguments: arguments,
                                         environment: environment, inherit: inherit)
-            let child = Child(pid: pid, slot: slot, generation: record.generation, linkFD: masterEnd, startedAt: monotonicSeconds())
+            let now = monotonicSeconds()
+            let child = Child(pid: pid, slot: slot, generation: generation, linkFD: masterEnd, startedAt: now)
             children[pid] = child
-            record.nextStartAt = nil
+            table.childStarted(pid, slot: slot, generation: generation, at: now)
             logger.info("child started", metadata: metadata(child))
         } catch {
             logger.error("cannot start child", metadata: ["role": "\(slot.role.rawValue)", "slot": "\(slot.index)", "error": "\(error)"])
-            record.nextStartAt = monotonicSeconds() + record.policy.recordExit(uptime: 0)
+            table.startFailed(slot: slot, at: monotonicSeconds())
         }
-        slots[slot] = record
     }
 
     /// The config children get: the current one, with the port actually bound.
@@ -391,63 +318,39 @@ public final class Arbiter {
                 for reply in pendingRooms.values { reply(.failure("the relay exited before answering")) }
                 pendingRooms.removeAll()
             }
-            let uptime = monotonicSeconds() - child.startedAt
+            guard let exit = table.childExited(pid, at: monotonicSeconds()) else { continue }
             var fields = metadata(child)
             fields["status"] = "\(status)"
-            fields["uptime_s"] = "\((uptime * 10).rounded() / 10)"
-            let record = slots[child.slot]
-            let replaced = record == nil || record!.generation != child.generation
-            if child.isDraining || replaced {
+            fields["uptime_s"] = "\((exit.uptime * 10).rounded() / 10)"
+            let role = child.slot.role.rawValue, slot = child.slot.index
+            switch exit.verdict {
+            case .retired:
                 logger.info("child exited", metadata: fields)
-                continue
-            }
-            logger.warning("child exited", metadata: fields)
-            guard case .running = phase, var record else { continue }
-            let delay = record.policy.recordExit(uptime: uptime)
-            record.nextStartAt = monotonicSeconds() + delay
-            book.restarted(role: child.slot.role.rawValue, slot: child.slot.index)
-            if record.policy.isCrashLooping {
-                if !record.crashLoopReported {
+            case .notReplaced:
+                logger.warning("child exited", metadata: fields)
+            case .restart(let delay):
+                logger.warning("child exited", metadata: fields)
+                book.restarted(role: role, slot: slot)
+                logger.info("child restarting", metadata: ["role": "\(role)", "slot": "\(slot)", "in_ms": "\(Int(delay * 1000))"])
+            case .crashLoop(let delay, let exits, let isNew):
+                logger.warning("child exited", metadata: fields)
+                book.restarted(role: role, slot: slot)
+                if isNew {
                     logger.error("child crash-looping", metadata: [
-                        "role": "\(child.slot.role.rawValue)", "slot": "\(child.slot.index)",
-                        "exits": "\(record.policy.consecutiveFailures)", "last_status": "\(status)",
+                        "role": "\(role)", "slot": "\(slot)", "exits": "\(exits)", "last_status": "\(status)",
                         "next_attempt_ms": "\(Int(delay * 1000))",
                     ])
-                    record.crashLoopReported = true
                 }
-                // A dead slot's socket would keep taking its share of connections with
-                // nobody to accept them; close it so the kernel routes to live workers.
-                if let fd = record.listenFD {
-                    close(fd)
-                    record.listenFD = nil
-                }
-            } else {
-                logger.info("child restarting", metadata: ["role": "\(child.slot.role.rawValue)", "slot": "\(child.slot.index)", "in_ms": "\(Int(delay * 1000))"])
             }
-            slots[child.slot] = record
+            // A crash-looping slot's socket would keep taking its share of connections
+            // with nobody to accept them; closing it lets the kernel route to live workers.
+            perform(exit.actions)
         }
     }
 
     /// A child whose heartbeat stopped (a stuck event loop) is killed and then replaced.
     private func murderUnresponsive() {
-        let now = monotonicSeconds()
-        for child in children.values {
-            switch child.state {
-            case .starting where now - child.startedAt > settings.startTimeout,
-                 .running where now - child.lastHeartbeat > settings.heartbeatTimeout:
-                watchdogKills += 1
-                book.watchdogKilled(role: child.slot.role.rawValue, slot: child.slot.index)
-                var fields = metadata(child)
-                fields["silent_s"] = "\(Int(now - child.lastHeartbeat))"
-                logger.error("child unresponsive, killing", metadata: fields)
-                kill(child.pid, SIGKILL)
-                child.lastHeartbeat = now  // one kill per timeout, not one per loop turn
-            case .draining(let deadline) where now > deadline:
-                kill(child.pid, SIGKILL)
-            default:
-                break
-            }
-        }
+        perform(table.watchdog(at: monotonicSeconds()))
     }
 
     // MARK: links
@@ -477,13 +380,13 @@ public final class Arbiter {
             return
         }
         let now = monotonicSeconds()
-        let sinceLast = now - child.lastHeartbeat
-        child.lastHeartbeat = now
+        let sinceLast = now - (table.heard(from: child.pid, at: now) ?? now)
         switch message {
         case .ready:
-            if child.state == .starting { child.state = .running }
+            // Once a slot's new-generation child serves, its predecessors drain.
+            let retirements = table.childReady(child.pid, at: now)
             logger.info("child ready", metadata: metadata(child))
-            retireOlderGenerations(of: child)
+            perform(retirements)
         case .heartbeat(let stats):
             if sinceLast > 0.05 {
                 child.rates = (Double(stats.messagesIn - child.stats.messagesIn) / sinceLast,
@@ -491,22 +394,11 @@ public final class Arbiter {
             }
             child.stats = stats
             book.record(stats, role: child.slot.role.rawValue, slot: child.slot.index, pid: child.pid)
-            if child.state == .running, now - child.startedAt >= settings.restart.stableAfter {
-                slots[child.slot]?.policy.recordStable()
-                slots[child.slot]?.crashLoopReported = false
-            }
+            table.childHeartbeat(child.pid, at: now)
         case .rooms(let id, let rooms):
             pendingRooms.removeValue(forKey: id)?(ControlResponse(ok: true, rooms: rooms))
         case .stop, .kick, .roomsRequest:
             logger.warning("child sent a master-only message", metadata: metadata(child))
-        }
-    }
-
-    /// Once a slot's new-generation child serves, its predecessors drain.
-    private func retireOlderGenerations(of child: Child) {
-        guard child.slot.role == .worker else { return }
-        for old in children.values where old.slot == child.slot && old.generation < child.generation {
-            drain(old, reason: .reload, keepAccepting: false)
         }
     }
 
@@ -517,8 +409,8 @@ public final class Arbiter {
         var reports = children.values.map { child in
             var report = ChildReport(
                 role: child.slot.role.rawValue, slot: child.slot.index, pid: child.pid, generation: child.generation,
-                state: child.stateName, uptimeSeconds: now - child.startedAt,
-                restarts: slots[child.slot]?.policy.totalRestarts ?? 0,
+                state: (table.children[child.pid]?.state ?? .starting).name, uptimeSeconds: now - child.startedAt,
+                restarts: table.slots[child.slot]?.policy.totalRestarts ?? 0,
                 connections: child.stats.connections, rooms: child.stats.rooms,
                 messagesInPerSecond: child.rates.messagesIn, messagesOutPerSecond: child.rates.messagesOut,
                 rssBytes: child.stats.residentBytes)
@@ -528,7 +420,7 @@ public final class Arbiter {
             }
             return report
         }
-        for (slot, record) in slots where record.policy.isCrashLooping && !children.values.contains(where: { $0.slot == slot }) {
+        for (slot, record) in table.slots where record.policy.isCrashLooping && !children.values.contains(where: { $0.slot == slot }) {
             reports.append(ChildReport(role: slot.role.rawValue, slot: slot.index, pid: 0, generation: record.generation,
                                        state: "crash-looping", uptimeSeconds: 0, restarts: record.policy.totalRestarts,
                                        connections: 0, rooms: 0, messagesInPerSecond: 0, messagesOutPerSecond: 0, rssBytes: 0))
@@ -536,8 +428,8 @@ public final class Arbiter {
         reports.sort { ($0.role, $0.slot, $0.generation) < ($1.role, $1.slot, $1.generation) }
         return StatusReport(
             masterPid: getpid(), uptimeSeconds: now - startedAt, version: Self.version, configPath: configPath,
-            generation: generation, listen: "\(settings.host):\(boundPort)",
-            wantedWorkers: slots.keys.filter { $0.role == .worker }.count, lastReload: lastReload,
+            generation: table.generation, listen: "\(settings.host):\(boundPort)",
+            wantedWorkers: table.workerCount, lastReload: lastReload,
             watchdogKills: watchdogKills, children: reports)
     }
 
@@ -551,9 +443,7 @@ public final class Arbiter {
     private func nextWakeup() -> Double {
         var wake = 0.5
         let now = monotonicSeconds()
-        for record in slots.values {
-            if let due = record.nextStartAt { wake = min(wake, max(0, due - now)) }
-        }
+        if let due = table.nextStartAt { wake = min(wake, max(0, due - now)) }
         for due in [control.acceptResumesAt, metrics?.acceptResumesAt].compactMap({ $0 }) {
             wake = min(wake, max(0, due - now))
         }
@@ -573,31 +463,30 @@ public final class Arbiter {
 
     // MARK: sockets
 
-    private func closeListeners() {
-        for (slot, record) in slots {
-            if let fd = record.listenFD {
-                close(fd)
-                slots[slot]?.listenFD = nil
+    /// Binds `count` SO_REUSEPORT sockets for worker slots on `host:port`: the one place a
+    /// slot's socket is bound (at start-up, on a reload to a new address, and for a slot
+    /// that has none). `checkAvailable` first fails if anyone else holds the address, which
+    /// a reuseport bind would silently join. Port 0 takes the first socket's port for all.
+    /// On failure none stays open.
+    private static func bindSlotSockets(_ count: Int, host: String, port: Int, backlog: Int32,
+                                        checkAvailable: Bool) throws(SystemError) -> (sockets: [Int32], port: Int) {
+        var port = port
+        var sockets: [Int32] = []
+        do {
+            if checkAvailable { try ListeningSocket.checkAvailable(host: host, port: port) }
+            for _ in 0..<count {
+                let fd = try ListeningSocket.bind(host: host, port: port, backlog: backlog, reusePort: true)
+                if port == 0 { port = ListeningSocket.localPort(fd) }
+                sockets.append(fd)
             }
+        } catch {
+            sockets.forEach { close($0) }
+            throw error
         }
+        return (sockets, port)
     }
 
     private func metadata(_ child: Child) -> Logger.Metadata {
         ["role": "\(child.slot.role.rawValue)", "slot": "\(child.slot.index)", "pid": "\(child.pid)", "generation": "\(child.generation)"]
-    }
-}
-
-extension Child {
-    var isDraining: Bool {
-        if case .draining = state { return true }
-        return false
-    }
-
-    var stateName: String {
-        switch state {
-        case .starting: "starting"
-        case .running: "running"
-        case .draining: "draining"
-        }
     }
 }

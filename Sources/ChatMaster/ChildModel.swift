@@ -27,17 +27,25 @@ public enum ChildState: Sendable, Equatable {
     case running
     /// Asked to stop; killed if still alive at `deadline`.
     case draining(deadline: Double)
+
+    /// As `chatctl status` shows it.
+    var name: String {
+        switch self {
+        case .starting: "starting"
+        case .running: "running"
+        case .draining: "draining"
+        }
+    }
 }
 
-/// One child process the master spawned and has not reaped yet.
+/// One child process the master spawned and has not reaped yet: its link and what it
+/// last reported. Its state, as supervision sees it, is in the `SlotTable`.
 final class Child {
     let pid: pid_t
     let slot: SlotID
     let generation: Int
     let linkFD: Int32
     let startedAt: Double
-    var state: ChildState = .starting
-    var lastHeartbeat: Double
     var stats = ChildStats()
     /// Per-second rates from the last two heartbeats.
     var rates = (messagesIn: 0.0, messagesOut: 0.0)
@@ -49,7 +57,6 @@ final class Child {
         self.generation = generation
         self.linkFD = linkFD
         self.startedAt = startedAt
-        self.lastHeartbeat = startedAt
     }
 
     func send(_ message: LinkMessage) {
@@ -57,19 +64,4 @@ final class Child {
         // The link is tiny and low-rate; a child that does not read it is killed by the watchdog.
         _ = line.withUnsafeBytes { Glibc.send(linkFD, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
     }
-}
-
-/// What the master keeps per slot across its children's lives.
-struct SlotRecord {
-    var policy: RestartPolicy
-    /// The config generation the slot's child must run; a child of an older one is
-    /// replaced (drained once its successor is ready).
-    var generation: Int
-    /// When the next child may start; nil while one of `generation` is alive.
-    var nextStartAt: Double? = 0
-    /// The slot's own SO_REUSEPORT socket (workers only), kept across restarts and
-    /// reloads so that connections queued on it wait for the next child instead of
-    /// being reset.
-    var listenFD: Int32?
-    var crashLoopReported = false
 }
