@@ -208,10 +208,14 @@ struct SlotTable {
         }
     }
 
-    /// A child running for `stableAfter` clears its slot's failures, and ends a crash loop.
+    /// A child of its slot's generation running for `stableAfter` clears the slot's
+    /// failures, and ends a crash loop. (An older generation still serving through a reload
+    /// says nothing about its successors: with it counted, a new generation that kept
+    /// crashing was restarted every 100 ms and never reported.)
     mutating func childHeartbeat(_ pid: pid_t, at now: Double) {
         guard let child = children[pid], child.state == .running,
-              now - child.startedAt >= rules.restart.stableAfter, var slot = slots[child.slot] else { return }
+              now - child.startedAt >= rules.restart.stableAfter, var slot = slots[child.slot],
+              child.generation == slot.generation else { return }
         slot.policy.recordStable()
         switch slot.state {
         case .recovering(let current): slot.state = .serving(current)

@@ -185,6 +185,23 @@ private let archiver = SlotID(role: .archiver, index: 0)
         #expect(h.pid(relay) == oldRelay)
     }
 
+    @Test func aNewGenerationThatKeepsCrashingBacksOffWhileTheOldOneServes() {
+        var h = Harness(workers: 1)
+        let old = h.pid(worker(0))
+        h.now = 40
+        _ = h.table.reload(rules: Harness.rules, workers: 1, replacing: [:], sockets: nil, at: h.now)
+        h.converge()
+        var verdicts: [SlotTable.ExitVerdict?] = []
+        for _ in 0..<5 {
+            // The old worker, up long past stableAfter, keeps serving and heartbeating.
+            h.table.childHeartbeat(old, at: h.now)
+            verdicts.append(h.crash(worker(0), after: 0.5)?.verdict)
+        }
+        #expect(verdicts == [.restart(after: 0.1), .restart(after: 0.2), .restart(after: 0.4), .restart(after: 0.8),
+                             .crashLoop(after: 1.6, exits: 5, isNew: true)])
+        #expect(h.table.children[old]?.state == .running, "the old generation stopped serving")
+    }
+
     @Test func reloadToANewAddressSwapsEverySlotsSocket() {
         var h = Harness(workers: 2)
         let actions = h.table.reload(rules: Harness.rules, workers: 3, replacing: [:], sockets: [20, 21, 22], at: 1)
