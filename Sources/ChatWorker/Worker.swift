@@ -58,13 +58,15 @@ final class Worker: BusDelegate {
         return "w\(settings.slot)-\(String(nextConnection, radix: 16))"
     }
 
-    func register(_ session: SessionHandler) {
+    /// A new session; answers where its connection's activity is to be logged.
+    func register(_ session: SessionHandler) -> (log: ActivityLog, row: Int) {
         sessions[ObjectIdentifier(session)] = session
-        session.webSocket.idle = (idle, idle.add(session, now: .now()))
+        let row = idle.add(session, now: .now())
         if stopping {
             // Accepted while draining a removed slot: send it straight on to another worker.
             session.sayGoodbye(stopReason, retryMs: Int.random(in: 500...3_000))
         }
+        return (idle.log, row)
     }
 
     /// Closes every connection of `user` with `bye kicked`.
@@ -87,10 +89,10 @@ final class Worker: BusDelegate {
         return stats
     }
 
-    func unregister(_ session: SessionHandler) {
+    /// A session is gone; `idleRow` is the row `register` gave it.
+    func unregister(_ session: SessionHandler, idleRow: Int?) {
         guard sessions.removeValue(forKey: ObjectIdentifier(session)) != nil else { return }
-        if let row = session.webSocket.idle?.row { idle.remove(row) }
-        session.webSocket.idle = nil
+        if let idleRow { idle.remove(idleRow) }
         if stopping && sessions.isEmpty { onDrained?() }
     }
 

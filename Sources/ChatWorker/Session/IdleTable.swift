@@ -1,43 +1,33 @@
 import NIOCore
 
-/// When each of a worker's connections last sent a frame, in one contiguous table read in
-/// order by the idle sweep. The sweep runs four times a second over every connection; when
-/// it read each session and its WebSocket handler instead, the cache misses made it 95% of
-/// an idle worker's CPU (2% of a core for 20,000 idle connections, measured with perf).
-/// A row is 16 bytes; its session is only touched when it is due a ping or a close.
-/// Generic over the owner so that it can be tested alone; the worker's owner is `SessionHandler`.
+/// The worker's idle connections: which session owns each row of the WebSocket layer's
+/// `ActivityLog`, and which of them are due a ping or a close. A session is only touched
+/// when it is due. Generic over the owner so that it can be tested alone; the worker's
+/// owner is `SessionHandler`.
 final class IdleTable<Owner: AnyObject> {
-    private struct Row {
-        var lastHeard: NIODeadline
-        var pingSent: Bool
-    }
-
-    private var rows: [Row] = []
+    /// The rows the WebSocket layer writes; `owners` runs in step with them.
+    let log = ActivityLog()
     private var owners: [Owner?] = []
-    private var free: [Int] = []
 
     /// A row for a new connection, heard from now.
     func add(_ owner: Owner, now: NIODeadline) -> Int {
-        let row = Row(lastHeard: now, pingSent: false)
-        if let index = free.popLast() {
-            rows[index] = row
+        let index = log.add(now: now)
+        if index == owners.count {
+            owners.append(owner)
+        } else {
             owners[index] = owner
-            return index
         }
-        rows.append(row)
-        owners.append(owner)
-        return rows.count - 1
+        return index
     }
 
     func remove(_ index: Int) {
         owners[index] = nil
-        free.append(index)
+        log.remove(index)
     }
 
     /// A frame came in on the connection of row `index`.
     func heard(_ index: Int, at now: NIODeadline) {
-        rows[index].lastHeard = now
-        rows[index].pingSent = false
+        log.heard(index, at: now)
     }
 
     /// Owners quiet for `closeAfter`, and those quiet for `pingAfter` less their own
@@ -46,7 +36,7 @@ final class IdleTable<Owner: AnyObject> {
     func due(now: NIODeadline, pingAfter: TimeAmount, closeAfter: TimeAmount, spread: TimeAmount) -> (ping: [Owner], close: [Owner]) {
         var ping: [Owner] = [], close: [Owner] = []
         let spreadNs = UInt64(max(0, spread.nanoseconds))
-        rows.withUnsafeMutableBufferPointer { rows in
+        log.rows.withUnsafeMutableBufferPointer { rows in
             for index in rows.indices {
                 let quiet = now - rows[index].lastHeard
                 if quiet >= closeAfter {

@@ -26,7 +26,8 @@ final class SessionHandler: ChannelInboundHandler {
     let user: String
     let permission: RoomPermission
     let connectionID: String
-    /// Also holds the connection's row in the worker's idle table.
+    /// The WebSocket layer below: closes, pings, and logs the connection's activity in the
+    /// row the worker gave it.
     let webSocket: WebSocketHandler
     private let worker: Worker
     /// Set while this session waits in the room table's list of members to flush.
@@ -63,7 +64,7 @@ final class SessionHandler: ChannelInboundHandler {
             closing = true
             departedRooms()
         }
-        worker.register(self)
+        webSocket.activity = worker.register(self)
         send(.hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds))
         flush()
     }
@@ -288,7 +289,8 @@ final class SessionHandler: ChannelInboundHandler {
     /// Leaves every room once the connection is gone.
     private func departed() {
         departedRooms()
-        worker.unregister(self)
+        worker.unregister(self, idleRow: webSocket.activity?.row)
+        webSocket.activity = nil
     }
 
     // MARK: output

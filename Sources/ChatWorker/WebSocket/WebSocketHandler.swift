@@ -40,9 +40,10 @@ final class WebSocketHandler: ChannelInboundHandler {
         }
     }
     private var context: ChannelHandlerContext?
-    /// The worker's idle table and this connection's row, told of every frame that comes
-    /// in (sessions only: the echo endpoint is not swept).
-    var idle: (table: IdleTable<SessionHandler>, row: Int)?
+    /// Where this connection's activity is logged (its row), told of every frame that
+    /// comes in; set by the stage above when it wants the connection swept for idleness
+    /// (sessions; the echo endpoint is not).
+    var activity: (log: ActivityLog, row: Int)?
     /// Called once, when the connection stops being open (a close sent or received, or a
     /// protocol error): nothing more may be written after the close frame.
     var onClosing: (() -> Void)?
@@ -64,7 +65,7 @@ final class WebSocketHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
-        if let idle { idle.table.heard(idle.row, at: .now()) }
+        if let activity { activity.log.heard(activity.row, at: .now()) }
         switch frame.opcode {
         case .connectionClose:
             receivedClose(context: context, frame: frame)
