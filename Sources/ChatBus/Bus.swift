@@ -43,6 +43,15 @@ public protocol BusDelegate: AnyObject {
 
 /// The worker's side of the bus (the relay, or Redis). Every call and callback happens on
 /// the worker's event loop; answers come in the order the requests were made.
+///
+/// The order a worker may rely on, per room (the bus client owns it; the worker keeps no
+/// seam logic of its own):
+/// - live messages come once each, in seq order within an epoch;
+/// - a join's answer comes at its place in that stream: every message up to the answer's
+///   `seq` was delivered before it (or, when this worker was not receiving the room yet,
+///   is in the answer's replay or before it), and every later one comes after it;
+/// - a publish is answered after its own message was delivered (when this worker has
+///   members in the room).
 public protocol Bus: AnyObject {
     var delegate: BusDelegate? { get set }
     var isAvailable: Bool { get }

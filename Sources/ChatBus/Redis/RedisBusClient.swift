@@ -10,12 +10,18 @@ private func b(_ text: String) -> [UInt8] { Array(text.utf8) }
 /// subscriber connection, both on the worker's event loop, reconnecting with backoff.
 ///
 /// Publish and history append are one Lua step; live delivery comes over SUBSCRIBE for
-/// rooms with local members. Because answers (command connection) and live messages
-/// (subscriber connection) travel separately, two things are re-ordered here:
-/// - while a join of a room is being answered, that room's live messages are held, so
-///   none can slip past the new member between its snapshot and its membership;
+/// rooms with local members. Answers (command connection) and live messages (subscriber
+/// connection) travel separately, so this client puts them back in one order, the order
+/// the `Bus` protocol promises (and the relay gives by itself, on one link):
+/// - while a join of a room is being answered, that room's live messages are held;
+/// - a join's answer reaches the worker at its place in the room's live stream: when
+///   this worker was already receiving the room, only once every message up to the
+///   answer's seq has been delivered (`waitingAnswers`); when it starts receiving the
+///   room with this join, at once, and the messages up to that seq are then dropped
+///   (they are in the answer's replay, or before the new member's time);
 /// - a publish is answered only once its own message has been delivered, so the sender
-///   sees its `ack` after its `message`.
+///   sees its `ack` after its `message`;
+/// - per room, messages are delivered once each, in seq order (`epoch`, `lastSeq`).
 public final class RedisBusClient: ArchiverBus {
     public struct Settings: Sendable {
         public var endpoint: RedisEndpoint
@@ -38,10 +44,14 @@ public final class RedisBusClient: ArchiverBus {
         var afterSubscribe: [() -> Void] = []
         var joinsInFlight = 0
         var held: [RoomMessage] = []
-        /// What this worker has delivered of the room, for acks.
+        /// What this worker has delivered of the room ("" before its first answered join).
         var epoch = ""
         var lastSeq = 0
         var pendingAcks: [(seq: Int, epoch: String, complete: () -> Void)] = []
+        /// Join answers waiting for the live stream to reach their seq.
+        var waitingAnswers: [(seq: Int, epoch: String, answer: () -> Void)] = []
+
+        var isDelivering: Bool { !epoch.isEmpty }
     }
 
     public weak var delegate: BusDelegate?
@@ -93,11 +103,11 @@ public final class RedisBusClient: ArchiverBus {
         rooms[room]?.joinsInFlight += 1
         whenSubscribed(room) { [self] in
             runJoin(room: room, delta: members) { [self] result in
-                completion(result.map { state in
+                answerInPlace(room, result.map { state in
                     let (replay, gap) = HistoryRules.replay(held: state.held, epoch: state.snapshot.epoch, seq: state.snapshot.seq,
                                                             since: since, epoch: epoch, history: history)
                     return JoinResult(room: state.snapshot, replay: replay, gap: gap)
-                })
+                }, completion)
                 joinAnswered(room)
                 if case .success(let state) = result { answered(room, upTo: state.snapshot) }
             }
@@ -196,6 +206,36 @@ public final class RedisBusClient: ArchiverBus {
         }
     }
 
+    /// Hands a join's answer to the worker at its place in the room's live stream (see the
+    /// type's comment).
+    private func answerInPlace(_ room: String, _ result: Result<JoinResult, BusError>,
+                               _ completion: @escaping (Result<JoinResult, BusError>) -> Void) {
+        guard case .success(let answer) = result, var state = rooms[room] else { return completion(result) }
+        let snapshot = answer.room
+        guard state.isDelivering else {
+            state.epoch = snapshot.epoch
+            state.lastSeq = snapshot.seq
+            rooms[room] = state
+            return completion(result)
+        }
+        if state.epoch == snapshot.epoch && state.lastSeq >= snapshot.seq { return completion(result) }
+        state.waitingAnswers.append((snapshot.seq, snapshot.epoch, { completion(result) }))
+        rooms[room] = state
+        // The subscription was live all along, so the messages will come; should one be
+        // lost on the way, the join is answered anyway rather than never.
+        eventLoop.assumeIsolated().scheduleTask(in: Self.answerWait) { [self] in
+            guard var state = rooms[room] else { return }
+            let overdue = state.waitingAnswers.filter { $0.seq == snapshot.seq && $0.epoch == snapshot.epoch }
+            state.waitingAnswers.removeAll { $0.seq == snapshot.seq && $0.epoch == snapshot.epoch }
+            rooms[room] = state
+            if !overdue.isEmpty { logger.warning("a join answer waited for live messages that did not come", metadata: ["room": "\(room)"]) }
+            for waiting in overdue { waiting.answer() }
+        }
+    }
+
+    /// Longest a join answer waits for the live stream to reach it.
+    private static let answerWait = TimeAmount.seconds(2)
+
     private func joinAnswered(_ room: String) {
         guard var state = rooms[room] else { return }
         state.joinsInFlight -= 1
@@ -244,6 +284,7 @@ public final class RedisBusClient: ArchiverBus {
             subscriber?.sendForPush([b("UNSUBSCRIBE"), channel(room)])
         }
         for ack in state.pendingAcks { ack.complete() }
+        for waiting in state.waitingAnswers { waiting.answer() }
         rooms[room] = nil
     }
 
@@ -290,8 +331,12 @@ public final class RedisBusClient: ArchiverBus {
         state.lastSeq = message.seq
         let due = state.pendingAcks.filter { $0.epoch != message.epoch || $0.seq <= message.seq }
         state.pendingAcks.removeAll { $0.epoch != message.epoch || $0.seq <= message.seq }
+        let reached = state.waitingAnswers.filter { $0.epoch == message.epoch && $0.seq <= message.seq }
+        state.waitingAnswers.removeAll { $0.epoch == message.epoch && $0.seq <= message.seq }
         rooms[message.room] = state
         delegate?.bus(received: message)
+        // After the message: the new members' replay ends with it.
+        for waiting in reached { waiting.answer() }
         for ack in due { ack.complete() }
     }
 
@@ -390,6 +435,10 @@ public final class RedisBusClient: ArchiverBus {
         for (name, state) in rooms {
             for ack in state.pendingAcks { ack.complete() }
             rooms[name]?.pendingAcks = []
+            // Answered joins waiting for the live stream: the worker re-joins the room on
+            // reconnect and brings its members up to date then.
+            for waiting in state.waitingAnswers { waiting.answer() }
+            rooms[name]?.waitingAnswers = []
             // Joins waiting for a SUBSCRIBE confirmation: run them now; with no
             // connection they answer `unavailable`.
             rooms[name]?.afterSubscribe = []

@@ -4,29 +4,22 @@ import NIOCore
 
 // The worker's room table. For each room with at least one local member: the members
 // (sessions on this worker's loop), and how far this worker has delivered the room
-// (epoch and last seq), which both de-duplicates at the seam of a re-join and tells a
-// resync after a bus outage where to resume. A room message is encoded into one
+// (epoch and last seq), which tells a resync after a bus outage where to resume. A room message is encoded into one
 // WebSocket frame and those bytes are written to every member; each member is flushed
 // once per loop tick, however many messages reached it in that tick.
 //
-// A member passes through up to two waiting states before it gets live frames:
-// - `filling`: its join's replay is still being read from the archive. Live messages of
-//   the room past the join's seq are kept for it (encoded once, shared with the members)
-//   and handed over when the fill is done, after the replay: replayed messages precede
-//   live ones (docs/PROTOCOL.md, Ordering and delivery).
-// - `pending`: it was answered at a seq this worker has not delivered up to yet (a bus
-//   whose live feed and answers travel on different connections); it becomes a member
-//   once the room's delivery reaches that seq.
+// The bus gives each room's messages once, in order, and answers a join at its place in
+// that stream (the `Bus` protocol): a member answered now gets every live message from now
+// on. The one wait the room table owns is its own: a `filling` member, whose join's replay
+// is still being read from the archive. Live messages of the room past the join's seq are
+// kept for it (encoded once, shared with the members) and handed over when the fill is
+// done, after the replay: replayed messages precede live ones (docs/PROTOCOL.md).
 
 final class LocalRooms {
     /// A class, so that a join or a delivery changes the room in place: a struct copied out
     /// of the table and written back copied its whole member table on every join.
     final class Room {
         var members: [ObjectIdentifier: SessionHandler] = [:]
-        /// Joined at a seq this worker has not delivered up to yet (a bus whose live feed
-        /// and answers travel on different connections): they become members once the
-        /// room's delivery reaches the seq they were given.
-        var pending: [(session: SessionHandler, fromSeq: Int)] = []
         /// Joined while its replay is read from the archive: the live frames it will get
         /// once the replay is out.
         var filling: [ObjectIdentifier: Filling] = [:]
@@ -92,7 +85,7 @@ final class LocalRooms {
         if filling {
             room.filling[ObjectIdentifier(session)] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
         } else {
-            admit(session, to: room, fromSeq: snapshot.seq, epoch: snapshot.epoch)
+            room.members[ObjectIdentifier(session)] = session
         }
     }
 
@@ -100,44 +93,28 @@ final class LocalRooms {
     /// (the caller writes them), and from now on it is a member like any other.
     func finishFilling(_ session: SessionHandler, in name: String) -> [ByteBuffer] {
         guard let room = rooms[name], let filling = room.filling.removeValue(forKey: ObjectIdentifier(session)) else { return [] }
-        if filling.frames.isEmpty {
-            admit(session, to: room, fromSeq: filling.fromSeq, epoch: filling.epoch)
-        } else {
-            // Frames were kept, so the room's delivery is past the join's seq.
-            room.members[ObjectIdentifier(session)] = session
-        }
+        room.members[ObjectIdentifier(session)] = session
         return filling.frames
-    }
-
-    private func admit(_ session: SessionHandler, to room: Room, fromSeq: Int, epoch: String) {
-        if room.epoch == epoch && room.lastSeq < fromSeq {
-            room.pending.append((session, fromSeq))
-        } else {
-            room.members[ObjectIdentifier(session)] = session
-        }
     }
 
     /// Removes a member; the room goes away with its last member.
     func remove(_ session: SessionHandler, from name: String) {
         rooms[name]?.members[ObjectIdentifier(session)] = nil
-        rooms[name]?.pending.removeAll { $0.session === session }
         rooms[name]?.filling[ObjectIdentifier(session)] = nil
-        if let room = rooms[name], room.members.isEmpty, room.pending.isEmpty, room.filling.isEmpty {
+        if let room = rooms[name], room.members.isEmpty, room.filling.isEmpty {
             rooms[name] = nil
         }
     }
 
-    /// Local members of a room, pending and filling ones included.
+    /// Local members of a room, filling ones included.
     func memberCount(_ name: String) -> Int {
         guard let room = rooms[name] else { return 0 }
-        return room.members.count + room.pending.count + room.filling.count
+        return room.members.count + room.filling.count
     }
 
     /// A live message from the bus: one encoding, the same bytes to every member.
     func deliver(_ message: RoomMessage) {
         guard let room = rooms[message.room] else { return }
-        if message.epoch == room.epoch && message.seq <= room.lastSeq { return }
-        let epochChanged = room.epoch != message.epoch
         room.epoch = message.epoch
         room.lastSeq = message.seq
         let frame = broadcast(.message(message), to: room.members)
@@ -146,12 +123,6 @@ final class LocalRooms {
             for (id, filling) in room.filling where filling.follows(message) {
                 room.filling[id]!.frames.append(frame)
             }
-        }
-        if !room.pending.isEmpty {
-            for (session, fromSeq) in room.pending where epochChanged || fromSeq <= message.seq {
-                room.members[ObjectIdentifier(session)] = session
-            }
-            room.pending.removeAll { epochChanged || $0.fromSeq <= message.seq }
         }
     }
 
@@ -176,9 +147,6 @@ final class LocalRooms {
         if result.room.seq > room.lastSeq {
             room.lastSeq = result.room.seq
         }
-        // Whoever was waiting for a seq is now as far as the room will get.
-        for (session, _) in room.pending { room.members[ObjectIdentifier(session)] = session }
-        room.pending.removeAll()
     }
 
     @discardableResult
