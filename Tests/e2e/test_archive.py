@@ -6,7 +6,7 @@ unusable archive files, and the archive turned off.
 docs/PROTOCOL.md (`history`, v1.1 rows, "With the archive on ... filled from the archive");
 README. Black-box: the binaries (CHATGW_BIN, chatctl next to it for `chatctl token`),
 WebSocket clients, HTTP, ps and signals, plus the archive itself read from outside: the
-SQLite file (read-only, WAL) or a real PostgreSQL cluster (pg_support.PgCluster, one per
+SQLite file (read-only, WAL) or a real PostgreSQL cluster (chatgw_e2e.pg.PgCluster, one per
 module) through psql. Table: ``chat_messages(room, epoch, seq, sender, body, ts)``.
 """
 
@@ -24,38 +24,37 @@ import time
 import urllib.parse
 from pathlib import Path
 
-import pg_support
 import pytest
-import redis_support
-from conftest import (
-    DEFAULT_CONFIG,
+
+from chatgw_e2e import pg, redis
+from chatgw_e2e.gateway import DEFAULT_CONFIG, run_chatgw_once
+from chatgw_e2e.ops import chatctl_bin
+from chatgw_e2e.pg import PgDatabase
+from chatgw_e2e.placement import wait_bus_ready
+from chatgw_e2e.procs import free_port, pid_alive, wait_pids_dead
+from chatgw_e2e.redis import redis_env
+from chatgw_e2e.rooms import (
     Inbox,
-    app_ping,
     assert_quiet_until_pong,
     check_consecutive,
-    close_all,
-    connect_hello,
-    free_port,
-    join_room,
-    next_ref,
-    pid_alive,
     read_frames,
-    recv_until,
-    run_async,
-    run_chatgw_once,
-    send_json,
     send_many,
     wait_all,
-    wait_bus_ready,
-    wait_pids_dead,
 )
-from ops_support import chatctl_bin
-from pg_support import PgDatabase
-from redis_support import redis_env
+from chatgw_e2e.ws import (
+    app_ping,
+    close_all,
+    connect_hello,
+    join_room,
+    next_ref,
+    recv_until,
+    run_async,
+    send_json,
+)
 
 # fixtures of the support modules, found by pytest under these names (used by name only)
-pg_cluster, pg_db = pg_support.pg_cluster, pg_support.pg_db
-make_redis, redis_server = redis_support.make_redis, redis_support.redis_server
+pg_cluster, pg_db = pg.pg_cluster, pg.pg_db
+make_redis, redis_server = redis.make_redis, redis.redis_server
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 API_KEY = "archive-e2e-api-key"

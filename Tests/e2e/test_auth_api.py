@@ -36,28 +36,23 @@ import time
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from conftest import (
-    DEFAULT_CONFIG,
-    Gateway,
+from chatgw_e2e.gateway import DEFAULT_CONFIG, Gateway, run_chatgw_once
+from chatgw_e2e.ops import chatctl_bin
+from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
+from chatgw_e2e.procs import free_port
+from chatgw_e2e.raw import raw_http, upgrade_request
+from chatgw_e2e.ws import (
     app_ping,
     close_all,
     connect_hello,
-    connect_on_slot,
-    free_port,
     join_room,
     next_ref,
-    one_per_slot,
-    raw_http,
     recv_until,
     run_async,
-    run_chatgw_once,
     send_json,
     send_message,
-    upgrade_request,
-    wait_bus_ready,
     ws_connect,
 )
-from ops_support import chatctl_bin
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 

@@ -4,7 +4,7 @@ on every worker slot still answers application and WebSocket pings, new connecti
 still get their hello).
 
 Black-box: the binary (CHATGW_BIN), WebSocket clients (the websockets library, or the
-raw frame writer in conftest where the library will not send the bad thing), ps.
+raw frame writer in chatgw_e2e.raw where the library will not send the bad thing), ps.
 """
 
 from __future__ import annotations
@@ -13,27 +13,21 @@ import asyncio
 import socket
 import time
 
-from conftest import (
-    OP_CONT,
-    OP_TEXT,
-    RawWS,
+from chatgw_e2e.placement import one_per_slot, wait_bus_ready
+from chatgw_e2e.raw import OP_CONT, OP_TEXT, RawWS, raw_http, upgrade_request, ws_frame
+from chatgw_e2e.ws import (
     app_ping,
     close_all,
     collect_until_close,
     connect_hello,
     join_room,
-    one_per_slot,
     open_many,
     ping_ok,
-    raw_http,
     recv_json,
     recv_until,
     run_async,
     send_json,
     send_message,
-    upgrade_request,
-    wait_bus_ready,
-    ws_frame,
 )
 
 WORKERS = 2

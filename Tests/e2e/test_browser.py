@@ -18,8 +18,10 @@ import signal
 import time
 from collections import Counter
 
-from browser_support import ChatPage, require_browser_tools, wait_for
-from conftest import pid_alive, run_async, wait_bus_ready
+from chatgw_e2e.browser import ChatPage, require_browser_tools, wait_for
+from chatgw_e2e.placement import wait_bus_ready
+from chatgw_e2e.procs import pid_alive
+from chatgw_e2e.ws import run_async
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "1000", "CHATGW_LIMITS_BURST": "1000"}
 API_KEY = "e2e-browser-api-key"

@@ -1,4 +1,4 @@
-"""Resume under chaos (chaos_support.py): every acked message at every member, exactly
+"""Resume under chaos (chatgw_e2e/chaos.py): every acked message at every member, exactly
 once and in order, or reported lost, while processes die, reload and stall.
 
 CI sizes: 4 rooms x 10 members (+ a sender each), 20 msg/s per room, 12 s of traffic per
@@ -12,27 +12,24 @@ import asyncio
 import os
 import signal
 
-import chaos_support as chaos
-import pg_support
 import pytest
-import redis_support
-from conftest import (
-    Inbox,
+
+from chatgw_e2e import chaos, pg, redis
+from chatgw_e2e.placement import wait_bus_ready
+from chatgw_e2e.redis import redis_env
+from chatgw_e2e.rooms import Inbox, read_frames, send_many
+from chatgw_e2e.ws import (
     close_all,
     connect_hello,
     join_room,
-    read_frames,
     recv_json,
     recv_until,
     run_async,
     send_json,
-    send_many,
-    wait_bus_ready,
 )
-from redis_support import redis_env
 
-make_redis = redis_support.make_redis
-pg_cluster, pg_db = pg_support.pg_cluster, pg_support.pg_db
+make_redis = redis.make_redis
+pg_cluster, pg_db = pg.pg_cluster, pg.pg_db
 
 ROOMS, MEMBERS, RATE, SECONDS = 4, 10, 20.0, 12.0
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import chatgw_bin, free_port
+from chatgw_e2e.gateway import chatgw_bin
+from chatgw_e2e.procs import free_port
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 

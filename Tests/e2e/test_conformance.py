@@ -20,22 +20,18 @@ import subprocess
 
 import pytest
 
-from conftest import (
+from chatgw_e2e.raw import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     OP_TEXT,
     RawWS,
     close_payload,
-    connect_hello,
-    join_room,
-    recv_until,
-    run_async,
-    send_json,
-    upgrade_request,
     raw_http,
+    upgrade_request,
     ws_frame,
 )
+from chatgw_e2e.ws import connect_hello, join_room, recv_until, run_async, send_json
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import OP_CLOSE, OP_PING, RawWS, connect_hello, run_async
+from chatgw_e2e.raw import OP_CLOSE, OP_PING, RawWS
+from chatgw_e2e.ws import connect_hello, run_async
 
 IDLE = {"CHATGW_LIMITS_IDLE_PING_S": "4", "CHATGW_LIMITS_IDLE_TIMEOUT_S": "7"}
 

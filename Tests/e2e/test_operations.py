@@ -20,29 +20,9 @@ import time
 from collections import Counter
 from datetime import datetime
 
-from conftest import (
-    Inbox,
-    check_shutdown_bye,
-    close_all,
-    collect_until_close,
-    conn_slot,
-    cpu_seconds,
-    limit_files_to,
-    connect_hello,
-    connect_on_slot,
-    first_lines,
-    join_room,
-    one_per_slot,
-    open_many,
-    ping_ok,
-    run_async,
-    send_json,
-    send_message,
-    wait_all,
-    wait_bus_ready,
-    wait_pids_dead,
-)
-from ops_support import (
+from websockets.exceptions import ConnectionClosed
+
+from chatgw_e2e.ops import (
     argv_option,
     chatctl,
     copy_config,
@@ -57,7 +37,22 @@ from ops_support import (
     worker_argv,
     worker_children,
 )
-from websockets.exceptions import ConnectionClosed
+from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
+from chatgw_e2e.procs import cpu_seconds, limit_files_to, wait_pids_dead
+from chatgw_e2e.rooms import Inbox, first_lines, wait_all
+from chatgw_e2e.ws import (
+    check_shutdown_bye,
+    close_all,
+    collect_until_close,
+    conn_slot,
+    connect_hello,
+    join_room,
+    open_many,
+    ping_ok,
+    run_async,
+    send_json,
+    send_message,
+)
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "1000", "CHATGW_LIMITS_BURST": "1000"}
 

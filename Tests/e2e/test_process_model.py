@@ -16,27 +16,28 @@ from pathlib import Path
 
 from websockets.exceptions import InvalidStatus
 
-from conftest import (
+from chatgw_e2e.gateway import DEFAULT_CONFIG, run_chatgw_once
+from chatgw_e2e.procs import (
+    cpu_seconds,
+    free_port,
+    limit_files_to,
+    pid_alive,
+    ps_alive,
+    wait_pids_dead,
+)
+from chatgw_e2e.rooms import first_lines
+from chatgw_e2e.ws import (
     CONN_RE,
+    OpenResult,
     check_shutdown_bye,
     close_all,
     collect_until_close,
     conn_slot,
-    cpu_seconds,
-    limit_files_to,
     connect_hello,
-    first_lines,
-    free_port,
     open_many,
-    OpenResult,
-    pid_alive,
     ping_ok,
-    ps_alive,
     run_async,
-    run_chatgw_once,
-    wait_pids_dead,
     ws_connect,
-    DEFAULT_CONFIG,
 )
 
 

@@ -3,7 +3,7 @@ redis-server share rooms; Redis going away and coming back; the history caps in 
 a server on the Redis port that is not Redis; member counts when a gateway stops.
 
 Black-box: the binary (CHATGW_BIN), WebSocket clients, ps and signals, plus a real
-``redis-server`` per test (redis_support.RedisServer) whose keys are inspected over RESP.
+``redis-server`` per test (chatgw_e2e.redis.RedisServer) whose keys are inspected over RESP.
 Redis keys: ``chatgw:{ROOM}:seq|epoch|stream|members``, ``chatgw:alive:{worker}``; live
 messages on channel ``chatgw:ROOM``.
 """
@@ -18,43 +18,39 @@ import time
 from collections import Counter
 
 import pytest
-import redis_support
-from conftest import (
+
+from chatgw_e2e import redis
+from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
+from chatgw_e2e.procs import wait_pids_dead
+from chatgw_e2e.redis import Resp, redis_env, room_key, stream_entries
+from chatgw_e2e.rooms import (
     Inbox,
     assert_quiet_until_pong,
     check_consecutive,
     check_fanout,
+    first_lines,
+    join_all_then_last,
+    read_frames,
+    send_many,
+    send_numbered,
+    wait_all,
+)
+from chatgw_e2e.ws import (
     close_all,
     conn_slot,
     connect_hello,
-    connect_on_slot,
-    first_lines,
-    join_all_then_last,
     join_room,
-    one_per_slot,
     open_many,
-    read_frames,
     recv_json,
     run_async,
     send_json,
-    send_many,
     send_message,
-    send_numbered,
-    wait_all,
-    wait_bus_ready,
-    wait_pids_dead,
-)
-from redis_support import (
-    Resp,
-    redis_env,
-    room_key,
-    stream_entries,
 )
 
-# fixtures of redis_support, found by pytest under these names (used by name only)
-fake_redis = redis_support.fake_redis
-make_redis = redis_support.make_redis
-redis_server = redis_support.redis_server
+# fixtures of chatgw_e2e.redis, found by pytest under these names (used by name only)
+fake_redis = redis.fake_redis
+make_redis = redis.make_redis
+redis_server = redis.redis_server
 
 
 def _gateway(make_gateway, url: str, workers: int = 2, **env):

@@ -12,32 +12,32 @@ import signal
 import time
 from collections import Counter
 
-from conftest import (
+from chatgw_e2e.ops import scrape
+from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
+from chatgw_e2e.raw import RawWS
+from chatgw_e2e.rooms import (
     Inbox,
-    RawWS,
     assert_quiet_until_pong,
     check_fanout,
+    first_lines,
+    join_all_then_last,
+    read_frames,
+    send_many,
+    send_numbered,
+    wait_all,
+)
+from chatgw_e2e.ws import (
     close_all,
     conn_slot,
     connect_hello,
-    connect_on_slot,
-    first_lines,
-    join_all_then_last,
     join_room,
-    one_per_slot,
     open_many,
     ping_ok,
-    read_frames,
     recv_json,
     run_async,
     send_json,
-    send_many,
     send_message,
-    send_numbered,
-    wait_all,
-    wait_bus_ready,
 )
-from ops_support import scrape
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 

@@ -1,8 +1,8 @@
 """Helpers for the operations end-to-end tests (test_operations.py).
 
-Kept apart from conftest.py on purpose. Everything is black-box: the ``chatctl``
-binary (``CHATCTL_BIN``, default: ``chatctl`` next to ``CHATGW_BIN``), the control
-socket ``<state_dir>/chatgw.ctl`` spoken raw, ``/metrics`` over HTTP, ``ps``.
+Everything is black-box: the ``chatctl`` binary (``CHATCTL_BIN``, default: ``chatctl``
+next to ``CHATGW_BIN``), the control socket ``<state_dir>/chatgw.ctl`` spoken raw,
+``/metrics`` over HTTP, ``ps``.
 
 * ``chatctl_bin()``, ``chatctl(gw, *args)`` -> ``CtlResult``; ``ctl_status(gw)`` (the
   ``status`` object of ``chatctl status --json``), ``ctl_rooms(gw, top)``.
@@ -14,7 +14,7 @@ socket ``<state_dir>/chatgw.ctl`` spoken raw, ``/metrics`` over HTTP, ``ps``.
 * ``wait_until(pred, timeout)`` -- poll a (blocking) predicate.
 
 ``Inbox`` and ``wait_all`` (background reader of one WebSocket: every JSON frame, close
-code) are in conftest.py.
+code) are in rooms.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from conftest import DEFAULT_CONFIG, chatgw_bin
+from chatgw_e2e.gateway import DEFAULT_CONFIG, REPO_ROOT, chatgw_bin
 
 try:  # scripts/test must install prometheus_client (pip)
     from prometheus_client.parser import text_string_to_metric_families
@@ -47,7 +47,7 @@ def chatctl_bin() -> Path:
     if p:
         path = Path(p)
         if not path.is_absolute():
-            path = Path(__file__).resolve().parents[2] / path
+            path = REPO_ROOT / path
         return path
     return chatgw_bin().parent / "chatctl"
 

@@ -35,7 +35,8 @@ from typing import Awaitable, Callable
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from conftest import Gateway, wait_bus_ready
+from chatgw_e2e.gateway import Gateway
+from chatgw_e2e.placement import wait_bus_ready
 
 
 # --------------------------------------------------------------------------- clients

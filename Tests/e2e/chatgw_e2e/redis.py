@@ -1,7 +1,7 @@
 """Helpers for the Redis bus end-to-end tests (test_redis_bus.py).
 
-Kept apart from conftest.py on purpose. Nothing here needs a pip package: Redis is
-inspected through a tiny RESP2 client on a plain socket (``Resp``) or ``redis-cli``.
+Nothing here needs a pip package: Redis is inspected through a tiny RESP2 client on a
+plain socket (``Resp``) or ``redis-cli``.
 
 * ``RedisServer`` -- one real ``redis-server`` (``REDIS_SERVER``, default from PATH or
   /usr/bin/redis-server) on a free loopback port with a temporary ``--dir``, no
@@ -21,7 +21,7 @@ inspected through a tiny RESP2 client on a plain socket (``Resp``) or ``redis-cl
 
 The WebSocket helpers these tests share with test_rooms.py (``Inbox``, ``wait_all``,
 ``read_frames``, ``send_many``, ``assert_quiet_until_pong``, ``check_consecutive``) live
-in conftest.py.
+in rooms.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pytest
-from conftest import free_port, pid_alive
+
+from chatgw_e2e.procs import free_port, pid_alive
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 

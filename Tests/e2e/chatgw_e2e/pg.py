@@ -1,8 +1,7 @@
 """A throw-away PostgreSQL cluster for the archive end-to-end tests (test_archive.py).
 
-Kept apart from conftest.py on purpose. Uses the server binaries of the installed
-PostgreSQL (``PG_BIN``, else the newest ``/usr/lib/postgresql/*/bin``, else ``initdb``
-on PATH) and ``psql``; no pip package.
+Uses the server binaries of the installed PostgreSQL (``PG_BIN``, else the newest
+``/usr/lib/postgresql/*/bin``, else ``initdb`` on PATH) and ``psql``; no pip package.
 
 * ``PgCluster`` -- one cluster in a temporary directory on a free loopback port, trust
   auth, superuser ``chatgw``. ``init()`` runs initdb (timed: ``initdb_s``), ``start()`` /
@@ -35,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+
+from chatgw_e2e.procs import free_port
 
 PG_USER = "chatgw"  # the cluster's superuser (initdb -U), as chatgw connects
 RUN_AS = "postgres"  # OS user that owns and runs the cluster when we are root

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # Tests/e2e/artifacts
 CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL_HINT = ("scripts/test installs them: apt-get install -y chromium chromium-driver; "
                 "python3 -m pip install selenium")
