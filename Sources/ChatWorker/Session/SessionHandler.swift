@@ -13,16 +13,6 @@ final class SessionHandler: ChannelInboundHandler {
     typealias InboundIn = WebSocketMessage
     typealias OutboundOut = ByteBuffer
 
-    private enum Membership {
-        /// Asked the bus; `joined` not sent yet.
-        case joining
-        /// The bus answered; the replay is being read from the archive, and `joined`, the
-        /// replay and the live messages that came meanwhile go out, in that order, when it
-        /// is read. Until then the room is not joined (a `send` gets `not_joined`).
-        case filling
-        case joined
-    }
-
     let user: String
     let permission: RoomPermission
     let connectionID: String
@@ -37,7 +27,7 @@ final class SessionHandler: ChannelInboundHandler {
     /// frame decoder's; everything between it and here is inbound-only), so a write or a
     /// flush does not walk every stage in between, once per member per message.
     private var output: ChannelHandlerContext?
-    private var rooms = Memberships<Membership>()
+    private var rooms = SessionRooms()
     private var bucket: TokenBucket
     private var flood: FloodDetector
     private var closing = false
@@ -144,75 +134,89 @@ final class SessionHandler: ChannelInboundHandler {
 
     private func join(_ requested: String, since: Int?, epoch: String?, history: Int, ref: String?) {
         let room = worker.rooms.sharedName(requested)
-        if rooms[room] == .joined, let local = worker.rooms.room(room) {
+        let limit = worker.settings.limits.roomsPerConnection
+        switch rooms.join(room, allowed: permission.allows(room), roomLimit: limit) {
+        case .joinedAlready:
+            guard let local = worker.rooms.room(room) else { return }
             send(.joined(room: room, seq: local.lastSeq, epoch: local.epoch, members: local.knownMembers, ref: ref))
-            return
+        case .refuse(let code, let message):
+            send(.error(ProtocolError(code, message, ref: ref, room: room)))
+        case .askBus(let attempt):
+            worker.counters.joins += 1
+            let request = JoinRequest(room: room, since: since, epoch: epoch, history: history, ref: ref,
+                                      attempt: attempt, deadline: worker.busWaitDeadline())
+            requestJoin(request)
         }
-        guard rooms[room] == nil else {
-            return send(.error(ProtocolError(.badJSON, "already joining this room", ref: ref, room: room)))
-        }
-        guard permission.allows(room) else {
-            return send(.error(ProtocolError(.forbidden, "your token does not allow this room", ref: ref, room: room)))
-        }
-        guard rooms.count < worker.settings.limits.roomsPerConnection else {
-            return send(.error(ProtocolError(.tooManyRooms, "at most \(worker.settings.limits.roomsPerConnection) rooms per connection", ref: ref, room: room)))
-        }
-        rooms[room] = .joining
-        worker.counters.joins += 1
-        requestJoin(room, since: since, epoch: epoch, history: history, ref: ref, deadline: worker.busWaitDeadline())
     }
 
-    /// Asks the bus to join, once it is reachable. A join is safe to ask again: when the
-    /// link drops before the answer, it waits for the bus again (until `deadline`).
-    private func requestJoin(_ room: String, since: Int?, epoch: String?, history: Int, ref: String?, deadline: NIODeadline) {
-        worker.whenBusAvailable(until: deadline) { [self] available in
-            // Left or disconnected while waiting: nothing was asked yet.
-            guard context != nil, rooms[room] == .joining else { return }
-            guard available else {
-                rooms[room] = nil
-                sendUnavailable(ref: ref, room: room)
+    /// A join on its way to the bus.
+    private struct JoinRequest {
+        var room: String
+        var since: Int?
+        var epoch: String?
+        var history: Int
+        var ref: String?
+        var attempt: UInt32
+        /// Until when it may wait for an unreachable bus.
+        var deadline: NIODeadline
+    }
+
+    /// Asks the bus to join, once it is reachable.
+    private func requestJoin(_ request: JoinRequest) {
+        let room = request.room
+        worker.whenBusAvailable(until: request.deadline) { [self] available in
+            switch rooms.busWaitEnded(room, attempt: request.attempt, available: available) {
+            case .drop:
+                return
+            case .unavailable:
+                sendUnavailable(ref: request.ref, room: room)
                 return flush()
+            case .askBus:
+                break
             }
-            worker.bus.join(room: room, since: since, epoch: epoch, history: history, members: 1) { [self] result in
-                guard context != nil, rooms[room] == .joining else {
-                    // Left or disconnected while the bus was answering: undo the count.
-                    if case .success = result { worker.bus.leave(room: room, members: 1) }
-                    return
-                }
-                switch result {
-                case .success(let answer):
-                    let reply = JoinReply(room: room, answer: answer, ref: ref)
-                    if let reads = JoinReply.reads(for: answer, since: since, epoch: epoch), let archive = worker.archive {
-                        return fill(reply, reading: reads, from: archive)
-                    }
-                    rooms[room] = .joined
-                    worker.rooms.add(self, to: room, snapshot: answer.room)
-                    sendJoin(reply.messages())
-                case .failure(.unavailable) where deadline > .now():
-                    return requestJoin(room, since: since, epoch: epoch, history: history, ref: ref, deadline: deadline)
-                case .failure:
-                    rooms[room] = nil
-                    sendUnavailable(ref: ref, room: room)
-                }
-                flush()
+            worker.bus.join(room: room, since: request.since, epoch: request.epoch, history: request.history, members: 1) { [self] result in
+                answered(request, result)
             }
+        }
+    }
+
+    private func answered(_ request: JoinRequest, _ result: Result<JoinResult, BusError>) {
+        let room = request.room
+        let answer = try? result.get()
+        let reads = answer.flatMap { JoinReply.reads(for: $0, since: request.since, epoch: request.epoch) }
+        let needsArchive = reads != nil && worker.archive != nil
+        switch rooms.busAnswered(room, attempt: request.attempt, succeeded: answer != nil, needsArchive: needsArchive,
+                                 mayWaitMore: request.deadline > .now()) {
+        case .undo:
+            worker.bus.leave(room: room, members: 1)
+        case .drop:
+            break
+        case .askAgain:
+            requestJoin(request)
+        case .unavailable:
+            sendUnavailable(ref: request.ref, room: room)
+            flush()
+        case .joined:
+            worker.rooms.add(self, to: room, snapshot: answer!.room)
+            sendJoin(JoinReply(room: room, answer: answer!, ref: request.ref).messages())
+            flush()
+        case .fill:
+            worker.rooms.add(self, to: room, snapshot: answer!.room, filling: true)
+            fill(JoinReply(room: room, answer: answer!, ref: request.ref), attempt: request.attempt, reading: reads!, from: worker.archive!)
         }
     }
 
     /// The history no longer reaches back to `since`: the reply waits for the archive.
     /// Meanwhile the room table keeps this member's live messages back; they are written
     /// after the reply.
-    private func fill(_ reply: JoinReply, reading reads: JoinReply.ArchiveReads, from archive: any ArchiveStore) {
+    private func fill(_ reply: JoinReply, attempt: UInt32, reading reads: JoinReply.ArchiveReads, from archive: any ArchiveStore) {
         let room = reply.room
-        rooms[room] = .filling
-        worker.rooms.add(self, to: room, snapshot: reply.answer.room, filling: true)
         let batchWait = Duration.milliseconds(worker.settings.config.archive.batchMilliseconds + 50)
         context!.eventLoop.makeFutureWithTask { try await archive.read(reads, room: room, batchWait: batchWait) }
             .assumeIsolated()
             .whenComplete { [self] result in
                 // Left or disconnected meanwhile: the room table and the bus were told then.
-                guard context != nil, rooms[room] == .filling else { return }
-                rooms[room] = .joined
+                guard rooms.filled(room, attempt: attempt) else { return }
                 let read = (try? result.get()) ?? (olderEpochTail: [], lost: [])
                 sendJoin(reply.messages(olderEpochTail: read.olderEpochTail, archived: read.lost))
                 let live = worker.rooms.finishFilling(self, in: room)
@@ -230,22 +234,24 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     private func leave(_ room: String, ref: String?) {
-        guard let membership = rooms.removeValue(forKey: room) else {
-            return send(.error(ProtocolError(.notJoined, "not a member of this room", ref: ref, room: room)))
+        switch rooms.leave(room) {
+        case .notJoined:
+            send(.error(ProtocolError(.notJoined, "not a member of this room", ref: ref, room: room)))
+        case .left(let quit):
+            if quit { self.quit(room) }
+            send(.left(room: room, ref: ref))
         }
-        quit(room, membership)
-        send(.left(room: room, ref: ref))
     }
 
     private func publish(_ room: String, text: String, ref: String?) {
-        guard rooms[room] == .joined else {
+        guard rooms.canSend(to: room) else {
             return send(.error(ProtocolError(.notJoined, "join the room before sending to it", ref: ref, room: room)))
         }
         // Waits for an unreachable bus like a join, but is never asked twice: a send whose
         // link dropped before the answer may have been sequenced, so it is `unavailable`.
         worker.whenBusAvailable(until: worker.busWaitDeadline()) { [self] available in
             guard context != nil else { return }
-            guard rooms[room] == .joined else {
+            guard rooms.canSend(to: room) else {
                 send(.error(ProtocolError(.notJoined, "left the room before the message could be sent", ref: ref, room: room)))
                 return flush()
             }
@@ -343,14 +349,11 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Leaves every room; a room still being joined is undone when the bus answers.
     private func departedRooms() {
-        for (room, membership) in rooms.entries { quit(room, membership) }
-        rooms.removeAll()
+        for room in rooms.departAll() { quit(room) }
     }
 
-    /// Out of the room table and the bus's count. A room still being joined has neither
-    /// yet: the bus's answer is undone when it comes.
-    private func quit(_ room: String, _ membership: Membership) {
-        guard membership != .joining else { return }
+    /// Out of the room table and the bus's count.
+    private func quit(_ room: String) {
         worker.rooms.remove(self, from: room)
         worker.bus.leave(room: room, members: 1)
     }
