@@ -20,8 +20,9 @@ public struct RoomMessage: Sendable, Equatable {
     }
 }
 
-/// `error` codes of docs/PROTOCOL.md.
-public enum ErrorCode: String, Sendable {
+/// Error codes of docs/PROTOCOL.md: those of the `error` frame, and those only an HTTP
+/// refusal carries ("HTTP answers").
+public enum ErrorCode: String, Sendable, CaseIterable {
     case badJSON = "bad_json"
     case badFrame = "bad_frame"
     case unknownType = "unknown_type"
@@ -33,6 +34,26 @@ public enum ErrorCode: String, Sendable {
     case tooManyRooms = "too_many_rooms"
     case unavailable
     case `internal`
+    // HTTP refusals only.
+    case badUser = "bad_user"
+    case unauthorized
+    case notFound = "not_found"
+    case badRequest = "bad_request"
+
+    /// The status of an HTTP refusal with this code: docs/PROTOCOL.md "HTTP answers" for the
+    /// codes sent over HTTP; the codes that are not get the status nearest their meaning.
+    public var httpStatus: Int {
+        switch self {
+        case .badJSON, .badFrame, .unknownType, .badRoom, .notJoined, .tooLarge, .tooManyRooms, .badUser: 400
+        case .unauthorized: 401
+        case .forbidden: 403
+        case .notFound: 404
+        case .badRequest: 426
+        case .rateLimited: 429
+        case .internal: 500
+        case .unavailable: 503
+        }
+    }
 }
 
 /// `bye` reasons of docs/PROTOCOL.md.
@@ -79,6 +100,16 @@ public struct ProtocolError: Error, Sendable, Equatable {
         self.message = message
         self.ref = ref
         self.room = room
+    }
+
+    /// The body of an HTTP refusal, `{"code":...,"message":...}` (docs/PROTOCOL.md "HTTP answers").
+    public func httpBody(_ allocator: ByteBufferAllocator) -> ByteBuffer {
+        var json = JSONWriter(buffer: allocator.buffer(capacity: 64 + message.utf8.count))
+        json.beginObject()
+        json.field("code", code.rawValue)
+        json.field("message", message)
+        json.endObject()
+        return json.buffer
     }
 }
 
