@@ -14,6 +14,27 @@ public enum Names {
         }
     }
 
+    /// The user name rule, for the people reading a refusal.
+    static let userRule = "1 to 32 characters from [A-Za-z0-9_.-]"
+    /// The room name rule, for the people reading a refusal.
+    static let roomRule = "1 to 64 characters from [A-Za-z0-9_.:-]"
+
+    /// `name` if it follows the user name rule; else `bad_user`, naming `field` if it came in one.
+    public static func checkedUser(_ name: Substring, field: String? = nil) throws(ProtocolError) -> String {
+        guard isValidUser(name) else { throw userError(field: field) }
+        return String(name)
+    }
+
+    static func userError(field: String?) -> ProtocolError {
+        ProtocolError(.badUser, field.map { "field \"\($0)\" must be \(userRule)" } ?? "user names are \(userRule)")
+    }
+
+    /// `name` if it follows the room name rule; else `bad_room`.
+    public static func checkedRoom(_ name: String) throws(ProtocolError) -> String {
+        guard isValidRoom(name) else { throw ProtocolError(.badRoom, "room names are \(roomRule)") }
+        return name
+    }
+
     private static func isAlphanumeric(_ byte: UInt8) -> Bool {
         (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte)
             || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte)

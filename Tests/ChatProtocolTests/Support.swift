@@ -10,9 +10,14 @@ func decode(_ json: String, maxTextBytes: Int = 4096) -> Result<ClientMessage, P
 
 /// The error a request is refused with; records a failure and returns nil when it decodes.
 func decodeError(_ json: String, maxTextBytes: Int = 4096, sourceLocation: SourceLocation = #_sourceLocation) -> ProtocolError? {
-    switch decode(json, maxTextBytes: maxTextBytes) {
-    case .success(let message):
-        Issue.record("expected an error, decoded \(message)", sourceLocation: sourceLocation)
+    refusal(decode(json, maxTextBytes: maxTextBytes), sourceLocation: sourceLocation)
+}
+
+/// The error of a refused decode; records a failure and returns nil when it decoded.
+func refusal<Decoded>(_ result: Result<Decoded, ProtocolError>, sourceLocation: SourceLocation = #_sourceLocation) -> ProtocolError? {
+    switch result {
+    case .success(let decoded):
+        Issue.record("expected an error, decoded \(decoded)", sourceLocation: sourceLocation)
         return nil
     case .failure(let error):
         return error
