@@ -1,4 +1,5 @@
 import ChatAuth
+import ChatProtocol
 import NIOCore
 import NIOHTTP1
 import NIOWebSocket
@@ -61,7 +62,7 @@ enum ConnectionPipeline {
                     return channel.eventLoop.makeSucceededFuture(verdict.user == nil ? nil : headers)
                 }
                 guard let token = Identity.token(in: head, target: target) else {
-                    verdict.refusal = HTTPRefusal(status: .unauthorized, code: "unauthorized", message: "a token is required (?token= or Authorization: Bearer)")
+                    verdict.refusal = ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")
                     return channel.eventLoop.makeSucceededFuture(nil)
                 }
                 // Verification is async (jwt-kit); its answer is applied back on the
@@ -75,7 +76,7 @@ enum ConnectionPipeline {
                         verdict.user = user
                         return accepted
                     case .failure(let refusal):
-                        verdict.refusal = HTTPRefusal(status: .unauthorized, code: "unauthorized", message: refusal.reason)
+                        verdict.refusal = ProtocolError(.unauthorized, refusal.reason)
                         return nil
                     }
                 }.nonisolated()

@@ -1,7 +1,6 @@
 import ChatAuth
 import ChatBus
 import ChatProtocol
-import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOWebSocket
@@ -24,8 +23,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         self.verdict = verdict
     }
 
-    /// An API body may hold `text` of the maximum size, escaped, plus a little JSON around it.
-    private var maximumBodyBytes: Int { worker.settings.limits.maxTextBytes * 6 + 1024 }
+    private var maximumBodyBytes: Int { PostedMessage.maximumBodyBytes(maxTextBytes: worker.settings.limits.maxTextBytes) }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -59,9 +57,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         switch (head.method, path) {
         case (.GET, "/healthz"):
-            send(context: context, head: head, status: .ok, body: "ok\n", contentType: "text/plain; charset=utf-8")
+            send(context: context, head: head, HTTPAnswer(status: .ok, contentType: "text/plain; charset=utf-8", body: ByteBuffer(string: "ok\n")))
         case (.GET, "/") where worker.settings.config.server.webPage:
-            send(context: context, head: head, status: .ok, body: WebPage.html, contentType: "text/html; charset=utf-8")
+            send(context: context, head: head, HTTPAnswer(status: .ok, contentType: "text/html; charset=utf-8", body: ByteBuffer(string: WebPage.html)))
         case (_, "/ws"):
             refuse(context: context, head: head, .upgradeRequired)
         case (_, "/echo") where worker.settings.config.conformance.echo:
@@ -69,7 +67,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case _ where path.hasPrefix("/api/"):
             api(context: context, head: head, target: target)
         default:
-            refuse(context: context, head: head, HTTPRefusal(status: .notFound, code: "not_found", message: "no such endpoint"))
+            refuse(context: context, head: head, .notFound)
         }
     }
 
@@ -78,19 +76,21 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func api(context: ChannelHandlerContext, head: HTTPRequestHead, target: RequestTarget) {
         let key = worker.settings.config.api.key
         guard !key.isEmpty else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .notFound, code: "not_found", message: "the HTTP API is off (api.key is empty)"))
+            return refuse(context: context, head: head, ProtocolError(.notFound, "the HTTP API is off (api.key is empty)"))
         }
         guard let presented = Identity.bearer(in: head), APIKey.matches(presented, expected: key) else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .unauthorized, code: "unauthorized", message: "a valid API key is required (Authorization: Bearer <api_key>)"))
+            return refuse(context: context, head: head, ProtocolError(.unauthorized, "a valid API key is required (Authorization: Bearer <api_key>)"))
         }
         let parts = target.path.split(separator: "/", omittingEmptySubsequences: false)
         // "", "api", "rooms", ROOM[, "messages"]
         guard parts.count >= 4, parts.count <= 5, parts[1] == "api", parts[2] == "rooms" else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .notFound, code: "not_found", message: "no such endpoint"))
+            return refuse(context: context, head: head, .notFound)
         }
-        let room = String(parts[3].removingPercentEncoding)
-        guard Names.isValidRoom(room) else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_room", message: "room names are 1 to 64 characters from [A-Za-z0-9_.:-]"))
+        let room: String
+        do {
+            room = try Names.checkedRoom(String(parts[3].removingPercentEncoding))
+        } catch {
+            return refuse(context: context, head: head, error)
         }
         let isMessages = parts.count == 5 && parts[4] == "messages"
         switch (head.method, parts.count, isMessages) {
@@ -98,29 +98,20 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case (.GET, 4, _): roomInfo(context: context, head: head, room: room)
         case (.GET, 5, true): messages(context: context, head: head, room: room, target: target)
         default:
-            refuse(context: context, head: head, HTTPRefusal(status: .notFound, code: "not_found", message: "no such endpoint"))
+            refuse(context: context, head: head, .notFound)
         }
     }
 
     private func publish(context: ChannelHandlerContext, head: HTTPRequestHead, room: String) {
         guard !bodyTooLarge else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "too_large", message: "body over \(maximumBodyBytes) bytes"))
+            return refuse(context: context, head: head, ProtocolError(.tooLarge, "body over \(maximumBodyBytes) bytes"))
         }
-        let limit = worker.settings.limits.maxTextBytes
-        guard let body, let object = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) as? [String: Any] else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_json", message: #"the body must be a JSON object {"text": ..., "from": ...}"#))
+        let posted: PostedMessage
+        switch PostedMessage.decode(body ?? ByteBuffer(), maxTextBytes: worker.settings.limits.maxTextBytes) {
+        case .success(let message): posted = message
+        case .failure(let error): return refuse(context: context, head: head, error)
         }
-        guard let text = object["text"] as? String else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_json", message: #"field "text" must be a string"#))
-        }
-        guard text.utf8.count <= limit else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "too_large", message: "text is over \(limit) bytes"))
-        }
-        let from = object["from"] == nil || object["from"] is NSNull ? "system" : object["from"] as? String ?? ""
-        guard Names.isValidUser(from) else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_user", message: #"field "from" must be 1 to 32 characters from [A-Za-z0-9_.-]"#))
-        }
-        worker.bus.publish(room: room, from: from, text: text) { [self] result in
+        worker.bus.publish(room: room, from: posted.from, text: posted.text) { [self] result in
             switch result {
             case .success(let published):
                 sendJSON(context: context, head: head) { json in
@@ -151,20 +142,17 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func messages(context: ChannelHandlerContext, head: HTTPRequestHead, room: String, target: RequestTarget) {
-        var before: HistoryPosition?
-        if let epoch = target.query["before_epoch"], let seq = target.query["before_seq"].flatMap({ Int($0) }), seq >= 0 {
-            before = HistoryPosition(epoch: String(epoch), seq: seq)
+        let query: HistoryQuery
+        switch HistoryQuery.decode(target.query) {
+        case .success(let decoded): query = decoded
+        case .failure(let error): return refuse(context: context, head: head, error)
         }
-        let limit = target.query["limit"].map { Int($0) ?? 0 } ?? 50
-        guard (1...200).contains(limit) else {
-            return refuse(context: context, head: head, HTTPRefusal(status: .badRequest, code: "bad_json", message: "limit must be an integer from 1 to 200"))
-        }
-        worker.history(room: room, before: before, limit: limit) { [self] result in
+        worker.history(room: room, before: query.before, limit: query.limit) { [self] result in
             switch result {
             case .success(let page):
                 var buffer = context.channel.allocator.buffer(capacity: 256)
                 ServerMessage.history(room: room, messages: page.messages, more: page.more, ref: nil).encode(into: &buffer)
-                send(context: context, head: head, status: .ok, body: buffer, contentType: "application/json")
+                send(context: context, head: head, HTTPAnswer(status: .ok, contentType: "application/json", body: buffer))
             case .failure:
                 refuse(context: context, head: head, .busUnavailable)
             }
@@ -173,30 +161,23 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     // MARK: answers
 
-    private func refuse(context: ChannelHandlerContext, head: HTTPRequestHead, _ refusal: HTTPRefusal) {
-        sendJSON(context: context, head: head, status: refusal.status) { json in refusal.writeFields(into: &json) }
+    private func refuse(context: ChannelHandlerContext, head: HTTPRequestHead, _ error: ProtocolError) {
+        send(context: context, head: head, HTTPAnswer.refusal(error, allocator: context.channel.allocator))
     }
 
-    private func sendJSON(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus = .ok, fields: (inout JSONWriter) -> Void) {
+    private func sendJSON(context: ChannelHandlerContext, head: HTTPRequestHead, fields: (inout JSONWriter) -> Void) {
         var json = JSONWriter(buffer: context.channel.allocator.buffer(capacity: 128))
         json.beginObject()
         fields(&json)
         json.endObject()
-        send(context: context, head: head, status: status, body: json.buffer, contentType: "application/json")
+        send(context: context, head: head, HTTPAnswer(status: .ok, contentType: "application/json", body: json.buffer))
     }
 
-    private func send(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, body: String, contentType: String) {
-        send(context: context, head: head, status: status, body: context.channel.allocator.buffer(string: body), contentType: contentType)
-    }
-
-    private func send(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus, body: ByteBuffer, contentType: String) {
-        var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: contentType)
-        headers.add(name: "Content-Length", value: "\(body.readableBytes)")
-        let keepAlive = head.isKeepAlive && status.code < 400
-        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+    private func send(context: ChannelHandlerContext, head: HTTPRequestHead, _ answer: HTTPAnswer) {
+        let keepAlive = answer.keepsAlive(head)
+        let response = HTTPResponseHead(version: head.version, status: answer.status, headers: answer.headers(keepAlive: keepAlive))
+        context.write(wrapOutboundOut(.head(response)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(answer.body))), promise: nil)
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if !keepAlive {
             let channel = context.channel

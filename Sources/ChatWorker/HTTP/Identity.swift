@@ -3,41 +3,21 @@ import ChatProtocol
 import NIOCore
 import NIOHTTP1
 
-/// An HTTP answer that ends a request: status, a protocol-style error code and message.
-struct HTTPRefusal: Error, Sendable {
-    var status: HTTPResponseStatus
-    var code: String
-    var message: String
-
-    static let upgradeRequired = HTTPRefusal(status: .upgradeRequired, code: "bad_request", message: "this endpoint takes a WebSocket upgrade")
-    static let busUnavailable = HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "the message bus is unreachable; retry shortly")
-    static let workerFull = HTTPRefusal(status: .serviceUnavailable, code: "unavailable", message: "this worker has no room for another connection; retry shortly")
-
-    /// The body's fields, `{"code":...,"message":...}`.
-    func writeFields(into json: inout JSONWriter) {
-        json.field("code", code)
-        json.field("message", message)
-    }
-}
-
 /// What the upgrade decided about one connection. The upgrader writes it; the HTTP
 /// handler reads it when the upgrade was refused, the session when it went through.
 final class UpgradeVerdict {
     var user: AuthorizedUser?
-    var refusal: HTTPRefusal?
+    var refusal: ProtocolError?
 }
 
 /// Who a connection is, decided at the upgrade.
 enum Identity {
     /// Auth mode `none`: the `user` query parameter, or a generated guest name.
-    static func fromQuery(_ target: RequestTarget) -> Result<AuthorizedUser, HTTPRefusal> {
+    static func fromQuery(_ target: RequestTarget) -> Result<AuthorizedUser, ProtocolError> {
         guard let user = target.query["user"], !user.isEmpty else {
             return .success(AuthorizedUser(name: "guest-" + String(UInt32.random(in: 0...UInt32.max), radix: 16), rooms: .any))
         }
-        guard Names.isValidUser(user) else {
-            return .failure(HTTPRefusal(status: .badRequest, code: "bad_user", message: "user names are 1 to 32 characters from [A-Za-z0-9_.-]"))
-        }
-        return .success(AuthorizedUser(name: String(user), rooms: .any))
+        return Result { () throws(ProtocolError) in AuthorizedUser(name: try Names.checkedUser(user), rooms: .any) }
     }
 
     /// Auth mode `jwt`: the token from `?token=` or `Authorization: Bearer`.
@@ -56,8 +36,8 @@ enum Identity {
     /// `server.allowed_origins`: a browser's upgrade whose Origin is not listed is refused.
     /// Requests without Origin come from non-browser clients, which Origin checks cannot
     /// protect against anyway (they would just send an allowed one); they pass.
-    static func originRefusal(_ head: HTTPRequestHead, allowed: [String]) -> HTTPRefusal? {
+    static func originRefusal(_ head: HTTPRequestHead, allowed: [String]) -> ProtocolError? {
         guard !allowed.isEmpty, let origin = head.headers.first(name: "Origin") else { return nil }
-        return allowed.contains(origin) ? nil : HTTPRefusal(status: .forbidden, code: "forbidden", message: "origin not allowed")
+        return allowed.contains(origin) ? nil : ProtocolError(.forbidden, "origin not allowed")
     }
 }

@@ -22,7 +22,9 @@ final class OverflowRefusal {
     init(listenFD: Int32) {
         self.listenFD = listenFD
         reserve = Self.openReserve()
-        answer = Self.response(HTTPRefusal.workerFull)
+        var answer = HTTPAnswer.refusal(.workerFull, allocator: ByteBufferAllocator())
+        answer.extraHeaders = [("Retry-After", "1")]
+        self.answer = Array(answer.bytes(ByteBufferAllocator()).readableBytesView)
     }
 
     deinit {
@@ -53,17 +55,5 @@ final class OverflowRefusal {
 
     private static func openReserve() -> Int32 {
         open("/dev/null", O_RDONLY | O_CLOEXEC)
-    }
-
-    private static func response(_ refusal: HTTPRefusal) -> [UInt8] {
-        var json = JSONWriter(buffer: ByteBufferAllocator().buffer(capacity: 128))
-        json.beginObject()
-        refusal.writeFields(into: &json)
-        json.endObject()
-        let body = Array(json.buffer.readableBytesView)
-        let head = "HTTP/1.1 \(refusal.status.code) \(refusal.status.reasonPhrase)\r\n"
-            + "Content-Type: application/json\r\nContent-Length: \(body.count)\r\n"
-            + "Retry-After: 1\r\nConnection: close\r\n\r\n"
-        return Array(head.utf8) + body
     }
 }

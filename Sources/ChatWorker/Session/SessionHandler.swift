@@ -289,7 +289,10 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     private func sendUnavailable(ref: String?, room: String) {
-        send(.error(ProtocolError(.unavailable, "the message bus is unreachable; retry shortly", ref: ref, room: room)))
+        var error = ProtocolError.busUnavailable
+        error.ref = ref
+        error.room = room
+        send(.error(error))
     }
 
     /// Leaves every room once the connection is gone.

@@ -84,7 +84,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
         guard case .done = state else {
             state = .done
             if error is HTTPParserError {
-                let answer = context.channel.allocator.buffer(string: "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                let answer = HTTPAnswer(status: .badRequest, body: ByteBuffer()).bytes(context.channel.allocator)
                 context.writeAndFlush(wrapOutboundOut(answer)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
             } else {
                 context.close(promise: nil)
@@ -134,14 +134,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
         state = .done
         guard context.channel.isActive else { return }
         var response = context.channel.allocator.buffer(capacity: 160)
-        response.writeStaticString("HTTP/1.1 101 Switching Protocols\r\n")
-        for (name, value) in headers {
-            response.writeString(name)
-            response.writeStaticString(": ")
-            response.writeString(value)
-            response.writeStaticString("\r\n")
-        }
-        response.writeStaticString("\r\n")
+        HTTPAnswer.writeHead(status: .switchingProtocols, headers: headers, into: &response)
         // Not flushed yet: the session's hello goes out in the same write(2).
         context.write(wrapOutboundOut(response), promise: nil)
         do {
