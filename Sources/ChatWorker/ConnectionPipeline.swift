@@ -29,7 +29,6 @@ enum ConnectionPipeline {
     static func configure(_ channel: any Channel, worker bound: NIOLoopBound<Worker>) -> EventLoopFuture<Void> {
         let worker = bound.value
         let config = worker.settings.config
-        let verdict = UpgradeVerdict()
         let chat = Endpoint(maxMessageBytes: config.limits.maxFrameBytes, maxFragments: 1_000, isEcho: false)
         // The conformance suite sends 16 MiB messages in 64-byte fragments.
         let echo = config.conformance.echo
@@ -49,54 +48,13 @@ enum ConnectionPipeline {
                 if head.headers[canonicalForm: "Sec-WebSocket-Protocol"].contains("chatgw.v1") {
                     headers.add(name: "Sec-WebSocket-Protocol", value: "chatgw.v1")
                 }
-                if selected.isEcho { return channel.eventLoop.makeSucceededFuture(headers) }
-                if let refusal = Identity.originRefusal(head, allowed: origins) {
-                    verdict.refusal = refusal
-                    return channel.eventLoop.makeSucceededFuture(nil)
-                }
-                guard let verifier else {
-                    switch Identity.fromQuery(target) {
-                    case .success(let user): verdict.user = user
-                    case .failure(let refusal): verdict.refusal = refusal
-                    }
-                    return channel.eventLoop.makeSucceededFuture(verdict.user == nil ? nil : headers)
-                }
-                guard let token = Identity.token(in: head, target: target) else {
-                    verdict.refusal = ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")
-                    return channel.eventLoop.makeSucceededFuture(nil)
-                }
-                // Verification is async (jwt-kit); its answer is applied back on the
-                // connection's loop, where the verdict lives.
-                let accepted = headers
-                let promise = channel.eventLoop.makePromise(of: Result<AuthorizedUser, AuthRefusal>.self)
-                promise.completeWithTask { await verifier.verify(token) }
-                return promise.futureResult.assumeIsolated().map { result -> HTTPHeaders? in
-                    switch result {
-                    case .success(let user):
-                        verdict.user = user
-                        return accepted
-                    case .failure(let refusal):
-                        verdict.refusal = ProtocolError(.unauthorized, refusal.reason)
-                        return nil
-                    }
-                }.nonisolated()
+                if selected.isEcho { return channel.eventLoop.makeSucceededFuture(.accept(headers, user: nil)) }
+                return Identity.decide(head, target: target, accepted: headers, origins: origins, verifier: verifier, on: channel.eventLoop)
             },
-            configure: { channel, head, selected in
-                let pipeline = channel.pipeline.syncOperations
-                try pipeline.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: selected.maxMessageBytes)))
-                try pipeline.addHandler(FrameRuleChecker(aggregator: NIOWebSocketFrameAggregator(
-                    minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: selected.maxFragments, maxAccumulatedFrameSize: selected.maxMessageBytes)))
-                let webSocket = WebSocketHandler()
-                try pipeline.addHandler(webSocket)
-                if selected.isEcho {
-                    try pipeline.addHandler(EchoHandler())
-                    return
-                }
-                guard let user = verdict.user else { throw ChannelError.inappropriateOperationForState }
-                try pipeline.addHandler(
-                    SessionHandler(user: user, connectionID: worker.makeConnectionID(), webSocket: webSocket, worker: worker))
+            configure: { channel, selected, user in
+                try addWebSocketStages(to: channel, endpoint: selected, user: user, worker: worker)
             },
-            makeHTTPHandler: { HTTPHandler(worker: worker, verdict: verdict) }
+            makeHTTPHandler: { refusal in HTTPHandler(worker: worker, refusal: refusal) }
         )
         let outbound = config.limits.outboundBufferBytes
         return channel.eventLoop.makeCompletedFuture {
@@ -109,5 +67,19 @@ enum ConnectionPipeline {
             try pipeline.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
             try pipeline.addHandler(FirstRequestHandler(policy: policy, handshake: handshake))
         }
+    }
+
+    /// After the 101: frame decoder -> frame rules and aggregation -> WebSocket duties and
+    /// UTF-8 check -> the session (or, on /echo, the echo).
+    private static func addWebSocketStages(to channel: any Channel, endpoint: Endpoint, user: AuthorizedUser?, worker: Worker) throws {
+        let pipeline = channel.pipeline.syncOperations
+        try pipeline.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: endpoint.maxMessageBytes)))
+        try pipeline.addHandler(FrameRuleChecker(aggregator: NIOWebSocketFrameAggregator(
+            minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: endpoint.maxFragments, maxAccumulatedFrameSize: endpoint.maxMessageBytes)))
+        let webSocket = WebSocketHandler()
+        try pipeline.addHandler(webSocket)
+        guard !endpoint.isEcho else { return try pipeline.addHandler(EchoHandler()) }
+        guard let user else { throw ChannelError.inappropriateOperationForState }
+        try pipeline.addHandler(SessionHandler(user: user, connectionID: worker.makeConnectionID(), webSocket: webSocket, worker: worker))
     }
 }

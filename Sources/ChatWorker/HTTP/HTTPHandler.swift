@@ -13,14 +13,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private let worker: Worker
-    private let verdict: UpgradeVerdict
+    /// The answer to the first request: the upgrade it asked for was refused.
+    private var refusal: ProtocolError?
     private var request: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
 
-    init(worker: Worker, verdict: UpgradeVerdict) {
+    init(worker: Worker, refusal: ProtocolError?) {
         self.worker = worker
-        self.verdict = verdict
+        self.refusal = refusal
     }
 
     private var maximumBodyBytes: Int { PostedMessage.maximumBodyBytes(maxTextBytes: worker.settings.limits.maxTextBytes) }
@@ -51,8 +52,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func route(context: ChannelHandlerContext, head: HTTPRequestHead) {
         let target = RequestTarget(head.uri)
         let path = target.path
-        if let refusal = verdict.refusal {
-            verdict.refusal = nil
+        if let refusal {
+            self.refusal = nil
             return refuse(context: context, head: head, refusal)
         }
         switch (head.method, path) {

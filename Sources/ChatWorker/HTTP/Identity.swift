@@ -3,15 +3,42 @@ import ChatProtocol
 import NIOCore
 import NIOHTTP1
 
-/// What the upgrade decided about one connection. The upgrader writes it; the HTTP
-/// handler reads it when the upgrade was refused, the session when it went through.
-final class UpgradeVerdict {
-    var user: AuthorizedUser?
-    var refusal: ProtocolError?
+/// What an upgrade request is answered: the upgrade, with the response's extra headers
+/// and who the connection is (none on the echo endpoint), or a refusal that the HTTP
+/// handler writes.
+enum UpgradeDecision: Sendable {
+    case accept(HTTPHeaders, user: AuthorizedUser?)
+    case refuse(ProtocolError)
 }
 
 /// Who a connection is, decided at the upgrade.
 enum Identity {
+    /// The decision on an upgrade at a chat endpoint: the Origin rule, then who the user
+    /// is (auth mode `none`: `?user=`; `jwt`: the token, verified off the loop).
+    static func decide(_ head: HTTPRequestHead, target: RequestTarget, accepted headers: HTTPHeaders,
+                       origins: [String], verifier: TokenVerifier?, on loop: any EventLoop) -> EventLoopFuture<UpgradeDecision> {
+        if let refusal = originRefusal(head, allowed: origins) {
+            return loop.makeSucceededFuture(.refuse(refusal))
+        }
+        guard let verifier else {
+            switch fromQuery(target) {
+            case .success(let user): return loop.makeSucceededFuture(.accept(headers, user: user))
+            case .failure(let refusal): return loop.makeSucceededFuture(.refuse(refusal))
+            }
+        }
+        guard let token = token(in: head, target: target) else {
+            return loop.makeSucceededFuture(.refuse(ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")))
+        }
+        let promise = loop.makePromise(of: Result<AuthorizedUser, AuthRefusal>.self)
+        promise.completeWithTask { await verifier.verify(token) }
+        return promise.futureResult.map { result in
+            switch result {
+            case .success(let user): .accept(headers, user: user)
+            case .failure(let refusal): .refuse(ProtocolError(.unauthorized, refusal.reason))
+            }
+        }
+    }
+
     /// Auth mode `none`: the `user` query parameter, or a generated guest name.
     static func fromQuery(_ target: RequestTarget) -> Result<AuthorizedUser, ProtocolError> {
         guard let user = target.query["user"], !user.isEmpty else {

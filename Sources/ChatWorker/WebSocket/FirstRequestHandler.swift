@@ -1,3 +1,5 @@
+import ChatAuth
+import ChatProtocol
 import NIOCore
 import NIOHTTP1
 import NIOWebSocket
@@ -18,14 +20,15 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
     typealias OutboundOut = ByteBuffer
 
     /// What an upgrade request is decided on: the endpoint of its path, or nil for "not
-    /// ours" (the HTTP handler answers it), and the verdict: extra response headers, or nil
-    /// to refuse. The request target is parsed once and handed to both.
+    /// ours" (the HTTP handler answers it), and the decision (see `UpgradeDecision`). The
+    /// request target is parsed once and handed to both.
     struct Policy {
         var endpoint: (Substring) -> Endpoint?
-        var decide: (Channel, HTTPRequestHead, RequestTarget, Endpoint) -> EventLoopFuture<HTTPHeaders?>
-        /// Adds the WebSocket handlers once the 101 is written.
-        var configure: (Channel, HTTPRequestHead, Endpoint) throws -> Void
-        var makeHTTPHandler: () -> HTTPHandler
+        var decide: (Channel, HTTPRequestHead, RequestTarget, Endpoint) -> EventLoopFuture<UpgradeDecision>
+        /// Adds the WebSocket stages once the 101 is written, for the accepted user.
+        var configure: (Channel, Endpoint, AuthorizedUser?) throws -> Void
+        /// The plain HTTP handler; it answers the first request with the refusal, if any.
+        var makeHTTPHandler: (ProtocolError?) -> HTTPHandler
     }
 
     /// A WebSocket endpoint: what it allows and what its last stage is.
@@ -40,6 +43,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
         var endpoint: Endpoint
         /// The response's headers once accepted (Upgrade, Connection, Sec-WebSocket-Accept, ...).
         var accepted: HTTPHeaders?
+        var user: AuthorizedUser?
         var endSeen = false
     }
 
@@ -105,26 +109,29 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
     private func decide(context: ChannelHandlerContext, head: HTTPRequestHead, target: RequestTarget, endpoint: Endpoint) {
         let channel = context.channel
         let decide = policy.decide
-        let verdict = handshake.buildUpgradeResponse(channel: channel, upgradeRequest: head, initialResponseHeaders: HTTPHeaders())
-            .assumeIsolated().flatMap { accept -> EventLoopFuture<HTTPHeaders?> in
-                decide(channel, head, target, endpoint).assumeIsolated().map { extra -> HTTPHeaders? in
-                    guard var headers = extra else { return nil }
+        let decision = handshake.buildUpgradeResponse(channel: channel, upgradeRequest: head, initialResponseHeaders: HTTPHeaders())
+            .assumeIsolated().flatMap { accept -> EventLoopFuture<UpgradeDecision> in
+                decide(channel, head, target, endpoint).map { decision in
+                    guard case .accept(var headers, let user) = decision else { return decision }
                     headers.add(contentsOf: accept)
-                    return headers
-                }.nonisolated()
+                    return .accept(headers, user: user)
+                }
             }
         // Usually complete already (no token to verify): then this runs right here.
-        verdict.whenComplete { [self] result in
+        decision.whenComplete { [self] result in
             guard case .upgrading(var upgrade) = state else { return }
+            let replay: [HTTPServerRequestPart] = upgrade.endSeen ? [.head(upgrade.head), .end(nil)] : [.head(upgrade.head)]
             switch result {
-            case .success(let headers?):
+            case .success(.accept(let headers, let user)):
                 upgrade.accepted = headers
+                upgrade.user = user
                 state = .upgrading(upgrade)
                 finishIfReady(context: context)
-            case .success(nil), .failure:
-                // Refused, or not a valid handshake: the HTTP handler answers the request
-                // (the refusal the policy recorded, or 426 at a WebSocket endpoint).
-                continueAsHTTP(context: context, replaying: upgrade.endSeen ? [.head(upgrade.head), .end(nil)] : [.head(upgrade.head)])
+            case .success(.refuse(let refusal)):
+                continueAsHTTP(context: context, replaying: replay, refusal: refusal)
+            case .failure:
+                // Not a valid handshake: the HTTP handler answers 426 at a WebSocket endpoint.
+                continueAsHTTP(context: context, replaying: replay, refusal: nil)
             }
         }
     }
@@ -138,7 +145,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
         // Not flushed yet: the session's hello goes out in the same write(2).
         context.write(wrapOutboundOut(response), promise: nil)
         do {
-            try policy.configure(context.channel, upgrade.head, upgrade.endpoint)
+            try policy.configure(context.channel, upgrade.endpoint, upgrade.user)
             context.flush()
             let pipeline = context.pipeline.syncOperations
             let decoder = try pipeline.context(handlerType: ByteToMessageHandler<HTTPRequestDecoder>.self)
@@ -157,12 +164,12 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
 
     // MARK: plain HTTP
 
-    private func continueAsHTTP(context: ChannelHandlerContext, replaying parts: [HTTPServerRequestPart]) {
+    private func continueAsHTTP(context: ChannelHandlerContext, replaying parts: [HTTPServerRequestPart], refusal: ProtocolError? = nil) {
         state = .done
         do {
             let handlers: [any ChannelHandler] = [
                 HTTPResponseEncoder(), HTTPServerPipelineHandler(), NIOHTTPResponseHeadersValidator(),
-                HTTPServerProtocolErrorHandler(), policy.makeHTTPHandler(),
+                HTTPServerProtocolErrorHandler(), policy.makeHTTPHandler(refusal),
             ]
             try context.pipeline.syncOperations.addHandlers(handlers, position: .after(self))
         } catch {
