@@ -269,3 +269,55 @@ def test_a_join_told_unavailable_once_the_outage_outlasts_the_wait(make_gateway)
             await close_all([ws])
 
     run_async(main(), 30)
+
+
+def test_redis_acks_follow_their_message_while_others_join(make_gateway, make_redis):
+    """Redis bus: a sender's ack comes after its own message even while other members keep
+    joining the room on the same worker. (A join's answer released the acks of every
+    publish up to its seq, before those messages had come in live: ack before message.)"""
+    redis = make_redis()
+    gw = make_gateway(workers=1, env=redis_env(redis.url), ready_roles=[])
+    room = "acks"
+    n = 600
+
+    async def main():
+        await wait_bus_ready(gw)
+        pub, _ = await connect_hello(gw, "pub")
+        conns = [pub]
+        try:
+            j, _ = await join_room(pub, room)
+            assert j.get("type") == "joined", j
+            px = Inbox(pub, "pub")
+
+            async def joiners():
+                k = 0
+                while px.counts["ack"] < n:
+                    ws, _ = await connect_hello(gw, f"j{k}")
+                    await send_json(ws, {"type": "join", "room": room})
+                    await recv_until(ws, lambda m: m.get("type") == "joined", 5)
+                    await close_all([ws])
+                    k += 1
+                return k
+
+            joining = asyncio.create_task(joiners())
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for i in range(n):
+                await send_json(pub, {"type": "send", "room": room, "text": f"m{i}", "ref": f"r{i}"})
+                await asyncio.sleep(max(0.0, t0 + (i + 1) / 300 - loop.time()))
+            await px.wait(lambda ib: ib.counts["ack"] >= n, 20, f"{n} acks")
+            joins = await asyncio.wait_for(joining, 10)
+            px.stop()
+            seen, early = set(), []
+            for m in px.msgs:
+                if m.get("type") == "message":
+                    seen.add(m["text"])
+                elif m.get("type") == "ack" and f"m{m['ref'][1:]}" not in seen:
+                    early.append(m)
+            assert not early, f"{len(early)} of {n} acks came before their message ({joins} joins meanwhile): {early[:3]}"
+            return joins
+        finally:
+            await close_all(conns)
+
+    joins = run_async(main(), 60)
+    print(f"\n[acks] {n} sends, every ack after its message, {joins} joins meanwhile")

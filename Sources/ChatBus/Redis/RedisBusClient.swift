@@ -109,7 +109,6 @@ public final class RedisBusClient: ArchiverBus {
                     return JoinResult(room: state.snapshot, replay: replay, gap: gap)
                 }, completion)
                 joinAnswered(room)
-                if case .success(let state) = result { answered(room, upTo: state.snapshot) }
             }
         }
     }
@@ -216,7 +215,10 @@ public final class RedisBusClient: ArchiverBus {
             state.epoch = snapshot.epoch
             state.lastSeq = snapshot.seq
             rooms[room] = state
-            return completion(result)
+            completion(result)
+            // The worker starts the room with this answer's replay (a re-join after a
+            // reconnect): publishes it covers were delivered that way, so their answers go.
+            return answered(room, upTo: snapshot)
         }
         if state.epoch == snapshot.epoch && state.lastSeq >= snapshot.seq { return completion(result) }
         state.waitingAnswers.append((snapshot.seq, snapshot.epoch, { completion(result) }))
@@ -250,8 +252,9 @@ public final class RedisBusClient: ArchiverBus {
         unsubscribeIfUnused(room)
     }
 
-    /// A join was answered and its replay handed to the worker: the publishes it covers
-    /// were delivered that way, so their answers may go.
+    /// A join that starts the room was answered and its replay handed to the worker: the
+    /// publishes it covers were delivered that way, so their answers may go. (When the
+    /// worker was already receiving the room, `deliver` answers them as their messages come.)
     private func answered(_ room: String, upTo snapshot: RoomSnapshot) {
         guard var state = rooms[room], !state.pendingAcks.isEmpty else { return }
         let covered: ((seq: Int, epoch: String, complete: () -> Void)) -> Bool = { $0.epoch == snapshot.epoch && $0.seq <= snapshot.seq }
