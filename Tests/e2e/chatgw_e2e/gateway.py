@@ -95,7 +95,10 @@ class Gateway:
         self.metrics_port = free_port() if metrics else None
         user_env = dict(env or {})
         extra = {}
-        if self.metrics_port is not None and "CHATGW_METRICS_LISTEN" not in user_env:
+        # Ports free_port() picked: free when picked, but another process (a client's
+        # ephemeral port, another test's server) may take one before chatgw binds it.
+        self._picked_metrics = self.metrics_port is not None and "CHATGW_METRICS_LISTEN" not in user_env
+        if self._picked_metrics:
             # keep the default 127.0.0.1:9090 free of clashes between gateways
             extra["CHATGW_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port}"
         extra.update(user_env)
@@ -137,8 +140,28 @@ class Gateway:
         self.started_at = time.monotonic()
         self._recorded.add(self.proc.pid)
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except GatewayError:
+                if not self._lost_a_port_race(tries_left=3):
+                    raise
+                return self.start(wait_ready, timeout)
         return self
+
+    def _lost_a_port_race(self, tries_left: int) -> bool:
+        """The master exited because a port we picked was taken meanwhile: pick new ones."""
+        self._tries = getattr(self, "_tries", tries_left)
+        if self.alive() or "address already in use" not in self.log_text() or self._tries <= 0:
+            return False
+        self._tries -= 1
+        self._log_file.close()
+        self.port = free_port()
+        self.url = f"ws://{self.host}:{self.port}"
+        self.http_url = f"http://{self.host}:{self.port}"
+        if self._picked_metrics:
+            self.metrics_port = free_port()
+            self.env["CHATGW_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port}"
+        return True
 
     @property
     def master_pid(self) -> int:
