@@ -162,6 +162,8 @@ struct ConfigField: Sendable {
         ConfigField("bus.redis_url", \.bus.redisURL, "a string"),
         .int("bus.outage_wait_ms", \.bus.outageWaitMs, 0...600_000),
 
+        .int("delivery.max_delay_ms", \.delivery.maxDelayMs, 0...2000),
+
         .int("history.messages", \.history.messages, 0...100_000),
         .int("history.max_age_s", \.history.maxAgeSeconds, 1...31_536_000),
         ConfigField("history.persist", \.history.persist, "true or false"),

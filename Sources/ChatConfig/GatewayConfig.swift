@@ -19,6 +19,8 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
     public var history = History()
     /// `limits.*`: per-connection protocol limits.
     public var limits = Limits()
+    /// `delivery.*`: how room messages are written to members.
+    public var delivery = Delivery()
     /// `archive.*`
     public var archive = Archive()
     /// `auth.*`: client authentication.
@@ -104,6 +106,13 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public func sameEndpoint(as other: Bus) -> Bool {
             kind == other.kind && relaySocket == other.relaySocket && redisURL == other.redisURL
         }
+    }
+
+    public struct Delivery: Sendable, Codable, Equatable {
+        /// `delivery.max_delay_ms`: the longest a busy room gathers its members' frames to
+        /// write them together, 0...2000 ms; 0 writes every message at once.
+        public var maxDelayMs = 200
+        public init() {}
     }
 
     public struct History: Sendable, Codable, Equatable {

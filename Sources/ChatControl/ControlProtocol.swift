@@ -138,6 +138,11 @@ public struct RoomStat: Codable, Sendable, Equatable {
     public var members: Int
     public var seq: Int
     public var messagesPerSecond: Double
+    /// How the workers write the room's messages: `immediate` (each at the end of the loop
+    /// tick it came in) or `coalesced` (gathered, several frames per write; a busy room).
+    public var delivery: String?
+    /// Coalesced rooms: frames per member write, averaged over the workers' members.
+    public var framesPerWrite: Double?
 
     public init(room: String, members: Int, seq: Int, messagesPerSecond: Double) {
         self.room = room

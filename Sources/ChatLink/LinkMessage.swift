@@ -27,6 +27,13 @@ public struct ChildStats: Codable, Sendable, Equatable {
     /// Archiver: messages waiting to be written, and messages it could not get at all.
     public var archiveBacklog = 0
     public var archiveLost = 0
+    /// Worker: room messages written to members in gathering windows (busy rooms), and the
+    /// member writes those windows ended with; their ratio is frames per write.
+    public var gatheredDeliveries = 0
+    public var gatheredWrites = 0
+    /// Worker: its rooms whose messages are gathered now, most members first (at most
+    /// `GatheringRoom.reportLimit`).
+    public var gatheringRooms: [GatheringRoom] = []
 
     public init() {}
 
@@ -35,6 +42,40 @@ public struct ChildStats: Codable, Sendable, Equatable {
         self.rooms = rooms
         self.messagesIn = messagesIn
         self.messagesOut = messagesOut
+    }
+}
+
+/// A busy room on one worker: its messages are gathered and written to each member
+/// several frames at a time.
+public struct GatheringRoom: Codable, Sendable, Equatable {
+    public static let reportLimit = 20
+    public var room: String
+    public var members: Int
+    public var framesPerWrite: Double
+
+    public init(room: String, members: Int, framesPerWrite: Double) {
+        self.room = room
+        self.members = members
+        self.framesPerWrite = framesPerWrite
+    }
+
+    /// The same room reported by several workers as one: members added, frames per write
+    /// weighted by members.
+    public static func merged(_ reports: [GatheringRoom]) -> [String: GatheringRoom] {
+        var rooms: [String: GatheringRoom] = [:]
+        for report in reports {
+            guard var room = rooms[report.room] else {
+                rooms[report.room] = report
+                continue
+            }
+            let members = room.members + report.members
+            if members > 0 {
+                room.framesPerWrite = (room.framesPerWrite * Double(room.members) + report.framesPerWrite * Double(report.members)) / Double(members)
+            }
+            room.members = members
+            rooms[report.room] = room
+        }
+        return rooms
     }
 }
 

@@ -396,13 +396,24 @@ public final class Arbiter {
             book.record(stats, role: child.slot.role.rawValue, slot: child.slot.index, pid: child.pid)
             table.childHeartbeat(child.pid, at: now)
         case .rooms(let id, let rooms):
-            pendingRooms.removeValue(forKey: id)?(ControlResponse(ok: true, rooms: rooms))
+            pendingRooms.removeValue(forKey: id)?(ControlResponse(ok: true, rooms: withDelivery(rooms)))
         case .stop, .kick, .roomsRequest:
             logger.warning("child sent a master-only message", metadata: metadata(child))
         }
     }
 
     // MARK: status and metrics
+
+    /// The relay counts a room's members and rate; the workers know how they write it.
+    private func withDelivery(_ rooms: [RoomStat]) -> [RoomStat] {
+        let coalesced = GatheringRoom.merged(children.values.filter { $0.slot.role == .worker }.flatMap(\.stats.gatheringRooms))
+        return rooms.map { room in
+            var room = room
+            room.delivery = coalesced[room.room] == nil ? "immediate" : "coalesced"
+            room.framesPerWrite = coalesced[room.room]?.framesPerWrite
+            return room
+        }
+    }
 
     private func statusReport() -> StatusReport {
         let now = monotonicSeconds()

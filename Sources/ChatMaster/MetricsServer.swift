@@ -13,6 +13,7 @@ final class MetricsBook {
     let registry = PrometheusCollectorRegistry()
     private var previous: [pid_t: ChildStats] = [:]
     private var latency: [Labels: ValueHistogram] = [:]
+    private var roomGauges: [String: Gauge] = [:]
 
     private struct Labels: Hashable {
         var role: String
@@ -37,6 +38,9 @@ final class MetricsBook {
         add("slow_consumer_disconnects", "Connections closed for falling behind", stats.slowConsumerDisconnects, before.slowConsumerDisconnects)
         add("flood_disconnects", "Connections closed for flooding", stats.floodDisconnects, before.floodDisconnects)
         add("archive_lost", "Messages the archiver could no longer get from the bus history", stats.archiveLost, before.archiveLost)
+        add("coalesced_deliveries", "Room messages written to members in busy rooms' gathering windows (coalesced delivery)", stats.gatheredDeliveries, before.gatheredDeliveries)
+        add("coalesced_writes", "Member writes that ended busy rooms' gathering windows (deliveries per write: frames per write)",
+            stats.gatheredWrites, before.gatheredWrites)
         recordLatency(stats, before: before, labels: labels)
     }
 
@@ -74,9 +78,27 @@ final class MetricsBook {
             registry.makeGauge(descriptor: Self.descriptor("resident", unit: "bytes", help: "Resident set size of the slot's processes"),
                                labels: labels.pairs).set(to: Double(sum.resident))
         }
+        refreshGatheringRooms(children.flatMap(\.stats.gatheringRooms))
         for child in children where child.role == "archiver" {
             registry.makeGauge(descriptor: Self.descriptor("archive_backlog", unit: "messages", help: "Messages waiting to be written to the archive"),
                                labels: Labels(role: child.role, slot: child.slot).pairs).set(to: Double(child.stats.archiveBacklog))
+        }
+    }
+
+    /// One series per room whose messages are gathered now (a handful of busy rooms, not
+    /// every room); a room that went quiet loses its series.
+    private func refreshGatheringRooms(_ reports: [GatheringRoom]) {
+        let now = GatheringRoom.merged(reports)
+        for (room, gauge) in roomGauges where now[room] == nil {
+            registry.unregisterGauge(gauge)
+            roomGauges[room] = nil
+        }
+        for (room, report) in now {
+            let gauge = roomGauges[room] ?? registry.makeGauge(
+                descriptor: Self.descriptor("room_frames_per_write", unit: "", help: "Frames per member write in a room whose messages are gathered (busy rooms only)"),
+                labels: [("room", room)])
+            roomGauges[room] = gauge
+            gauge.set(to: report.framesPerWrite)
         }
     }
 

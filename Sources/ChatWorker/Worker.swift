@@ -47,7 +47,7 @@ final class Worker: BusDelegate {
         self.eventLoop = eventLoop
         self.logger = logger
         self.bus = bus
-        self.rooms = LocalRooms(eventLoop: eventLoop)
+        self.rooms = LocalRooms(eventLoop: eventLoop, maxDelayMs: settings.config.delivery.maxDelayMs)
         bus.delegate = self
     }
 
@@ -86,6 +86,9 @@ final class Worker: BusDelegate {
         stats.floodDisconnects = counters.floodDisconnects
         stats.busLatencyBuckets = counters.busLatencyBuckets
         stats.busLatencySumSeconds = counters.busLatencySumSeconds
+        stats.gatheredDeliveries = rooms.gatheredDeliveries
+        stats.gatheredWrites = rooms.gatheredWrites
+        stats.gatheringRooms = rooms.gatheringRooms(limit: GatheringRoom.reportLimit)
         return stats
     }
 

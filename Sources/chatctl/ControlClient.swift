@@ -81,8 +81,10 @@ enum Table {
     }
 
     static func rooms(_ rooms: [RoomStat]) -> String {
-        let header = ["ROOM", "MEMBERS", "SEQ", "MSG/S"]
-        return render([header] + rooms.map { [$0.room, "\($0.members)", "\($0.seq)", rate($0.messagesPerSecond)] })
+        let header = ["ROOM", "MEMBERS", "SEQ", "MSG/S", "DELIVERY", "FRAMES/WRITE"]
+        return render([header] + rooms.map {
+            [$0.room, "\($0.members)", "\($0.seq)", rate($0.messagesPerSecond), $0.delivery ?? "-", $0.framesPerWrite.map(rate) ?? "1"]
+        })
     }
 
     private static func render(_ rows: [[String]]) -> String {

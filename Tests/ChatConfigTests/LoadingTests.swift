@@ -85,7 +85,7 @@ import Testing
         "supervisor.restart_reset_after_s": "60", "supervisor.crash_loop_restarts": "7",
         "supervisor.drain_timeout_s": "2.5", "supervisor.heartbeat_interval_ms": "500",
         "supervisor.heartbeat_timeout_s": "3", "control.socket": "c.sock", "bus.kind": "redis",
-        "bus.relay_socket": "r.sock", "bus.redis_url": "redis://h:1/0", "bus.outage_wait_ms": "0", "history.messages": "0",
+        "bus.relay_socket": "r.sock", "bus.redis_url": "redis://h:1/0", "bus.outage_wait_ms": "0", "delivery.max_delay_ms": "0", "history.messages": "0",
         "history.max_age_s": "60", "history.persist": "yes", "history.dir": "h",
         "limits.max_frame_bytes": "125", "limits.max_text_bytes": "100", "limits.rate_per_s": "0.5",
         "limits.burst": "1", "limits.flood_violations": "3", "limits.rooms_per_connection": "2",

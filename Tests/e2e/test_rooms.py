@@ -12,6 +12,8 @@ import signal
 import time
 from collections import Counter
 
+import pytest
+
 from chatgw_e2e.ops import scrape
 from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
 from chatgw_e2e.raw import RawWS
@@ -364,10 +366,14 @@ def test_relay_kill_during_traffic(make_gateway):
 # 5 ---------------------------------------------------------------------------
 
 
-def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
+@pytest.mark.parametrize("max_delay_ms", [0, 200])
+def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway, max_delay_ms):
     """A member that stops reading is cut off (bye slow_consumer, close 4000) while the room
     goes on: the normal member on its worker gets every message in order and is never
-    dropped, and neither is the publisher.
+    dropped, and neither is the publisher. With `delivery.max_delay_ms` 200 the room (50
+    msg/s) is a hot one whose frames are gathered: gathering must not let the slow member's
+    backlog grow past the limit or hold the others back; with 0 every message is written
+    at once.
 
     A correctness test, not a speed test (scripts/bench measures speed): 500 messages of
     16 KB at 50 a second, a small fraction of what even a debug build on a busy machine
@@ -382,7 +388,8 @@ def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
     control member by as long as it waited (and never get everything if it waited for good).
     """
     gw = make_gateway(workers=2, env={**FAST, "CHATGW_LIMITS_OUTBOUND_BUFFER_BYTES": "65536",
-                                      "CHATGW_LIMITS_MAX_TEXT_BYTES": "16384"})
+                                      "CHATGW_LIMITS_MAX_TEXT_BYTES": "16384",
+                                      "CHATGW_DELIVERY_MAX_DELAY_MS": str(max_delay_ms)})
     room = "slow"
     n, rate = 500, 50.0
     max_behind_s = 1.0  # normal member behind the control member, any message
@@ -510,6 +517,11 @@ def test_slow_consumer_is_dropped_and_room_keeps_pace(make_gateway):
             await close_all(conns)
 
     publish_s, lat, worst, dropped_at, got, end = run_async(main(), 75)
+    coalesced = scrape(gw).sum("chatgw_coalesced_writes_total", role="worker")
+    if max_delay_ms:
+        assert coalesced > 0, "the room at 50 msg/s was never coalesced: the test did not try a hot room"
+    else:
+        assert coalesced == 0, f"{coalesced} coalesced writes with delivery.max_delay_ms 0"
     print(f"slow consumer: published {n} in {publish_s:.2f}s; drop seen with {dropped_at} delivered; normal member "
           f"at most {worst[0] * 1000:.0f} ms behind the control member, latency p50 {lat[len(lat) // 2] * 1000:.1f} ms "
           f"max {lat[-1] * 1000:.1f} ms; slow one read {got} before its end (close {end.close_code}, eof {end.eof})")

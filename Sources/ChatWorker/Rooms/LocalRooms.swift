@@ -1,12 +1,16 @@
 import ChatBus
+import ChatLink
 import ChatProtocol
 import NIOCore
 
 // The worker's room table. For each room with at least one local member: the members
 // (sessions on this worker's loop), and how far this worker has delivered the room
 // (epoch and last seq), which tells a resync after a bus outage where to resume. A room message is encoded into one
-// WebSocket frame and those bytes are written to every member; each member is flushed
-// once per loop tick, however many messages reached it in that tick.
+// WebSocket frame and those bytes are written to every member. A quiet room's members are
+// flushed once per loop tick, however many messages reached them in that tick; a busy
+// room's are flushed once per gathering window (`DeliveryPace`), so each member gets the
+// window's frames in one write. Writes still happen in arrival order, so a member's frames
+// keep their order across rooms and with its own answers; only the flush waits.
 //
 // The bus gives each room's messages once, in order, and answers a join at its place in
 // that stream (the `Bus` protocol): a member answered now gets every live message from now
@@ -26,11 +30,16 @@ final class LocalRooms {
         var epoch: String
         var lastSeq: Int
         var knownMembers: Int
+        var pace: DeliveryPace
+        /// The open gathering window's flush, and the messages written in it so far.
+        var windowFlush: Scheduled<Void>?
+        var gathered = 0
 
-        init(epoch: String, lastSeq: Int, knownMembers: Int) {
+        init(epoch: String, lastSeq: Int, knownMembers: Int, maxDelayMs: Int) {
             self.epoch = epoch
             self.lastSeq = lastSeq
             self.knownMembers = knownMembers
+            pace = DeliveryPace(maxDelayMs: maxDelayMs)
         }
     }
 
@@ -54,9 +63,11 @@ final class LocalRooms {
     private var flushScheduled = false
     private let eventLoop: any EventLoop
     private let allocator = ByteBufferAllocator()
+    private let maxDelayMs: Int
 
-    init(eventLoop: any EventLoop) {
+    init(eventLoop: any EventLoop, maxDelayMs: Int) {
         self.eventLoop = eventLoop
+        self.maxDelayMs = maxDelayMs
     }
 
     var count: Int { rooms.count }
@@ -78,7 +89,7 @@ final class LocalRooms {
         if let existing = rooms[name] {
             room = existing
         } else {
-            room = Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members)
+            room = Room(epoch: snapshot.epoch, lastSeq: snapshot.seq, knownMembers: snapshot.members, maxDelayMs: maxDelayMs)
             rooms[name] = room
         }
         room.knownMembers = snapshot.members
@@ -102,6 +113,7 @@ final class LocalRooms {
         rooms[name]?.members[ObjectIdentifier(session)] = nil
         rooms[name]?.filling[ObjectIdentifier(session)] = nil
         if let room = rooms[name], room.members.isEmpty, room.filling.isEmpty {
+            room.windowFlush?.cancel()
             rooms[name] = nil
         }
     }
@@ -117,7 +129,22 @@ final class LocalRooms {
         guard let room = rooms[message.room] else { return }
         room.epoch = message.epoch
         room.lastSeq = message.seq
-        let frame = broadcast(.message(message), to: room.members)
+        let frame: ByteBuffer
+        switch room.pace.arrived(at: NIODeadline.now().uptimeNanoseconds) {
+        case .now:
+            closeWindow(of: room)
+            frame = broadcast(.message(message), to: room.members)
+        case .gather(let window):
+            frame = encode(.message(message))
+            for session in room.members.values { session.write(frame) }
+            room.gathered += 1
+            gatheredDeliveries += room.members.count
+            if room.windowFlush == nil {
+                room.windowFlush = eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(window))) { [self] in
+                    closeWindow(of: room)
+                }
+            }
+        }
         deliveries += room.members.count
         if !room.filling.isEmpty {
             for (id, filling) in room.filling where filling.follows(message) {
@@ -126,12 +153,40 @@ final class LocalRooms {
         }
     }
 
-    /// Room messages written to members so far.
+    /// Room messages written to members so far; of them, written in gathering windows, and
+    /// the member writes those windows ended with (their ratio: frames per write).
     private(set) var deliveries = 0
+    private(set) var gatheredDeliveries = 0
+    private(set) var gatheredWrites = 0
+
+    /// Ends a room's gathering window: every member gets the window's frames in one write.
+    /// A room that is quiet again is written per tick from now on.
+    private func closeWindow(of room: Room) {
+        guard let flush = room.windowFlush else {
+            if !room.pace.isGathering { room.pace.cooled() }
+            return
+        }
+        flush.cancel()
+        room.windowFlush = nil
+        room.pace.wrote(frames: room.gathered)
+        room.gathered = 0
+        gatheredWrites += room.members.count
+        for session in room.members.values { session.flush() }
+    }
+
+    /// The rooms whose messages are gathered now, busiest first, with their frames per write.
+    func gatheringRooms(limit: Int) -> [GatheringRoom] {
+        rooms.filter { $0.value.pace.isGathering }
+            .map { GatheringRoom(room: $0.key, members: $0.value.members.count, framesPerWrite: $0.value.pace.framesPerWrite) }
+            .sorted { $0.members > $1.members }
+            .prefix(limit).map { $0 }
+    }
 
     /// After a bus outage: what the room's members missed, then the messages again available.
     func resynced(_ name: String, result: JoinResult) {
         guard let room = rooms[name] else { return }
+        // What was gathered before the outage goes out before the gap.
+        closeWindow(of: room)
         if let gap = result.gap {
             let frame = broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), to: room.members)
             for id in room.filling.keys { room.filling[id]!.frames.append(frame) }
@@ -151,7 +206,7 @@ final class LocalRooms {
 
     @discardableResult
     private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) -> ByteBuffer {
-        let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
+        let frame = encode(message)
         for session in members.values {
             session.write(frame)
             if !session.flushQueued {
@@ -161,6 +216,10 @@ final class LocalRooms {
         }
         scheduleFlush()
         return frame
+    }
+
+    private func encode(_ message: ServerMessage) -> ByteBuffer {
+        FrameBytes.text(message.encoded(allocator), allocator: allocator)
     }
 
     private func scheduleFlush() {

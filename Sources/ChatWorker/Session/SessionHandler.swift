@@ -91,6 +91,13 @@ final class SessionHandler: ChannelInboundHandler {
         flush()
     }
 
+    /// Over the outbound buffer while frames were gathered for a busy room: give the kernel
+    /// what it takes now, so gathering never lets a member's backlog grow past the limit.
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if !context.channel.isWritable { flush() }
+        context.fireChannelWritabilityChanged()
+    }
+
     /// Still over the outbound buffer after a flush gave the kernel all it would take:
     /// this reader is too slow for its rooms. Cut it off rather than let its backlog grow
     /// or hold anyone else back. (Judged after the flush, not on every write, so a burst
