@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from chatgw_e2e.ops import ctl_rooms, scrape
 from chatgw_e2e.placement import connect_on_slot, wait_bus_ready
+from chatgw_e2e import redis
+from chatgw_e2e.redis import redis_env
 from chatgw_e2e.rooms import Inbox, wait_all
 from chatgw_e2e.ws import close_all, connect_hello, join_room, run_async, send_json
+
+# fixtures of chatgw_e2e.redis, found by pytest under these names
+make_redis = redis.make_redis
+redis_server = redis.redis_server
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
 HOT_RATE = 50.0  # msg/s: 10 messages in a 200 ms window
@@ -109,10 +117,15 @@ def test_hot_room_is_coalesced_in_order_and_a_quiet_room_is_not(make_gateway):
     assert deliveries / writes > 2, f"{deliveries:.0f} coalesced deliveries in {writes:.0f} writes"
 
 
-def test_hot_room_resume_gets_every_message_once(make_gateway):
+@pytest.mark.parametrize("bus", ["relay", "redis"])
+def test_hot_room_resume_gets_every_message_once(request, make_gateway, bus):
     """A member of a room at 50 msg/s drops its connection in the middle, reconnects and
-    resumes with since+epoch: what it got before and after is every message once, in order."""
-    gw = make_gateway(workers=2, env=FAST)
+    resumes with since+epoch: what it got before and after is every message once, in order
+    (on the embedded relay and on Redis)."""
+    if bus == "redis":
+        gw = make_gateway(workers=2, env=redis_env(request.getfixturevalue("redis_server").url))
+    else:
+        gw = make_gateway(workers=2, env=FAST)
     room, n = "show:resume", 250
 
     async def main():
