@@ -12,7 +12,7 @@ struct ChatBench: ParsableCommand {
             then point chatbench at it; --state-dir (or --server-pid) lets it measure the server's CPU and memory.
             A progress line goes to stderr once a second; --json prints the results as JSON on stdout.
             """,
-        subcommands: [Connect.self, Idle.self, Fanout.self, Churn.self, Child.self])
+        subcommands: [Connect.self, Idle.self, Fanout.self, Hotroom.self, Churn.self, Child.self])
 }
 
 struct CommonOptions: ParsableArguments {
@@ -59,6 +59,20 @@ struct CommonOptions: ParsableArguments {
     var nchanPubPath = "/pub"
 }
 
+/// A fan-out's steps, alike in `fanout` and its presets.
+struct StepOptions: ParsableArguments {
+    @Option(help: "Seconds per step.") var duration = 10.0
+    @Option(help: "At most this many seconds to wait for a step's last messages.") var drain = 15.0
+    @Option(help: "Bytes of message text (padded after the t=;p=;n= header).") var textBytes = 64
+}
+
+/// `--rates 5,10,20`: positive numbers, in the order given.
+func parseRates(_ text: String) throws -> [Double] {
+    let list = text.split(separator: ",").compactMap { Double($0.trimmingCharacters(in: .whitespaces)) }
+    guard !list.isEmpty, list.allSatisfy({ $0 > 0 }) else { throw ValidationError("--rates: positive numbers, comma-separated") }
+    return list
+}
+
 extension ChatBench {
     struct Connect: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Open N connections as fast as possible (bounded concurrency): handshakes/s and latency.")
@@ -94,21 +108,43 @@ extension ChatBench {
         @Option(help: "Rooms; member i joins room i % rooms.") var rooms = 20
         @Option(help: "Publishers: members 0..<P; publisher p sends to room p % rooms.") var publishers = 20
         @Option(help: "Messages per second over all publishers; a comma-separated list steps through rates.") var rates = "500"
-        @Option(help: "Seconds per step.") var duration = 10.0
-        @Option(help: "At most this many seconds to wait for a step's last messages.") var drain = 15.0
+        @OptionGroup var steps: StepOptions
         @Option(name: .customLong("p99-ms"), help: "A step passes only with p99 at or below this.") var p99Ms = 50.0
+        @Option(name: .customLong("abort-p99-ms"), help: "Cut a step short once (after 2 s) its p99 so far is above this, and end the ramp after a step that was cut short or lost, duplicated, reordered or was closed: higher rates only do worse. 0: never.") var abortP99Ms = 0.0
         @Flag(help: "Stop stepping at the first failing rate.") var stopOnFail = false
-        @Option(help: "Bytes of message text (padded after the t=;p=;n= header).") var textBytes = 64
         @Option(help: "Members that stop reading (the last N; never publishers) when the first step starts: they stay connected, are left out of every count and latency, and at the end get 2 s of reading to show whether the server cut them off.") var stalled = 0
 
         func run() throws {
-            let list = rates.split(separator: ",").compactMap { Double($0.trimmingCharacters(in: .whitespaces)) }
-            guard !list.isEmpty, list.allSatisfy({ $0 > 0 }) else { throw ValidationError("--rates: positive numbers, comma-separated") }
-            guard publishers >= 1, publishers <= members, rooms >= 1 else { throw ValidationError("need 1 <= publishers <= members and rooms >= 1") }
-            guard stalled >= 0, stalled <= members - publishers else { throw ValidationError("--stalled: 0 up to members - publishers (publishers never stall)") }
-            let ctx = try Context.make(common, total: members, rooms: rooms, publishers: publishers, textBytes: textBytes, stalled: stalled)
-            Scenarios.fanout(ctx, .init(members: members, rooms: rooms, publishers: publishers, rates: list, duration: duration,
-                                        drainMax: drain, p99LimitMs: p99Ms, stopOnFail: stopOnFail, textBytes: textBytes, stalled: stalled))
+            try Self.start(common, .init(members: members, rooms: rooms, publishers: publishers, rates: try parseRates(rates),
+                                         duration: steps.duration, drainMax: steps.drain, p99LimitMs: p99Ms, abortP99Ms: abortP99Ms,
+                                         stopOnFail: stopOnFail, textBytes: steps.textBytes, stalled: stalled))
+        }
+
+        /// Validates the parameters and runs the fan-out (`fanout` and its presets).
+        static func start(_ common: CommonOptions, _ p: Scenarios.FanoutParams) throws {
+            guard p.publishers >= 1, p.publishers <= p.members, p.rooms >= 1 else { throw ValidationError("need 1 <= publishers <= members and rooms >= 1") }
+            guard p.stalled >= 0, p.stalled <= p.members - p.publishers else { throw ValidationError("--stalled: 0 up to members - publishers (publishers never stall)") }
+            let ctx = try Context.make(common, total: p.members, rooms: p.rooms, publishers: p.publishers, textBytes: p.textBytes, stalled: p.stalled)
+            Scenarios.fanout(ctx, p)
+        }
+    }
+
+    /// The hot room of a live show (issue 19): a preset of `fanout`, not a scenario of its own.
+    struct Hotroom: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "A live show's chat: N members in ONE room, one publisher, rising rates (fanout --rooms 1 --publishers 1 with a p99 limit of 500 ms).",
+            discussion: "The best rate that passes (p99 <= --p99-ms, nothing lost) is the result. A step whose p99 so far passes --abort-p99-ms after 2 s is cut short, and a step cut short or with losses ends the ramp: a hopeless rate takes seconds, not minutes.")
+        @OptionGroup var common: CommonOptions
+        @Option(help: "Members of the room, the publisher included.") var members = 18_000
+        @Option(help: "Messages per second into the room, comma-separated, stepping up.") var rates = "5,10,20,50,100"
+        @OptionGroup var steps: StepOptions
+        @Option(name: .customLong("p99-ms"), help: "A step passes only with p99 at or below this (a live stream's video runs seconds behind).") var p99Ms = 500.0
+        @Option(name: .customLong("abort-p99-ms"), help: "Cut a step short above this p99 (default: 4 x --p99-ms; 0: never).") var abortP99Ms: Double?
+
+        func run() throws {
+            try Fanout.start(common, .init(scenario: "hotroom", members: members, rooms: 1, publishers: 1, rates: try parseRates(rates),
+                                           duration: steps.duration, drainMax: steps.drain, p99LimitMs: p99Ms, abortP99Ms: abortP99Ms ?? 4 * p99Ms,
+                                           stopOnFail: false, textBytes: steps.textBytes))
         }
     }
 

@@ -40,7 +40,7 @@ final class BenchConnection: ChannelInboundHandler {
     /// Last seq received in the room (-1: not joined yet).
     private var lastSeq = -1
     /// The last counter seen from each publisher of the room (slot = publisher / rooms).
-    private var publisherLast: [Int32]
+    private var publisherLast: PublisherCounters
     /// Publisher id (global index), or -1.
     let publisherID: Int
     /// Messages this publisher sent in the current step, and ever (the `n` it writes).
@@ -64,7 +64,7 @@ final class BenchConnection: ChannelInboundHandler {
         self.shard = shard
         // nchan has no seq: a member expects each publisher's counter to start at 1 (it
         // subscribed before anything was published), so 0 is "nothing seen yet".
-        self.publisherLast = [Int32](repeating: shard.spec.nchan ? 0 : -1, count: publisherSlots)
+        self.publisherLast = PublisherCounters(slots: publisherSlots, initial: shard.spec.nchan ? 0 : -1)
     }
 
     var isOpen: Bool { state == .open && (joined || publishOnly) }
@@ -177,20 +177,24 @@ final class BenchConnection: ChannelInboundHandler {
 
     // MARK: input
 
+    /// Any number of frames per read, a frame split over reads: the bytes after the last
+    /// complete frame wait in `cumulation` for the next read.
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var incoming = unwrapInboundIn(data)
+        var buffer = unwrapInboundIn(data)
         shard.nowNs = monotonicNanos()
-        if cumulation == nil {
-            cumulation = incoming
-        } else {
-            cumulation!.writeBuffer(&incoming)
+        if var head = cumulation {
+            cumulation = nil  // `head` is then its storage's only owner: appending does not copy
+            head.writeBuffer(&buffer)
+            buffer = head
         }
-        process(context: context)
+        process(&buffer, context: context)
     }
 
-    private func process(context: ChannelHandlerContext) {
-        guard var buffer = cumulation else { return }
-        cumulation = nil
+    /// Nothing after this handler wants it: not passing it on saves a walk to the pipeline's
+    /// tail on every read.
+    func channelReadComplete(context: ChannelHandlerContext) {}
+
+    private func process(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
         if state == .handshaking {
             guard let headEnd = buffer.withUnsafeReadableBytes({ raw -> Int? in
                 guard let p = raw.baseAddress, let at = Scan.find(p, raw.count, "\r\n\r\n") else { return nil }
@@ -218,7 +222,12 @@ final class BenchConnection: ChannelInboundHandler {
         let consumed = buffer.withUnsafeReadableBytes { raw in parseFrames(raw, context: context) }
         buffer.moveReaderIndex(forwardBy: consumed)
         if buffer.readableBytes > 0 && state != .closed {
-            cumulation = buffer
+            // Only the unparsed tail is kept, in a buffer of its own: keeping the read's buffer
+            // would keep the parsed bytes ahead of the tail too, and with frames split over
+            // every read (coalesced writes) they would pile up read after read.
+            var rest = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 256))
+            rest.writeBuffer(&buffer)
+            cumulation = rest
         }
     }
 
@@ -546,6 +555,27 @@ final class BenchConnection: ChannelInboundHandler {
             return n
         }
         context.write(wrapOutboundOut(frame), promise: nil)
+    }
+}
+
+/// The last counter seen from each of a room's publishers. Slot 0 is stored inline: nearly
+/// every room has one publisher, and a separate array would cost a cache miss per message.
+struct PublisherCounters {
+    private var first: Int32
+    private var rest: [Int32]
+    let count: Int
+
+    init(slots: Int, initial: Int32) {
+        count = slots
+        first = initial
+        rest = [Int32](repeating: initial, count: max(0, slots - 1))
+    }
+
+    subscript(slot: Int) -> Int32 {
+        get { slot == 0 ? first : rest[slot - 1] }
+        set {
+            if slot == 0 { first = newValue } else { rest[slot - 1] = newValue }
+        }
     }
 }
 

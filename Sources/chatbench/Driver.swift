@@ -10,7 +10,8 @@ import NIOConcurrencyHelpers
 protocol Driver: AnyObject {
     var onProgress: ((Progress) -> Void)? { get set }
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport
-    func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport
+    /// `abortP99Ms` > 0: cut the step short once its p99 passes that (see `Engine.step`).
+    func step(rate: Double, seconds: Double, drainMax: Double, abortP99Ms: Double) -> PhaseReport
     func churn(rate: Double, seconds: Double) -> PhaseReport
     /// `--stalled`: the stalled members read again for up to `seconds`; reports how many found their connection ended.
     func probeStalled(seconds: Double) -> PhaseReport
@@ -33,7 +34,9 @@ final class LocalDriver: Driver {
     }
 
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport { engine.setup(total: total, mode: mode, timeout: timeout) }
-    func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport { engine.step(rate: rate, seconds: seconds, drainMax: drainMax) }
+    func step(rate: Double, seconds: Double, drainMax: Double, abortP99Ms: Double) -> PhaseReport {
+        engine.step(rate: rate, seconds: seconds, drainMax: drainMax, abortP99Ms: abortP99Ms)
+    }
     func churn(rate: Double, seconds: Double) -> PhaseReport { engine.churn(rate: rate, seconds: seconds) }
     func probeStalled(seconds: Double) -> PhaseReport { engine.probeStalled(seconds: seconds) }
     func hold(seconds: Double) -> PhaseReport { engine.hold(seconds: seconds) }
@@ -50,6 +53,7 @@ struct ChildCommand: Codable {
     var rate = 0.0
     var seconds = 0.0
     var drainMax = 0.0
+    var abortP99Ms = 0.0
 }
 
 /// The parent's side: K children (`chatbench child --spec JSON`), each playing the
@@ -162,8 +166,9 @@ final class ShardedDriver: Driver {
         run(ChildCommand(op: "setup", total: total, mode: mode, timeout: timeout))
     }
 
-    func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport {
-        run(ChildCommand(op: "step", rate: rate, seconds: seconds, drainMax: drainMax))
+    func step(rate: Double, seconds: Double, drainMax: Double, abortP99Ms: Double) -> PhaseReport {
+        // Each process judges the p99 of its own members: they are a sample of every room.
+        run(ChildCommand(op: "step", rate: rate, seconds: seconds, drainMax: drainMax, abortP99Ms: abortP99Ms))
     }
 
     func churn(rate: Double, seconds: Double) -> PhaseReport {
@@ -208,7 +213,8 @@ enum ChildMain {
             var report: PhaseReport
             switch command.op {
             case "setup": report = engine.setup(total: command.total, mode: command.mode, timeout: command.timeout)
-            case "step": report = engine.step(rate: command.rate, seconds: command.seconds, drainMax: command.drainMax)
+            case "step":
+                report = engine.step(rate: command.rate, seconds: command.seconds, drainMax: command.drainMax, abortP99Ms: command.abortP99Ms)
             case "churn": report = engine.churn(rate: command.rate, seconds: command.seconds)
             case "probe": report = engine.probeStalled(seconds: command.seconds)
             case "hold": report = engine.hold(seconds: command.seconds)

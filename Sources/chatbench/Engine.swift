@@ -363,6 +363,9 @@ final class Engine {
         try? group.syncShutdownGracefully()
     }
 
+    /// A step is not cut short before this: its first second's p99 says little.
+    static let minAbortSeconds = 2.0
+
     /// Runs `body` on every shard's loop and waits for all answers.
     func onAll<T: Sendable>(_ body: @escaping @Sendable (LoopShard) -> T) -> [T] {
         let futures = shards.map { shard in shard.eventLoop.submit { body(shard.value) } }
@@ -388,17 +391,22 @@ final class Engine {
         return merged
     }
 
-    /// Waits, reporting progress once a second, until `done` or the deadline.
-    private func wait(seconds: Double, pollMs: Int = 50, until done: () -> Bool = { false }) {
+    /// Waits, reporting progress once a second, until `done` or the deadline; or until
+    /// `giveUp` says yes to a progress snapshot (returns true then).
+    @discardableResult
+    private func wait(seconds: Double, pollMs: Int = 50, until done: () -> Bool = { false },
+                      giveUp: ((Progress) -> Bool)? = nil) -> Bool {
         let start = monotonicNanos()
         var lastProgress = start
         while true {
             let now = monotonicNanos()
-            if Double(now - start) / 1e9 >= seconds { return }
-            if done() { return }
+            if Double(now - start) / 1e9 >= seconds { return false }
+            if done() { return false }
             if now - lastProgress >= 1_000_000_000 {
                 lastProgress = now
-                onProgress?(snapshot())
+                let progress = snapshot()
+                onProgress?(progress)
+                if let giveUp, giveUp(progress) { return true }
             }
             sleepMillis(pollMs)
         }
@@ -449,15 +457,21 @@ final class Engine {
     }
 
     /// Publishes at `rate` messages per second in all (shared by every publisher of every
-    /// process) for `seconds`, then waits for the tail to arrive.
-    func step(rate: Double, seconds: Double, drainMax: Double) -> PhaseReport {
+    /// process) for `seconds`, then waits for the tail to arrive. With `abortP99Ms` > 0
+    /// publishing stops once, after `minAbortSeconds`, the p99 so far passes it: the backlog
+    /// of a rate the server cannot carry only grows. The tail is waited for as in any step,
+    /// so that what the step calls lost is lost, not cut off.
+    func step(rate: Double, seconds: Double, drainMax: Double, abortP99Ms: Double = 0) -> PhaseReport {
         _ = onAll { $0.resetPhase() }
         if spec.stalledCount > 0 { _ = onAll { $0.stallMembers() } }
         let cpu0 = Proc.selfTicks()
         let perPublisher = spec.publishers > 0 ? rate / Double(spec.publishers) : 0
         let start = monotonicNanos() + 2_000_000
         _ = onAll { $0.startPublishing(perPublisher: perPublisher, start: start) }
-        wait(seconds: seconds + 0.002)
+        let giveUp: ((Progress) -> Bool)? = abortP99Ms <= 0 ? nil : { progress in
+            Double(monotonicNanos() &- start) / 1e9 >= Self.minAbortSeconds && Double(progress.p99us) / 1000 > abortP99Ms
+        }
+        let aborted = wait(seconds: seconds + 0.002, giveUp: giveUp)
         _ = onAll { $0.stopPublishing() }
         let windowEnd = monotonicNanos()
         let atWindowEnd = onAll { ($0.counters.deliveries, $0.counters.sent) }
@@ -479,6 +493,7 @@ final class Engine {
         report.windowDeliveries = atWindowEnd.reduce(0) { $0 + $1.0 }
         report.windowSent = atWindowEnd.reduce(0) { $0 + $1.1 }
         report.elapsedNs = windowEnd - start
+        report.aborted = aborted
         report.drainNs = drainEnd > windowEnd + 1_000_000_000 ? drainEnd - windowEnd - 1_000_000_000 : 0
         report.clientCPUTicks = Proc.selfTicks() - cpu0
         report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0

@@ -344,6 +344,8 @@ enum Scenarios {
     }
 
     struct FanoutParams {
+        /// "fanout", or the preset it runs for ("hotroom"): the result's `scenario`.
+        var scenario = "fanout"
         var members: Int
         var rooms: Int
         var publishers: Int
@@ -351,6 +353,8 @@ enum Scenarios {
         var duration: Double
         var drainMax: Double
         var p99LimitMs: Double
+        /// > 0: cut a step short above this p99, and end the ramp after a step that went badly.
+        var abortP99Ms = 0.0
         var stopOnFail: Bool
         var textBytes: Int
         /// Members (the last ones) that stop reading when the first step starts.
@@ -376,10 +380,11 @@ enum Scenarios {
         let everyoneJoined = joined == p.members
         var steps: [JSON] = []
         var best: Double = 0
+        var bestRate: Double = 0
         for (k, rate) in p.rates.enumerated() {
             m.begin("fanout step \(k + 1)/\(p.rates.count) \(fmt(rate, 0)) msg/s")
             let s0 = m.sample()
-            let r = ctx.driver.step(rate: rate, seconds: p.duration, drainMax: p.drainMax)
+            let r = ctx.driver.step(rate: rate, seconds: p.duration, drainMax: p.drainMax, abortP99Ms: p.abortP99Ms)
             let s1 = m.sample()
             let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
             let c = r.counters
@@ -396,9 +401,12 @@ enum Scenarios {
             }
             let achieved = window > 0 ? Double(r.windowDeliveries) / window : 0
             let lat = LatencySummary(r.latency)
-            let pass = everyoneJoined && offered > 0 && lat.p99ms <= p.p99LimitMs && lost == 0 && c.duplicates == 0 && c.holes == 0
-                && c.orderViolations == 0 && c.unexpectedCloses == 0 && c.errors == 0 && achieved >= 0.95 * offered
-            if pass { best = max(best, achieved) }
+            let broken = lost != 0 || c.duplicates != 0 || c.holes != 0 || c.orderViolations != 0 || c.unexpectedCloses != 0 || c.errors != 0
+            let pass = everyoneJoined && offered > 0 && lat.p99ms <= p.p99LimitMs && !broken && !r.aborted && achieved >= 0.95 * offered
+            if pass {
+                best = max(best, achieved)
+                bestRate = max(bestRate, rate)
+            }
             var step: JSON = [
                 "rate_msgs_per_s": rate, "seconds": round3(window), "drain_seconds": round3(Double(r.drainNs) / 1e9),
                 "sent": c.sent, "sent_in_window": r.windowSent,
@@ -411,7 +419,7 @@ enum Scenarios {
                 "server_cpu_us_per_delivery": cpu.serverMicros(per: c.deliveries),
                 "server_sys_us_per_delivery": cpu.serverSystemMicros(per: c.deliveries),
                 "client_cpu_us_per_message": cpu.clientMicros(per: c.deliveries + c.sent),
-                "cpu": cpu.json, "pass": pass,
+                "cpu": cpu.json, "pass": pass, "aborted": r.aborted,
             ]
             if p.stalled > 0 {
                 step["stalled_members"] = r.stalledMembers
@@ -420,11 +428,20 @@ enum Scenarios {
             steps.append(step)
             summary.append("  \(fmt(rate, 0)) msg/s -> \(fmt(achieved, 0)) deliveries/s (offered \(fmt(offered, 0))): latency \(lat.text)")
             summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))% of a core; kernel \(fmt(cpu.serverSystemMicros(per: c.deliveries), 2))), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message; \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost\(everyoneJoined ? "" : "; only \(joined) of \(p.members) members joined"))")
+            if r.aborted {
+                summary.append("      cut short after \(fmt(window, 1)) s: p99 so far above \(fmt(p.abortP99Ms, 0)) ms")
+            }
             if p.stalled > 0 {
                 summary.append("      stalled members \(r.stalledMembers) (not reading; left out of the figures above), \(r.stalledGone) of them seen closed so far")
             }
             members = r.roomMembers
             if p.stopOnFail && !pass { break }
+            if p.abortP99Ms > 0 && (r.aborted || broken) {
+                if k + 1 < p.rates.count {
+                    summary.append("  higher rates skipped (\(p.rates[(k + 1)...].map { fmt($0, 0) }.joined(separator: ", ")) msg/s): this step \(r.aborted ? "was cut short" : "lost or broke order")")
+                }
+                break
+            }
             sleepMillis(500)
         }
         // The stalled members read again: does each find its connection ended (close frame or
@@ -437,16 +454,16 @@ enum Scenarios {
         m.begin("closing")
         let left = ctx.driver.closeAll()
         var params: JSON = ["members": p.members, "rooms": p.rooms, "publishers": p.publishers, "rates": p.rates,
-                            "duration_s": p.duration, "p99_limit_ms": p.p99LimitMs, "text_bytes": p.textBytes]
+                            "duration_s": p.duration, "p99_limit_ms": p.p99LimitMs, "abort_p99_ms": p.abortP99Ms, "text_bytes": p.textBytes]
         if p.stalled > 0 { params["stalled"] = p.stalled }
         var result: JSON = [
-            "scenario": "fanout",
+            "scenario": p.scenario,
             "params": params,
             "joined": joined, "setup_failed": totalFailures(setup), "setup_failures": failureJSON(setup),
             "setup_seconds": round3(Double(setup.elapsedNs) / 1e9),
-            "steps": steps, "best_passing_deliveries_per_s": round3(best), "not_closed": left,
+            "steps": steps, "best_passing_deliveries_per_s": round3(best), "best_passing_rate_msgs_per_s": bestRate, "not_closed": left,
         ]
-        summary.append("  best rate that passed: \(fmt(best, 0)) deliveries/s")
+        summary.append("  best rate that passed: \(fmt(best, 0)) deliveries/s\(bestRate > 0 ? " (\(fmt(bestRate, 0)) msg/s)" : "")")
         if let s = stalledProbe {
             let open = s.stalledMembers - s.stalledGone
             result["stalled_members"] = s.stalledMembers

@@ -106,6 +106,8 @@ struct PhaseReport: Codable {
     /// First connect to last setup (setup phases); the publishing window (steps).
     var elapsedNs: UInt64 = 0
     var drainNs: UInt64 = 0
+    /// The step was cut short: its p99 passed the abort limit (`Engine.step`).
+    var aborted = false
     var clientCPUTicks = 0
     var clientRSSKB = 0
     var errorKinds: [String: Int] = [:]
@@ -133,6 +135,7 @@ struct PhaseReport: Codable {
         windowSent += o.windowSent
         elapsedNs = max(elapsedNs, o.elapsedNs)
         drainNs = max(drainNs, o.drainNs)
+        aborted = aborted || o.aborted
         clientCPUTicks += o.clientCPUTicks
         clientRSSKB += o.clientRSSKB
         for (k, v) in o.errorKinds { errorKinds[k, default: 0] += v }
