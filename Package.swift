@@ -60,7 +60,7 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
         // The supervisor: binds, spawns, reaps, restarts, handles signals.
-        .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
+        .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatControl", "ChatConfig", "ChatSystem", "ChatAuth",
             .product(name: "Prometheus", package: "swift-prometheus")]),
         .executableTarget(name: "chatgw", dependencies: ["ChatMaster", "ChatWorker", "ChatRelay", "ChatArchiver", "ChatArchive", "ChatConfig", "ChatSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),

@@ -82,6 +82,9 @@ public struct StatusReport: Codable, Sendable {
     public var lastReload: ReloadReport?
     public var watchdogKills: Int
     public var children: [ChildReport]
+    /// Publish round trips through the bus over the workers' last heartbeat interval;
+    /// nil when there were none.
+    public var busLatency: LatencyReport?
 
     public init(masterPid: Int32, uptimeSeconds: Double, version: String, configPath: String?, generation: Int, listen: String,
                 wantedWorkers: Int, lastReload: ReloadReport?, watchdogKills: Int, children: [ChildReport]) {
@@ -95,6 +98,34 @@ public struct StatusReport: Codable, Sendable {
         self.lastReload = lastReload
         self.watchdogKills = watchdogKills
         self.children = children
+    }
+}
+
+public struct LatencyReport: Codable, Sendable, Equatable {
+    public var p50Seconds: Double
+    public var p99Seconds: Double
+    public var count: Int
+
+    public init(p50Seconds: Double, p99Seconds: Double, count: Int) {
+        self.p50Seconds = p50Seconds
+        self.p99Seconds = p99Seconds
+        self.count = count
+    }
+}
+
+/// What `/status.json` answers: `chatctl status --json`'s report with the busiest rooms
+/// (`chatctl rooms --top`), or why those are missing.
+public struct StatusSnapshot: Codable, Sendable {
+    public var v: Int
+    public var status: StatusReport
+    public var rooms: [RoomStat]?
+    public var roomsError: String?
+
+    public init(status: StatusReport, rooms: [RoomStat]?, roomsError: String?) {
+        self.v = ControlProtocol.version
+        self.status = status
+        self.rooms = rooms
+        self.roomsError = roomsError
     }
 }
 

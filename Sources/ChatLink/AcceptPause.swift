@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ChatSystem
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// What a child's listening channel does when accept() fails for want of resources (above
@@ -23,6 +24,11 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
     /// a freed slot is used at once by a human's measure.
     public static let interval: TimeAmount = .milliseconds(100)
     public static let warningPeriod: TimeAmount = .seconds(10)
+
+    /// Connections this process answered 503 for want of files, for its heartbeats: one
+    /// count per process, whichever listening channel took them.
+    private static let fileLimitRefusals = NIOLockedValueBox(0)
+    public static var fileLimitRefusalsTotal: Int { fileLimitRefusals.withLockedValue { $0 } }
 
     private let logger: Logger
     /// Called when accept() failed with EMFILE; returns how many waiting connections it
@@ -61,6 +67,7 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
         // went: then `relieve` answers no one, which is fine.)
         if ioError.errnoCode == EMFILE, let relieve, let taken = relieve() {
             relievedSinceWarning = (relievedSinceWarning ?? 0) + taken
+            Self.fileLimitRefusals.withLockedValue { $0 += taken }
             warnIfDue(ioError)
             return
         }

@@ -52,9 +52,7 @@ public final class ChildRuntime: Sendable {
         link.withLockedValue { $0 = channel }
         finalStats.withLockedValue { $0 = stats }
         eventLoop.scheduleRepeatedTask(initialDelay: heartbeatInterval, delay: heartbeatInterval) { _ in
-            var figures = stats()
-            figures.residentBytes = ProcessControl.residentBytes()
-            Self.send(.heartbeat(figures), on: channel)
+            Self.send(.heartbeat(Self.withProcessFigures(stats())), on: channel)
         }
         let loop = eventLoop
         SignalQueue.ignore(SIGTERM)
@@ -77,7 +75,7 @@ public final class ChildRuntime: Sendable {
         try? stopped.futureResult.wait()
         // A last heartbeat, so the master's counters include this child's final moments.
         if let channel = link.withLockedValue({ $0 }), let stats = finalStats.withLockedValue({ $0 }) {
-            let figures = try? eventLoop.submit { stats() }.wait()
+            let figures = try? eventLoop.submit { Self.withProcessFigures(stats()) }.wait()
             if let figures {
                 let bytes = LinkMessage.heartbeat(figures).encodedLine()
                 try? channel.writeAndFlush(channel.allocator.buffer(bytes: bytes)).wait()
@@ -90,6 +88,14 @@ public final class ChildRuntime: Sendable {
     /// Ends the child once it has said goodbye to everyone.
     public func finish() {
         stopped.succeed(())
+    }
+
+    /// The child's own figures plus those only the process as a whole knows.
+    private static func withProcessFigures(_ stats: ChildStats) -> ChildStats {
+        var figures = stats
+        figures.residentBytes = ProcessControl.residentBytes()
+        figures.fileLimitRefusals = AcceptPause.fileLimitRefusalsTotal
+        return figures
     }
 
     fileprivate static func send(_ message: LinkMessage, on channel: any Channel) {

@@ -34,6 +34,8 @@ public struct ChildStats: Codable, Sendable, Equatable {
     /// Worker: its rooms whose messages are gathered now, most members first (at most
     /// `GatheringRoom.reportLimit`).
     public var gatheringRooms: [GatheringRoom] = []
+    /// Connections answered 503 because the process had no file left for them.
+    public var fileLimitRefusals = 0
 
     public init() {}
 
@@ -86,6 +88,32 @@ public enum BusLatency {
     /// Index of the bucket `seconds` falls in (the last index is +Inf).
     public static func bucket(for seconds: Double) -> Int {
         bucketBounds.firstIndex { seconds <= $0 } ?? bucketBounds.count
+    }
+
+    /// Round trips per bucket between two cumulative reports of one child.
+    public static func increase(from before: [Int], to now: [Int]) -> [Int] {
+        now.enumerated().map { index, count in max(0, count - (index < before.count ? before[index] : 0)) }
+    }
+
+    /// The `q` quantile (0...1) of the round trips counted in `counts` (one count per
+    /// bucket, +Inf last), interpolated within its bucket as Prometheus'
+    /// `histogram_quantile` does, so the status page and a Grafana panel agree. A
+    /// quantile in the +Inf bucket is the highest finite bound; nil without round trips.
+    public static func quantile(_ q: Double, of counts: [Int]) -> Double? {
+        let total = counts.reduce(0, +)
+        guard total > 0 else { return nil }
+        let rank = q * Double(total)
+        var below = 0
+        for (index, count) in counts.enumerated() where count > 0 {
+            guard Double(below + count) >= rank else {
+                below += count
+                continue
+            }
+            guard index < bucketBounds.count else { return bucketBounds[bucketBounds.count - 1] }
+            let lower = index == 0 ? 0 : bucketBounds[index - 1]
+            return lower + (bucketBounds[index] - lower) * (rank - Double(below)) / Double(count)
+        }
+        return bucketBounds[bucketBounds.count - 1]
     }
 }
 

@@ -43,6 +43,7 @@ public final class Arbiter {
     private let book = MetricsBook()
     private var pendingRooms: [Int: (ControlResponse) -> Void] = [:]
     private var nextRoomsRequest = 0
+    private var topRooms = TopRooms()
 
     /// Binds the worker slots' listening sockets, the control socket and the metrics
     /// listener. Throws a one-line reason naming the address that could not be had.
@@ -102,7 +103,7 @@ public final class Arbiter {
             for signal in signals.drain() { handle(signal: signal) }
             readLinks()
             control.serve { request, reply in handle(request, reply: reply) }
-            metrics?.serve { metricsText() }
+            metrics?.serve(apiKey: settings.config.api.key) { page in answer(page) }
             reap()
             murderUnresponsive()
             if table.isFinished { break }
@@ -294,6 +295,7 @@ public final class Arbiter {
             let child = Child(pid: pid, slot: slot, generation: generation, linkFD: masterEnd, startedAt: now)
             children[pid] = child
             table.childStarted(pid, slot: slot, generation: generation, at: now)
+            book.started(role: slot.role.rawValue, slot: slot.index)
             logger.info("child started", metadata: metadata(child))
         } catch {
             logger.error("cannot start child", metadata: ["role": "\(slot.role.rawValue)", "slot": "\(slot.index)", "error": "\(error)"])
@@ -392,6 +394,7 @@ public final class Arbiter {
                 child.rates = (Double(stats.messagesIn - child.stats.messagesIn) / sinceLast,
                                Double(stats.messagesOut - child.stats.messagesOut) / sinceLast)
             }
+            child.latencyIncrease = BusLatency.increase(from: child.stats.busLatencyBuckets, to: stats.busLatencyBuckets)
             child.stats = stats
             book.record(stats, role: child.slot.role.rawValue, slot: child.slot.index, pid: child.pid)
             table.childHeartbeat(child.pid, at: now)
@@ -437,15 +440,48 @@ public final class Arbiter {
                                        connections: 0, rooms: 0, messagesInPerSecond: 0, messagesOutPerSecond: 0, rssBytes: 0))
         }
         reports.sort { ($0.role, $0.slot, $0.generation) < ($1.role, $1.slot, $1.generation) }
-        return StatusReport(
+        var report = StatusReport(
             masterPid: getpid(), uptimeSeconds: now - startedAt, version: Self.version, configPath: configPath,
             generation: table.generation, listen: "\(settings.host):\(boundPort)",
             wantedWorkers: table.workerCount, lastReload: lastReload,
             watchdogKills: watchdogKills, children: reports)
+        report.busLatency = busLatency()
+        return report
+    }
+
+    /// Quantiles of all workers' round trips together (quantiles of each cannot be combined).
+    private func busLatency() -> LatencyReport? {
+        var counts = [Int](repeating: 0, count: BusLatency.bucketBounds.count + 1)
+        for child in children.values where child.slot.role == .worker {
+            for (index, count) in child.latencyIncrease.enumerated() where index < counts.count { counts[index] += count }
+        }
+        guard let p50 = BusLatency.quantile(0.5, of: counts), let p99 = BusLatency.quantile(0.99, of: counts) else { return nil }
+        return LatencyReport(p50Seconds: p50, p99Seconds: p99, count: counts.reduce(0, +))
+    }
+
+    private func answer(_ page: MasterPage) -> MasterAnswer {
+        switch page {
+        case .metrics: .ok("text/plain; version=0.0.4", Array(metricsText().utf8))
+        case .statusPage: .ok("text/html; charset=utf-8", StatusPage.html)
+        case .statusJSON: .ok("application/json", ControlServer.encode(statusSnapshot()))
+        }
+    }
+
+    /// `chatctl status` with the rooms of the relay's last answer; asks it for the next poll.
+    private func statusSnapshot() -> StatusSnapshot {
+        if topRooms.shouldAsk(at: monotonicSeconds()) {
+            handle(ControlRequest(command: .rooms, top: TopRooms.count)) { [weak self] response in self?.topRooms.answered(response) }
+        }
+        return StatusSnapshot(status: statusReport(), rooms: topRooms.rooms, roomsError: topRooms.error)
     }
 
     private func metricsText() -> String {
-        book.refreshGauges(children: children.values.map { ($0.slot.role.rawValue, $0.slot.index, $0.stats) })
+        let slots = table.slots.map { slot, record in
+            MetricsBook.SlotHealth(role: slot.role.rawValue, slot: slot.index,
+                                   running: children.values.contains { $0.slot == slot && table.children[$0.pid]?.state == .running },
+                                   crashLooping: record.policy.isCrashLooping)
+        }
+        book.refreshGauges(children: children.values.map { ($0.slot.role.rawValue, $0.slot.index, $0.stats) }, slots: slots)
         return book.text()
     }
 

@@ -49,6 +49,8 @@ final class Child {
     var stats = ChildStats()
     /// Per-second rates from the last two heartbeats.
     var rates = (messagesIn: 0.0, messagesOut: 0.0)
+    /// Bus round trips per latency bucket between the last two heartbeats.
+    var latencyIncrease: [Int] = []
     var framer = LineFramer()
 
     init(pid: pid_t, slot: SlotID, generation: Int, linkFD: Int32, startedAt: Double) {

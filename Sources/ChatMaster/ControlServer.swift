@@ -154,12 +154,17 @@ final class ControlServer {
 
     private func finish(_ fd: Int32, serial: UInt64, with response: ControlResponse) {
         guard clients[fd]?.serial == serial else { return }
+        SocketWriter.writeAll(Self.encode(response), to: fd)
+        drop(fd)
+    }
+
+    /// An answer as one JSON line, as chatctl --json and the status page read it.
+    static func encode(_ value: some Encodable) -> [UInt8] {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        var bytes = Array((try? encoder.encode(response)) ?? Data())
+        var bytes = Array((try? encoder.encode(value)) ?? Data())
         bytes.append(UInt8(ascii: "\n"))
-        SocketWriter.writeAll(bytes, to: fd)
-        drop(fd)
+        return bytes
     }
 
     private func drop(_ fd: Int32) {

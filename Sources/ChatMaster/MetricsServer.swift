@@ -14,6 +14,23 @@ final class MetricsBook {
     private var previous: [pid_t: ChildStats] = [:]
     private var latency: [Labels: ValueHistogram] = [:]
     private var roomGauges: [String: Gauge] = [:]
+    /// The per-slot gauges of the last scrape: a slot without a live child has its figures
+    /// removed (a gap in a graph) rather than frozen at their last value.
+    private var shownGauges: [ObjectIdentifier: Gauge] = [:]
+
+    /// What the master knows of one wanted slot when scraped.
+    struct SlotHealth {
+        var role: String
+        var slot: Int
+        var running: Bool
+        var crashLooping: Bool
+    }
+
+    init() {
+        // Series that exist from the start, so that an alert's `increase()` sees their
+        // first event too.
+        for ok in [true, false] { reloadCounter(ok: ok) }
+    }
 
     private struct Labels: Hashable {
         var role: String
@@ -27,8 +44,8 @@ final class MetricsBook {
         previous[pid] = stats
         let labels = Labels(role: role, slot: slot)
         func add(_ name: String, _ help: String, _ now: Int, _ then: Int) {
-            guard now > then else { return }
-            registry.makeCounter(descriptor: Self.descriptor(name, unit: "total", help: help), labels: labels.pairs).increment(by: Int64(now - then))
+            let counter = registry.makeCounter(descriptor: Self.descriptor(name, unit: "total", help: help), labels: labels.pairs)
+            if now > then { counter.increment(by: Int64(now - then)) }
         }
         add("joins", "Room joins requested", stats.joins, before.joins)
         add("messages_in", "Requests received from clients (relay: messages sequenced)", stats.messagesIn, before.messagesIn)
@@ -41,6 +58,7 @@ final class MetricsBook {
         add("coalesced_deliveries", "Room messages written to members in busy rooms' gathering windows (coalesced delivery)", stats.gatheredDeliveries, before.gatheredDeliveries)
         add("coalesced_writes", "Member writes that ended busy rooms' gathering windows (deliveries per write: frames per write)",
             stats.gatheredWrites, before.gatheredWrites)
+        add("file_limit_refusals", "Connections answered 503 because the process had no file left", stats.fileLimitRefusals, before.fileLimitRefusals)
         recordLatency(stats, before: before, labels: labels)
     }
 
@@ -48,23 +66,48 @@ final class MetricsBook {
         previous[pid] = nil
     }
 
+    /// A child started in the slot: its supervision counters exist from now on.
+    func started(role: String, slot: Int) {
+        _ = restartCounter(role: role, slot: slot)
+        _ = watchdogCounter(role: role, slot: slot)
+    }
+
     func restarted(role: String, slot: Int) {
-        registry.makeCounter(descriptor: Self.descriptor("restarts", unit: "total", help: "Children restarted after an unplanned exit"),
-                             labels: [("role", role), ("slot", "\(slot)")]).increment()
+        restartCounter(role: role, slot: slot).increment()
     }
 
     func reloaded(ok: Bool) {
-        registry.makeCounter(descriptor: Self.descriptor("reloads", unit: "total", help: "Config reloads"),
-                             labels: [("result", ok ? "ok" : "failed")]).increment()
+        reloadCounter(ok: ok).increment()
     }
 
     func watchdogKilled(role: String, slot: Int) {
-        registry.makeCounter(descriptor: Self.descriptor("watchdog_kills", unit: "total", help: "Children killed for a stopped heartbeat"),
-                             labels: [("role", role), ("slot", "\(slot)")]).increment()
+        watchdogCounter(role: role, slot: slot).increment()
     }
 
-    /// Gauges from the children alive now.
-    func refreshGauges(children: [(role: String, slot: Int, stats: ChildStats)]) {
+    private func restartCounter(role: String, slot: Int) -> Counter {
+        registry.makeCounter(descriptor: Self.descriptor("restarts", unit: "total", help: "Children restarted after an unplanned exit"),
+                             labels: Labels(role: role, slot: slot).pairs)
+    }
+
+    private func watchdogCounter(role: String, slot: Int) -> Counter {
+        registry.makeCounter(descriptor: Self.descriptor("watchdog_kills", unit: "total", help: "Children killed for a stopped heartbeat"),
+                             labels: Labels(role: role, slot: slot).pairs)
+    }
+
+    @discardableResult
+    private func reloadCounter(ok: Bool) -> Counter {
+        registry.makeCounter(descriptor: Self.descriptor("reloads", unit: "total", help: "Config reloads"),
+                             labels: [("result", ok ? "ok" : "failed")])
+    }
+
+    /// Gauges from the children alive now and the slots wanted now.
+    func refreshGauges(children: [(role: String, slot: Int, stats: ChildStats)], slots: [SlotHealth]) {
+        var shown: [ObjectIdentifier: Gauge] = [:]
+        func set(_ name: String, unit: String = "", _ help: String, _ labels: Labels, _ value: Int) {
+            let gauge = registry.makeGauge(descriptor: Self.descriptor(name, unit: unit, help: help), labels: labels.pairs)
+            gauge.set(to: Double(value))
+            shown[ObjectIdentifier(gauge)] = gauge
+        }
         var totals: [Labels: (connections: Int, rooms: Int, resident: Int)] = [:]
         for child in children {
             let labels = Labels(role: child.role, slot: child.slot)
@@ -72,17 +115,22 @@ final class MetricsBook {
             totals[labels] = (sum.connections + child.stats.connections, sum.rooms + child.stats.rooms, sum.resident + child.stats.residentBytes)
         }
         for (labels, sum) in totals {
-            registry.makeGauge(descriptor: Self.descriptor("connections", unit: "", help: "Open client connections (relay: worker links)"),
-                               labels: labels.pairs).set(to: Double(sum.connections))
-            registry.makeGauge(descriptor: Self.descriptor("rooms", unit: "", help: "Rooms with members"), labels: labels.pairs).set(to: Double(sum.rooms))
-            registry.makeGauge(descriptor: Self.descriptor("resident", unit: "bytes", help: "Resident set size of the slot's processes"),
-                               labels: labels.pairs).set(to: Double(sum.resident))
+            set("connections", "Open client connections (relay: worker links)", labels, sum.connections)
+            set("rooms", "Rooms with members", labels, sum.rooms)
+            set("resident", unit: "bytes", "Resident set size of the slot's processes", labels, sum.resident)
         }
         refreshGatheringRooms(children.flatMap(\.stats.gatheringRooms))
         for child in children where child.role == "archiver" {
-            registry.makeGauge(descriptor: Self.descriptor("archive_backlog", unit: "messages", help: "Messages waiting to be written to the archive"),
-                               labels: Labels(role: child.role, slot: child.slot).pairs).set(to: Double(child.stats.archiveBacklog))
+            set("archive_backlog", unit: "messages", "Messages waiting to be written to the archive",
+                Labels(role: child.role, slot: child.slot), child.stats.archiveBacklog)
         }
+        for health in slots {
+            let labels = Labels(role: health.role, slot: health.slot)
+            set("up", "1 while the slot has a running child", labels, health.running ? 1 : 0)
+            set("crash_looping", "1 while the slot is crash-looping (backing off between failed starts)", labels, health.crashLooping ? 1 : 0)
+        }
+        for (id, gauge) in shownGauges where shown[id] == nil { registry.unregisterGauge(gauge) }
+        shownGauges = shown
     }
 
     /// One series per room whose messages are gathered now (a handful of busy rooms, not
@@ -120,16 +168,17 @@ final class MetricsBook {
             labels: labels.pairs, buckets: BusLatency.bucketBounds)
         latency[labels] = histogram
         let bounds = BusLatency.bucketBounds + [BusLatency.bucketBounds[BusLatency.bucketBounds.count - 1] * 2]
-        for (index, count) in stats.busLatencyBuckets.enumerated() where index < bounds.count {
-            let increase = count - (index < before.busLatencyBuckets.count ? before.busLatencyBuckets[index] : 0)
-            for _ in 0..<max(0, min(increase, 100_000)) { histogram.record(bounds[index]) }
+        let increases = BusLatency.increase(from: before.busLatencyBuckets, to: stats.busLatencyBuckets)
+        for (index, increase) in increases.enumerated() where index < bounds.count {
+            for _ in 0..<min(increase, 100_000) { histogram.record(bounds[index]) }
         }
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text) from the supervision loop. Requests are tiny
-/// and answered at once; anything else gets 404, a request over 8 KiB or slower than 5 s
-/// is dropped. At most 64 connections at once; more wait in the kernel's queue.
+/// Serves `GET /metrics` (Prometheus text), `GET /status` and `GET /status.json` (see
+/// `MasterRoute`) from the supervision loop. Requests are tiny and answered at once;
+/// anything else gets 404, a request over 8 KiB or slower than 5 s is dropped. At most 64
+/// connections at once; more wait in the kernel's queue.
 final class MetricsServer {
     private let listenFD: Int32
     private var clients: [Int32: (buffer: [UInt8], openedAt: Double)] = [:]
@@ -145,7 +194,8 @@ final class MetricsServer {
 
     var pollDescriptors: [Int32] { (gate.isOpen(clients: clients.count) ? [listenFD] : []) + Array(clients.keys) }
 
-    func serve(body: () -> String) {
+    /// `apiKey` is the current `api.key` (a reload may change it).
+    func serve(apiKey: String, answer: (MasterPage) -> MasterAnswer) {
         while true {
             guard let fd = gate.next(from: listenFD, clients: clients.count) else { break }
             clients[fd] = ([], monotonicSeconds())
@@ -163,11 +213,10 @@ final class MetricsServer {
             clients[fd] = client
             let request = String(decoding: client.buffer, as: UTF8.self)
             guard request.contains("\r\n\r\n") || request.contains("\n\n") else { continue }
-            let firstLine = request.split(separator: "\n").first ?? ""
-            if firstLine.hasPrefix("GET /metrics ") || firstLine.hasPrefix("GET /metrics?") {
-                respond(fd, status: "200 OK", contentType: "text/plain; version=0.0.4", body: body())
-            } else {
-                respond(fd, status: "404 Not Found", contentType: "text/plain", body: "not found\n")
+            switch MasterRoute.of(head: request, apiKey: apiKey) {
+            case .page(let page): respond(fd, answer(page))
+            case .unauthorized: respond(fd, .unauthorized)
+            case .notFound: respond(fd, .notFound)
             }
         }
     }
@@ -178,10 +227,8 @@ final class MetricsServer {
         close(listenFD)
     }
 
-    private func respond(_ fd: Int32, status: String, contentType: String, body: String) {
-        let payload = Array(body.utf8)
-        let head = "HTTP/1.1 \(status)\r\nContent-Type: \(contentType)\r\nContent-Length: \(payload.count)\r\nConnection: close\r\n\r\n"
-        SocketWriter.writeAll(Array(head.utf8) + payload, to: fd)
+    private func respond(_ fd: Int32, _ answer: MasterAnswer) {
+        SocketWriter.writeAll(answer.bytes, to: fd)
         drop(fd)
     }
 

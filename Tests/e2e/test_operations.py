@@ -703,7 +703,9 @@ def test_watchdog_kills_stopped_worker(make_gateway):
         time.sleep(1.0)  # nobody else gets killed
         st = ctl_status(gw)
         assert st["watchdogKills"] == 1, st["watchdogKills"]
-        assert wait_until(lambda: scrape(gw).value("chatgw_watchdog_kills_total") == 1, 3), \
+        # (every slot has the series, at 0 until its first kill)
+        assert wait_until(lambda: (lambda m: m.value("chatgw_watchdog_kills_total", role="worker", slot=1) == 1
+                                   and m.sum("chatgw_watchdog_kills_total") == 1)(scrape(gw)), 3), \
             scrape(gw).lines("chatgw_watchdog")
         unresponsive = [l.raw for l in gw.log_lines(mark) if "child unresponsive" in l.raw]
         assert len(unresponsive) == 1, unresponsive

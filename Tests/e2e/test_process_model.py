@@ -17,6 +17,7 @@ from pathlib import Path
 from websockets.exceptions import InvalidStatus
 
 from chatgw_e2e.gateway import DEFAULT_CONFIG, run_chatgw_once
+from chatgw_e2e.ops import scrape, wait_until
 from chatgw_e2e.procs import (
     cpu_seconds,
     free_port,
@@ -384,6 +385,10 @@ def test_worker_out_of_files_answers_503_at_once_and_recovers(make_gateway):
         assert await ping_ok(held[0]), "a held connection stopped answering while the worker was full"
         line = gw.wait_for_log("connections beyond the limit are answered 503", timeout=2)
         assert "Too many open files" in line.raw, line.raw
+        # what an operator's alert sees (etc/prometheus/alerts.yml: ChatgwWorkerAtFileLimit)
+        counted = lambda: scrape(gw).value("chatgw_file_limit_refusals_total", role="worker", slot=0)  # noqa: E731
+        assert await asyncio.to_thread(wait_until, lambda: counted() == 5, 5), \
+            f"chatgw_file_limit_refusals_total is {counted()} after 5 connections answered 503"
 
         for ws in held[:3]:
             await ws.close()

@@ -1,4 +1,5 @@
-"""Helpers for driving the built-in web page (GET /) in headless Chromium (test_browser.py).
+"""Helpers for driving chatgw's pages in headless Chromium: the chat page (GET /,
+test_browser.py) and the master's status page (GET /status, test_status.py).
 
 Needs the Debian packages ``chromium`` and ``chromium-driver`` and the pip package
 ``selenium``; ``scripts/test`` installs them. ``require_browser_tools()`` fails (not
@@ -6,13 +7,17 @@ skips) with a clear message when one is missing. Selenium is imported lazily, so
 module always imports.
 
 * ``require_browser_tools()`` -> ``BrowserTools`` (paths, selenium version).
-* ``ChatPage(tools, name)`` -- one browser session on the chat page: ``open(url)``,
+* ``BrowserSession(tools, name)`` -- one headless Chromium: ``open(url)``, ``js(script)``,
+  ``console()``, ``screenshot(stem)`` (into Tests/e2e/artifacts), ``quit()``.
+* ``ChatPage(tools, name)`` -- a ``BrowserSession`` on the chat page: ``open(url)``,
   ``status()``, ``wait_connected(user)`` -> (conn id, worker slot), ``wait_disconnected``,
   ``wait_joined()``, ``members()``, ``type_and_send(text)``, ``submit_now(texts)``
   (fills #text and submits the form from JavaScript, several times in one round trip),
   ``log()`` -> [LogEntry], ``wait_texts(texts)``, ``notes()``, ``ws_events()`` (the
-  page's WebSocket traffic from Chromium's performance log), ``screenshot(path)``,
-  ``quit()``.
+  page's WebSocket traffic from Chromium's performance log).
+* ``StatusPage(tools, name)`` -- a ``BrowserSession`` on the status page: ``text(id)``,
+  ``number(id)``, ``legend(chart)``, ``segments(chart, series)``, ``marks(chart, kind)``,
+  ``events(kind)``, ``table(id)``.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class LogEntry:
 
 
 @dataclass
-class ChatPage:
+class BrowserSession:
     tools: BrowserTools
     name: str
     driver: Any = None
@@ -118,6 +123,36 @@ class ChatPage:
 
     def js(self, script: str, *args) -> Any:
         return self.driver.execute_script(script, *args)
+
+    def console(self) -> list[str]:
+        try:
+            return [e.get("message", "") for e in self.driver.get_log("browser")]
+        except Exception:  # noqa: BLE001
+            return []
+
+    def screenshot(self, stem: str) -> Path | None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{stem}.png"
+        try:
+            if self.driver.save_screenshot(str(path)):
+                print(f"[browser] screenshot of {self.name}: {path}")
+                return path
+        except Exception as e:  # noqa: BLE001
+            print(f"[browser] screenshot of {self.name} failed: {e!r}")
+        return None
+
+    def quit(self) -> None:
+        if self.driver is not None:
+            try:
+                self.driver.quit()
+            except Exception:  # noqa: BLE001
+                pass
+            self.driver = None
+
+
+@dataclass
+class ChatPage(BrowserSession):
+    """The chat page (GET /)."""
 
     def status(self) -> str:
         return self.js('return document.getElementById("status").textContent;') or ""
@@ -242,29 +277,47 @@ class ChatPage:
             out.append(ev)
         return out
 
-    def console(self) -> list[str]:
-        try:
-            return [e.get("message", "") for e in self.driver.get_log("browser")]
-        except Exception:  # noqa: BLE001
-            return []
 
-    # ---- end
 
-    def screenshot(self, stem: str) -> Path | None:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        path = ARTIFACTS / f"{stem}.png"
-        try:
-            if self.driver.save_screenshot(str(path)):
-                print(f"[browser] screenshot of {self.name}: {path}")
-                return path
-        except Exception as e:  # noqa: BLE001
-            print(f"[browser] screenshot of {self.name} failed: {e!r}")
-        return None
+@dataclass
+class StatusPage(BrowserSession):
+    """The master's status page (GET /status): what it shows, read from the DOM."""
 
-    def quit(self) -> None:
-        if self.driver is not None:
-            try:
-                self.driver.quit()
-            except Exception:  # noqa: BLE001
-                pass
-            self.driver = None
+    def __post_init__(self):
+        super().__post_init__()
+        self.driver.set_window_size(1280, 1000)  # every chart and table in one screenshot
+
+    def text(self, element_id: str) -> str:
+        return self.js("const e = document.getElementById(arguments[0]); return e ? e.textContent : null;", element_id) or ""
+
+    def number(self, element_id: str) -> float | None:
+        """A tile's figure ("1.5K" -> 1500); None while it shows none."""
+        t = self.text(element_id).strip()
+        m = re.fullmatch(r"([0-9.]+)(K?)", t)
+        return float(m.group(1)) * (1000 if m.group(2) else 1) if m else None
+
+    def legend(self, chart: str) -> dict[str, str]:
+        """{series name: its current value as shown} under chart ("connections", "rate", ...)."""
+        rows = self.js(
+            """return Array.from(document.querySelectorAll("#legend-" + arguments[0] + " .legend"))
+                 .map(e => [e.dataset.series, e.textContent.slice(e.dataset.series.length + 2)]);""", chart)
+        return dict(rows or [])
+
+    def segments(self, chart: str, series: str) -> int:
+        """How many separate pieces the series' line has (a gap splits it)."""
+        n = self.js("""const p = Array.from(document.querySelectorAll("#chart-" + arguments[0] + " path.line"))
+                         .find(e => e.dataset.series === arguments[1]);
+                       return p ? +p.dataset.segments : -1;""", chart, series)
+        return int(n)
+
+    def marks(self, chart: str, kind: str) -> int:
+        return int(self.js('return document.querySelectorAll("#chart-" + arguments[0] + " line.mark[data-kind=\'" + arguments[1] + "\']").length;',
+                           chart, kind))
+
+    def events(self, kind: str | None = None) -> list[str]:
+        return self.js("""return Array.from(document.querySelectorAll("#events li"))
+                            .filter(e => !arguments[0] || e.dataset.kind === arguments[0]).map(e => e.textContent);""", kind)
+
+    def table(self, element_id: str) -> list[list[str]]:
+        return self.js("""return Array.from(document.querySelectorAll("#" + arguments[0] + " tbody tr"))
+                            .map(r => Array.from(r.cells).map(c => c.textContent));""", element_id)
