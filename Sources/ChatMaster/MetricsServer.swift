@@ -78,10 +78,27 @@ final class MetricsBook {
             registry.makeGauge(descriptor: Self.descriptor("resident", unit: "bytes", help: "Resident set size of the slot's processes"),
                                labels: labels.pairs).set(to: Double(sum.resident))
         }
+        refreshTransports(children.filter { $0.role == "worker" })
         refreshGatheringRooms(children.flatMap(\.stats.gatheringRooms))
         for child in children where child.role == "archiver" {
             registry.makeGauge(descriptor: Self.descriptor("archive_backlog", unit: "messages", help: "Messages waiting to be written to the archive"),
                                labels: Labels(role: child.role, slot: child.slot).pairs).set(to: Double(child.stats.archiveBacklog))
+        }
+    }
+
+    /// Each worker slot's connections split by transport; `chatgw_connections` stays the total.
+    private func refreshTransports(_ workers: [(role: String, slot: Int, stats: ChildStats)]) {
+        var bySlot: [Int: (webSocket: Int, eventStream: Int)] = [:]
+        for worker in workers {
+            let sum = bySlot[worker.slot] ?? (0, 0)
+            let streams = worker.stats.eventStreamConnections
+            bySlot[worker.slot] = (sum.webSocket + worker.stats.connections - streams, sum.eventStream + streams)
+        }
+        let descriptor = Self.descriptor("transport_connections", unit: "", help: "Open client connections by transport (websocket, sse)")
+        for (slot, sum) in bySlot {
+            let labels = Labels(role: "worker", slot: slot).pairs
+            registry.makeGauge(descriptor: descriptor, labels: labels + [("transport", "websocket")]).set(to: Double(sum.webSocket))
+            registry.makeGauge(descriptor: descriptor, labels: labels + [("transport", "sse")]).set(to: Double(sum.eventStream))
         }
     }
 
