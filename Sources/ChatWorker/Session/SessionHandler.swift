@@ -427,6 +427,8 @@ final class SessionHandler: ChannelInboundHandler {
             EventStreamBytes.write(message, into: &bye)
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(bye)).whenComplete { _ in channel.close(promise: nil) }
+            // A reader that takes nothing (a slow consumer) never lets that write complete.
+            context.eventLoop.scheduleTask(in: WebSocketHandler.closeHandshakeTimeout) { channel.close(promise: nil) }
             departedRooms()
         }
     }
