@@ -39,7 +39,10 @@ package as it does a test module's.
   ``redis_server``, ``make_redis``, ``fake_redis`` (test_redis_bus.py).
 * ``pg`` -- a throw-away PostgreSQL cluster; fixtures ``pg_cluster``, ``pg_db``
   (test_archive.py).
-* ``browser`` -- headless Chromium on the built-in web page (test_browser.py).
+* ``browser`` -- headless Chromium on the built-in web page (test_browser.py,
+  test_sse_browser.py).
+* ``sse`` -- Server-Sent Events through httpx: ``SSEStream`` (the /sse event stream,
+  parsed as EventSource does), ``parse_id``, ``post_send``, ``get_history`` (test_sse.py).
 * ``chaos`` -- resume under chaos: rooms under traffic while processes die, reload and
   stall, every acked message accounted for at every member (test_chaos.py, and
   ``scripts/chaos`` at full size).
