@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 
-from chatgw_e2e.ops import chatctl_bin, ctl_status, scrape, wait_until, worker_children
+from chatgw_e2e.ops import chatctl, chatctl_bin, ctl_status, scrape, wait_until, worker_children
 from chatgw_e2e.placement import connect_on_slot, one_per_slot, room_msgs, wait_bus_ready
 from chatgw_e2e.ws import close_all, join_room, recv_until, run_async, send_json, send_message
 from chatgw_e2e.sse import SSEStream, get_history, parse_id, post_send
@@ -334,6 +334,14 @@ def test_sse_counted_and_drained_on_reload_and_shutdown(make_gateway):
                                 for t in ("sse", "websocket")}
                 return by_transport == {"sse": {0: 1, 1: 1}, "websocket": {0: 1, 1: 0}} and m.sum("chatgw_connections", role="worker") == 3
             assert wait_until(exported, 10), scrape(gw).lines("chatgw_transport_connections")
+
+            kicked = await SSEStream(gw, "kickme", ["count"]).open()
+            await kicked.wait_event("joined")
+            assert chatctl(gw, "kick", "kickme").returncode == 0
+            await asyncio.wait_for(kicked.ended.wait(), 10)
+            bye = kicked.of_type("bye")
+            assert bye and bye[-1].data["reason"] == "kicked" and bye[-1].retry == bye[-1].data["retry_ms"], kicked.events[-3:]
+            await kicked.close()
 
             gw.signal(signal.SIGHUP)
             for st in streams:

@@ -27,14 +27,14 @@ extension HTTPHandler {
         guard context.channel.isActive else { return }
         let lastEventID = head.headers.first(name: "Last-Event-ID").map { Substring($0) } ?? target.query["last_event_id"]
         let request = EventStreamRequest.decode(rooms: target.query["rooms"], lastEventID: lastEventID, history: target.query["history"])
-        let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .eventStream,
-                                     worker: worker, opening: request.requests)
+        let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .eventStream, worker: worker)
         streaming = true
         do {
             try EventStreamPipeline.install(session, from: context)
         } catch {
-            context.close(promise: nil)
+            return context.close(promise: nil)
         }
+        session.open(with: request.requests)
     }
 
     /// `POST /sse/send`: a WebSocket `send` without the membership rule (the poster's stream

@@ -39,16 +39,10 @@ final class SessionHandler: ChannelInboundHandler {
     private var flood: FloodDetector
     private var closing = false
     /// Event streams only: where the client stands in each room, sent as each event's id.
-    private var position: StreamPosition
-    /// Requests that came with the connection's own request (an event stream's rooms),
-    /// handled after `hello`.
-    private var opening: [Result<ClientMessage, ProtocolError>]
+    private var position = StreamPosition()
 
-    init(user: AuthorizedUser, connectionID: String, transport: SessionTransport, worker: Worker,
-         opening: [Result<ClientMessage, ProtocolError>] = []) {
+    init(user: AuthorizedUser, connectionID: String, transport: SessionTransport, worker: Worker) {
         self.transport = transport
-        self.opening = opening
-        position = StreamPosition(resuming: opening)
         self.user = user.name
         self.permission = user.rooms
         self.connectionID = connectionID
@@ -83,8 +77,15 @@ final class SessionHandler: ChannelInboundHandler {
             worker.register(self)
         }
         send(.hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds))
-        let requests = opening
-        opening = []
+        flush()
+    }
+
+    /// The requests an event stream's own request carried (its rooms, its resume points),
+    /// handled as if they had come after `hello`. The stream's id starts at the resume
+    /// points, so it keeps asking for a replay until the replay has come.
+    func open(with requests: [Result<ClientMessage, ProtocolError>]) {
+        guard !closing else { return }
+        position = StreamPosition(resuming: requests)
         for request in requests {
             switch request {
             case .success(let request): handle(request)
