@@ -9,6 +9,7 @@ stream as EventSource does).
   the same order;
 * POST /sse/send and GET /sse/history: ack, every refusal (identity, rate, room, size);
 * bad Last-Event-IDs (garbage, another epoch, far future), bad and too many rooms;
+* a resume older than the bus history, filled from the archive;
 * counting (chatctl status, metrics with the transport label), reload and shutdown
   drains (retry + bye), a slow SSE reader dropped without holding anyone back.
 """
@@ -411,3 +412,36 @@ def test_slow_sse_reader_is_dropped_and_nobody_waits(make_gateway):
             await close_all([sender])
 
     run_async(main(), 80)
+
+
+def test_resume_older_than_the_history_is_filled_from_the_archive(make_gateway):
+    """The bus holds the last 5 messages; a stream resuming from seq 2 gets 3.. from the
+    archive, then the bus's replay, then the live messages that came meanwhile (kept for it
+    while the archive was read), each once and in order, with ids that follow."""
+    gw = make_gateway(workers=1, env={**FAST, "CHATGW_HISTORY_MESSAGES": "5"}, ready_roles=["relay", "archiver"])
+    room = "archived"
+
+    async def main():
+        await wait_bus_ready(gw)
+        sender, _ = await connect_on_slot(gw, 0, "sender")
+        joined, _ = await join_room(sender, room)
+        for i in range(1, 21):
+            await send_message(sender, room, f"m{i}")
+        await asyncio.sleep(0.5)  # the archiver's batch (archive.batch_ms 100) is written
+        s = await SSEStream(gw, "late", [room], last_event_id=f"{room}/{joined['epoch']}/2").open()
+        try:
+            await s.wait_event("joined", room=room)
+            for i in range(21, 26):
+                await send_message(sender, room, f"m{i}")
+            got = await s.wait_messages(room, 23, 15)
+            await asyncio.sleep(0.3)
+            assert seqs(s.messages(room)) == list(range(3, 26)), seqs(s.messages(room))
+            assert [m["text"] for m in got[:3]] == ["m3", "m4", "m5"]
+            assert not s.of_type("gap"), [e.data for e in s.of_type("gap")]
+            for e in s.of_type("message"):
+                assert parse_id(e.id)[room] == (joined["epoch"], e.data["seq"]), e.id
+        finally:
+            await s.close()
+            await close_all([sender])
+
+    run_async(main(), 60)
