@@ -7,7 +7,10 @@ import Foundation
 /// What a child reports about itself with every heartbeat. Counters are cumulative over
 /// the child's life; the master turns them into rates and into metrics that survive restarts.
 public struct ChildStats: Codable, Sendable, Equatable {
+    /// Worker: client connections of every transport.
     public var connections = 0
+    /// Worker: of them, Server-Sent Events streams (the rest are WebSocket).
+    public var eventStreamConnections = 0
     public var rooms = 0
     /// Requests received (relay: messages sequenced).
     public var messagesIn = 0

@@ -119,6 +119,7 @@ final class MetricsBook {
             set("rooms", "Rooms with members", labels, sum.rooms)
             set("resident", unit: "bytes", "Resident set size of the slot's processes", labels, sum.resident)
         }
+        refreshTransports(children.filter { $0.role == "worker" })
         refreshGatheringRooms(children.flatMap(\.stats.gatheringRooms))
         for child in children where child.role == "archiver" {
             set("archive_backlog", unit: "messages", "Messages waiting to be written to the archive",
@@ -131,6 +132,22 @@ final class MetricsBook {
         }
         for (id, gauge) in shownGauges where shown[id] == nil { registry.unregisterGauge(gauge) }
         shownGauges = shown
+    }
+
+    /// Each worker slot's connections split by transport; `chatgw_connections` stays the total.
+    private func refreshTransports(_ workers: [(role: String, slot: Int, stats: ChildStats)]) {
+        var bySlot: [Int: (webSocket: Int, eventStream: Int)] = [:]
+        for worker in workers {
+            let sum = bySlot[worker.slot] ?? (0, 0)
+            let streams = worker.stats.eventStreamConnections
+            bySlot[worker.slot] = (sum.webSocket + worker.stats.connections - streams, sum.eventStream + streams)
+        }
+        let descriptor = Self.descriptor("transport_connections", unit: "", help: "Open client connections by transport (websocket, sse)")
+        for (slot, sum) in bySlot {
+            let labels = Labels(role: "worker", slot: slot).pairs
+            registry.makeGauge(descriptor: descriptor, labels: labels + [("transport", "websocket")]).set(to: Double(sum.webSocket))
+            registry.makeGauge(descriptor: descriptor, labels: labels + [("transport", "sse")]).set(to: Double(sum.eventStream))
+        }
     }
 
     /// One series per room whose messages are gathered now (a handful of busy rooms, not

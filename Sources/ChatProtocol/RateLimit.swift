@@ -21,6 +21,11 @@ public struct TokenBucket: Sendable {
         tokens -= 1
         return true
     }
+
+    /// Whether the bucket would hold `burst` tokens at `now`: as good as a new one.
+    public func isFull(now: Double) -> Bool {
+        tokens + max(0, now - updatedAt) * rate >= burst
+    }
 }
 
 /// Counts rate-limit violations in a sliding window; too many make a flood.
@@ -42,5 +47,40 @@ public struct FloodDetector: Sendable {
             violations.removeFirst(violations.prefix { $0 < cutoff }.count)
         }
         return violations.count >= limit
+    }
+}
+
+/// Token buckets by key (a user's sends over HTTP, which arrive on connections of their
+/// own, so no connection can hold the bucket), at most `capacity` of them. A bucket that
+/// has refilled to `burst` is the same as a new one, so a full table first forgets those;
+/// if every bucket is still in use, it forgets one anyway: that key starts over with a
+/// fresh burst. The limit then loosens for a few keys rather than refusing a newcomer who
+/// did nothing wrong, and memory stays bounded whatever the number of keys.
+public struct RateTable: Sendable {
+    public let rate: Double
+    public let burst: Int
+    public let capacity: Int
+    private var buckets: [String: TokenBucket] = [:]
+
+    public init(rate: Double, burst: Int, capacity: Int) {
+        self.rate = rate
+        self.burst = burst
+        self.capacity = max(1, capacity)
+    }
+
+    public var count: Int { buckets.count }
+
+    /// Takes a token from `key`'s bucket if there is one.
+    public mutating func take(_ key: String, now: Double) -> Bool {
+        if buckets[key] == nil {
+            if buckets.count >= capacity { forgetRefilled(now: now) }
+            if buckets.count >= capacity { buckets.remove(at: buckets.startIndex) }
+            buckets[key] = TokenBucket(rate: rate, burst: burst, now: now)
+        }
+        return buckets[key]!.take(now: now)
+    }
+
+    private mutating func forgetRefilled(now: Double) {
+        buckets = buckets.filter { !$0.value.isFull(now: now) }
     }
 }

@@ -126,48 +126,57 @@ public enum ServerMessage: Sendable {
     case error(ProtocolError)
     case bye(reason: ByeReason, retryMs: Int)
 
+    /// The `type` field: what the message is (also its SSE event name).
+    public var type: String {
+        switch self {
+        case .hello: "hello"
+        case .joined: "joined"
+        case .message: "message"
+        case .ack: "ack"
+        case .left: "left"
+        case .gap: "gap"
+        case .pong: "pong"
+        case .history: "history"
+        case .error: "error"
+        case .bye: "bye"
+        }
+    }
+
     /// The JSON text of this frame, appended to `buffer`.
     public func encode(into buffer: inout ByteBuffer) {
         var json = JSONWriter(buffer: buffer)
         buffer = ByteBuffer()  // leaves the writer the only owner, so appending does not copy
         json.beginObject()
+        json.field("type", type)
         switch self {
         case .hello(let user, let conn, let heartbeat):
-            json.field("type", "hello")
             json.field("user", user)
             json.field("conn", conn)
             json.field("protocol", 1)
             json.field("heartbeat_s", heartbeat)
         case .joined(let room, let seq, let epoch, let members, let ref):
-            json.field("type", "joined")
             json.field("room", room)
             json.field("seq", seq)
             json.field("epoch", epoch)
             json.field("members", members)
             json.field("ref", ifPresent: ref)
         case .message(let message):
-            json.field("type", "message")
             Self.writeMessageFields(message, withRoom: true, into: &json)
         case .ack(let ref, let room, let seq):
-            json.field("type", "ack")
             json.field("ref", ref)
             json.field("room", room)
             json.field("seq", seq)
         case .left(let room, let ref):
-            json.field("type", "left")
             json.field("room", room)
             json.field("ref", ifPresent: ref)
         case .gap(let room, let from, let to, let epoch):
-            json.field("type", "gap")
             json.field("room", room)
             json.field("from", from)
             json.field("to", to)
             json.field("epoch", epoch)
         case .pong(let ref):
-            json.field("type", "pong")
             json.field("ref", ifPresent: ref)
         case .history(let room, let messages, let more, let ref):
-            json.field("type", "history")
             json.field("room", room)
             json.beginArray("messages")
             for message in messages {
@@ -179,13 +188,11 @@ public enum ServerMessage: Sendable {
             json.field("more", more)
             json.field("ref", ifPresent: ref)
         case .error(let error):
-            json.field("type", "error")
             json.field("code", error.code.rawValue)
             json.field("message", error.message)
             json.field("ref", ifPresent: error.ref)
             json.field("room", ifPresent: error.room)
         case .bye(let reason, let retryMs):
-            json.field("type", "bye")
             json.field("reason", reason.rawValue)
             json.field("retry_ms", retryMs)
         }

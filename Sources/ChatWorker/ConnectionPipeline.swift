@@ -80,6 +80,6 @@ enum ConnectionPipeline {
         try pipeline.addHandler(webSocket)
         guard !endpoint.isEcho else { return try pipeline.addHandler(EchoHandler()) }
         guard let user else { throw ChannelError.inappropriateOperationForState }
-        try pipeline.addHandler(SessionHandler(user: user, connectionID: worker.makeConnectionID(), webSocket: webSocket, worker: worker))
+        try pipeline.addHandler(SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .webSocket(webSocket), worker: worker))
     }
 }

@@ -28,6 +28,11 @@ final class Worker: BusDelegate {
     let eventLoop: any EventLoop
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
+    /// The event stream sessions among them, for their heartbeat comments.
+    private var eventStreams: [ObjectIdentifier: SessionHandler] = [:]
+    private var heartbeats: Scheduled<Void>?
+    /// `POST /sse/send`'s rate limit per user on this worker (such a post has no session).
+    var sendRates: RateTable
     private let idle = IdleTable<SessionHandler>()
     private var nextConnection: UInt64 = 0
     /// Joins and sends that came while the bus was unreachable, waiting for it to come back.
@@ -48,6 +53,7 @@ final class Worker: BusDelegate {
         self.logger = logger
         self.bus = bus
         self.rooms = LocalRooms(eventLoop: eventLoop, maxDelayMs: settings.config.delivery.maxDelayMs)
+        sendRates = RateTable(rate: settings.limits.ratePerSecond, burst: settings.limits.burst, capacity: Self.sendRateUsers)
         bus.delegate = self
     }
 
@@ -58,15 +64,37 @@ final class Worker: BusDelegate {
         return "w\(settings.slot)-\(String(nextConnection, radix: 16))"
     }
 
-    /// A new session; answers where its connection's activity is to be logged.
-    func register(_ session: SessionHandler) -> (log: ActivityLog, row: Int) {
+    /// Users whose `POST /sse/send` rate this worker tracks at once (see `RateTable`).
+    static let sendRateUsers = 10_000
+
+    /// A new session, of either transport.
+    func register(_ session: SessionHandler) {
         sessions[ObjectIdentifier(session)] = session
-        let row = idle.add(session, now: .now())
+        if session.isEventStream {
+            eventStreams[ObjectIdentifier(session)] = session
+            startHeartbeats()
+        }
         if stopping {
             // Accepted while draining a removed slot: send it straight on to another worker.
             session.sayGoodbye(stopReason, retryMs: Int.random(in: 500...3_000))
         }
-        return (idle.log, row)
+    }
+
+    /// Sweeps a WebSocket session for idleness; answers where its activity is to be logged.
+    func watchIdle(_ session: SessionHandler) -> (log: ActivityLog, row: Int) {
+        (idle.log, idle.add(session, now: .now()))
+    }
+
+    /// Event streams hear nothing from their clients, so they are not swept for idleness:
+    /// a comment every `server.heartbeat_s` keeps proxies from cutting them, and a peer
+    /// that is gone shows as a failed write or an outbound backlog (slow consumer).
+    private func startHeartbeats() {
+        guard heartbeats == nil else { return }
+        heartbeats = eventLoop.assumeIsolated().scheduleTask(in: .seconds(Int64(settings.heartbeatSeconds))) { [self] in
+            for session in eventStreams.values { session.heartbeat() }
+            heartbeats = nil
+            if !eventStreams.isEmpty { startHeartbeats() }
+        }
     }
 
     /// Closes every connection of `user` with `bye kicked`.
@@ -79,6 +107,7 @@ final class Worker: BusDelegate {
 
     var stats: ChildStats {
         var stats = ChildStats(connections: sessions.count, rooms: rooms.count, messagesIn: counters.messagesIn, messagesOut: counters.messagesOut)
+        stats.eventStreamConnections = eventStreams.count
         stats.joins = counters.joins
         stats.deliveries = counters.deliveries + rooms.deliveries
         stats.bytesOut = counters.bytesOut
@@ -95,6 +124,7 @@ final class Worker: BusDelegate {
     /// A session is gone; `idleRow` is the row `register` gave it.
     func unregister(_ session: SessionHandler, idleRow: Int?) {
         guard sessions.removeValue(forKey: ObjectIdentifier(session)) != nil else { return }
+        eventStreams[ObjectIdentifier(session)] = nil
         if let idleRow { idle.remove(idleRow) }
         if stopping && sessions.isEmpty { onDrained?() }
     }

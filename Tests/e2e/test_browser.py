@@ -18,7 +18,7 @@ import signal
 import time
 from collections import Counter
 
-from chatgw_e2e.browser import ChatPage, require_browser_tools, wait_for
+from chatgw_e2e.browser import ChatPage, require_browser_tools, screenshot_and_quit, wait_for
 from chatgw_e2e.placement import wait_bus_ready
 from chatgw_e2e.procs import pid_alive
 from chatgw_e2e.ws import run_async
@@ -66,15 +66,9 @@ def test_two_browsers_chat_and_resume_after_worker_kill(make_gateway):
         conn_b, slot_b = b.wait_connected("bob")
         b.wait_joined()
         # A must be on the other worker, so that killing B's worker leaves A connected
-        conn_a = slot_a = None
-        for attempt in range(30):
-            a.open(f"{base}&user=alice")
-            conn_a, slot_a = a.wait_connected("alice", not_conn=conn_a)
-            if slot_a != slot_b:
-                break
-        assert slot_a != slot_b, f"could not get A onto another worker than B (slot {slot_b}) in 30 loads"
+        conn_a, slot_a = a.open_away_from(f"{base}&user=alice", "alice", slot_b)
         a.wait_joined()
-        print(f"[browser] B on {conn_b} (slot {slot_b}), A on {conn_a} (slot {slot_a}) after {attempt + 1} load(s)")
+        print(f"[browser] B on {conn_b} (slot {slot_b}), A on {conn_a} (slot {slot_a})")
         # members is the gateway-wide count: one on each worker
         assert wait_for(lambda: a.members() == "2", 3, "A shows members 2"), a.members()
 
@@ -158,8 +152,4 @@ def test_two_browsers_chat_and_resume_after_worker_kill(make_gateway):
         assert a.status() == f"connected as alice ({conn_a})", f"A's connection changed: {a.status()!r}"
         print(f"[browser] done in {time.monotonic() - t0:.1f}s; B log: {[e.text for e in b_log]}")
     finally:
-        for p, stem in zip(pages, ("browser-B", "browser-A")):
-            if p.driver is not None:
-                p.screenshot(stem)
-        for p in pages:
-            p.quit()
+        screenshot_and_quit(pages, ["browser-B", "browser-A"])

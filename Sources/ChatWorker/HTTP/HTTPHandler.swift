@@ -6,18 +6,21 @@ import NIOHTTP1
 import NIOWebSocket
 
 /// Plain HTTP on the gateway's listener: `/healthz`, the server-side API under `/api/`,
-/// the built-in web page at `/`, and a clear answer to requests that are not a valid
+/// the built-in web page at `/`, the event stream transport under `/sse` (see
+/// `EventStreamRoutes.swift`), and a clear answer to requests that are not a valid
 /// WebSocket upgrade. (Accepted upgrades never reach this handler.)
 final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    private let worker: Worker
+    let worker: Worker
     /// The answer to the first request: the upgrade it asked for was refused.
     private var refusal: ProtocolError?
     private var request: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
+    /// The connection became an event stream: requests pipelined after it are not answered.
+    var streaming = false
 
     init(worker: Worker, refusal: ProtocolError?) {
         self.worker = worker
@@ -27,6 +30,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var maximumBodyBytes: Int { PostedMessage.maximumBodyBytes(maxTextBytes: worker.settings.limits.maxTextBytes) }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !streaming else { return }
         switch unwrapInboundIn(data) {
         case .head(let head):
             request = head
@@ -65,6 +69,18 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             refuse(context: context, head: head, .upgradeRequired)
         case (_, "/echo") where worker.settings.config.conformance.echo:
             refuse(context: context, head: head, .upgradeRequired)
+        case (.GET, "/sse"):
+            authorized(context: context, head: head, target: target) { [self] user in
+                openEventStream(context: context, head: head, target: target, user: user)
+            }
+        case (.POST, "/sse/send"):
+            authorized(context: context, head: head, target: target) { [self] user in
+                streamedSend(context: context, head: head, user: user)
+            }
+        case (.GET, "/sse/history"):
+            authorized(context: context, head: head, target: target) { [self] user in
+                streamHistory(context: context, head: head, target: target, user: user)
+            }
         case _ where path.hasPrefix("/api/"):
             api(context: context, head: head, target: target)
         default:
@@ -103,15 +119,25 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func publish(context: ChannelHandlerContext, head: HTTPRequestHead, room: String) {
+    /// The request's JSON body as `decode` reads it (given the text size limit), or nil once
+    /// the request was refused: a body over `maximumBodyBytes`, or what `decode` refuses.
+    func decodedBody<Decoded>(context: ChannelHandlerContext, head: HTTPRequestHead,
+                              _ decode: (ByteBuffer, Int) -> Result<Decoded, ProtocolError>) -> Decoded? {
         guard !bodyTooLarge else {
-            return refuse(context: context, head: head, ProtocolError(.tooLarge, "body over \(maximumBodyBytes) bytes"))
+            refuse(context: context, head: head, ProtocolError(.tooLarge, "body over \(maximumBodyBytes) bytes"))
+            return nil
         }
-        let posted: PostedMessage
-        switch PostedMessage.decode(body ?? ByteBuffer(), maxTextBytes: worker.settings.limits.maxTextBytes) {
-        case .success(let message): posted = message
-        case .failure(let error): return refuse(context: context, head: head, error)
+        switch decode(body ?? ByteBuffer(), worker.settings.limits.maxTextBytes) {
+        case .success(let decoded):
+            return decoded
+        case .failure(let error):
+            refuse(context: context, head: head, error)
+            return nil
         }
+    }
+
+    private func publish(context: ChannelHandlerContext, head: HTTPRequestHead, room: String) {
+        guard let posted = decodedBody(context: context, head: head, PostedMessage.decode) else { return }
         worker.bus.publish(room: room, from: posted.from, text: posted.text) { [self] result in
             switch result {
             case .success(let published):
@@ -142,7 +168,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func messages(context: ChannelHandlerContext, head: HTTPRequestHead, room: String, target: RequestTarget) {
+    func messages(context: ChannelHandlerContext, head: HTTPRequestHead, room: String, target: RequestTarget) {
         let query: HistoryQuery
         switch HistoryQuery.decode(target.query) {
         case .success(let decoded): query = decoded
@@ -162,11 +188,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     // MARK: answers
 
-    private func refuse(context: ChannelHandlerContext, head: HTTPRequestHead, _ error: ProtocolError) {
+    func refuse(context: ChannelHandlerContext, head: HTTPRequestHead, _ error: ProtocolError) {
         send(context: context, head: head, HTTPAnswer.refusal(error, allocator: context.channel.allocator))
     }
 
-    private func sendJSON(context: ChannelHandlerContext, head: HTTPRequestHead, fields: (inout JSONWriter) -> Void) {
+    func sendJSON(context: ChannelHandlerContext, head: HTTPRequestHead, fields: (inout JSONWriter) -> Void) {
         var json = JSONWriter(buffer: context.channel.allocator.buffer(capacity: 128))
         json.beginObject()
         fields(&json)
@@ -174,7 +200,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         send(context: context, head: head, HTTPAnswer(status: .ok, contentType: "application/json", body: json.buffer))
     }
 
-    private func send(context: ChannelHandlerContext, head: HTTPRequestHead, _ answer: HTTPAnswer) {
+    func send(context: ChannelHandlerContext, head: HTTPRequestHead, _ answer: HTTPAnswer) {
         let keepAlive = answer.keepsAlive(head)
         let response = HTTPResponseHead(version: head.version, status: answer.status, headers: answer.headers(keepAlive: keepAlive))
         context.write(wrapOutboundOut(.head(response)), promise: nil)

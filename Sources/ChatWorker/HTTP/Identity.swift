@@ -11,31 +11,37 @@ enum UpgradeDecision: Sendable {
     case refuse(ProtocolError)
 }
 
-/// Who a connection is, decided at the upgrade.
+/// Who a connection is, decided at the upgrade (`/ws`) or per request (`/sse`,
+/// `/sse/send`, `/sse/history`): one rule for every chat entrance.
 enum Identity {
-    /// The decision on an upgrade at a chat endpoint: the Origin rule, then who the user
-    /// is (auth mode `none`: `?user=`; `jwt`: the token, verified off the loop).
+    /// The decision on an upgrade at a chat endpoint.
     static func decide(_ head: HTTPRequestHead, target: RequestTarget, accepted headers: HTTPHeaders,
                        origins: [String], verifier: TokenVerifier?, on loop: any EventLoop) -> EventLoopFuture<UpgradeDecision> {
-        if let refusal = originRefusal(head, allowed: origins) {
-            return loop.makeSucceededFuture(.refuse(refusal))
-        }
-        guard let verifier else {
-            switch fromQuery(target) {
-            case .success(let user): return loop.makeSucceededFuture(.accept(headers, user: user))
-            case .failure(let refusal): return loop.makeSucceededFuture(.refuse(refusal))
+        authorize(head, target: target, origins: origins, verifier: verifier, on: loop).map { result in
+            switch result {
+            case .success(let user): .accept(headers, user: user)
+            case .failure(let refusal): .refuse(refusal)
             }
         }
+    }
+
+    /// The Origin rule, then who the user is (auth mode `none`: `?user=`; `jwt`: the
+    /// token, verified off the loop).
+    static func authorize(_ head: HTTPRequestHead, target: RequestTarget, origins: [String], verifier: TokenVerifier?,
+                          on loop: any EventLoop) -> EventLoopFuture<Result<AuthorizedUser, ProtocolError>> {
+        if let refusal = originRefusal(head, allowed: origins) {
+            return loop.makeSucceededFuture(.failure(refusal))
+        }
+        guard let verifier else {
+            return loop.makeSucceededFuture(fromQuery(target))
+        }
         guard let token = token(in: head, target: target) else {
-            return loop.makeSucceededFuture(.refuse(ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")))
+            return loop.makeSucceededFuture(.failure(ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")))
         }
         let promise = loop.makePromise(of: Result<AuthorizedUser, AuthRefusal>.self)
         promise.completeWithTask { await verifier.verify(token) }
         return promise.futureResult.map { result in
-            switch result {
-            case .success(let user): .accept(headers, user: user)
-            case .failure(let refusal): .refuse(ProtocolError(.unauthorized, refusal.reason))
-            }
+            result.mapError { ProtocolError(.unauthorized, $0.reason) }
         }
     }
 
@@ -60,7 +66,7 @@ enum Identity {
         return String(parts[1].drop(while: \.isWhitespace))
     }
 
-    /// `server.allowed_origins`: a browser's upgrade whose Origin is not listed is refused.
+    /// `server.allowed_origins`: a browser's request whose Origin is not listed is refused.
     /// Requests without Origin come from non-browser clients, which Origin checks cannot
     /// protect against anyway (they would just send an allowed one); they pass.
     static func originRefusal(_ head: HTTPRequestHead, allowed: [String]) -> ProtocolError? {

@@ -5,8 +5,9 @@ import NIOCore
 
 // The worker's room table. For each room with at least one local member: the members
 // (sessions on this worker's loop), and how far this worker has delivered the room
-// (epoch and last seq), which tells a resync after a bus outage where to resume. A room message is encoded into one
-// WebSocket frame and those bytes are written to every member. A quiet room's members are
+// (epoch and last seq), which tells a resync after a bus outage where to resume. A room message is encoded once per
+// transport that has members in the room (a WebSocket frame, an SSE event) and those bytes are written to every member
+// of that transport; an SSE member adds its own `id:` line before them. A quiet room's members are
 // flushed once per loop tick, however many messages reached them in that tick; a busy
 // room's are flushed once per gathering window (`DeliveryPace`), so each member gets the
 // window's frames in one write. Writes still happen in arrival order, so a member's frames
@@ -23,10 +24,10 @@ final class LocalRooms {
     /// A class, so that a join or a delivery changes the room in place: a struct copied out
     /// of the table and written back copied its whole member table on every join.
     final class Room {
-        var members: [ObjectIdentifier: SessionHandler] = [:]
-        /// Joined while its replay is read from the archive: the live frames it will get
-        /// once the replay is out.
-        var filling: [ObjectIdentifier: Filling] = [:]
+        /// Members by transport: each message is encoded once for each group that has
+        /// anyone in it.
+        var webSocket = MemberGroup()
+        var eventStream = MemberGroup()
         var epoch: String
         var lastSeq: Int
         var knownMembers: Int
@@ -43,13 +44,29 @@ final class LocalRooms {
         }
     }
 
+    /// The members of one transport in a room.
+    struct MemberGroup {
+        var members: [ObjectIdentifier: SessionHandler] = [:]
+        /// Joined while its replay is read from the archive: the live frames it will get
+        /// once the replay is out.
+        var filling: [ObjectIdentifier: Filling] = [:]
+
+        var isEmpty: Bool { members.isEmpty && filling.isEmpty }
+        var count: Int { members.count + filling.count }
+
+        mutating func remove(_ id: ObjectIdentifier) {
+            members[id] = nil
+            filling[id] = nil
+        }
+    }
+
     /// A member whose replay is being read: where its live messages start, and those that
     /// came meanwhile.
     struct Filling {
         var session: SessionHandler
         var epoch: String
         var fromSeq: Int
-        var frames: [ByteBuffer] = []
+        var frames: [RoomFrame] = []
 
         /// Whether a live message belongs after the replay the join answered with.
         func follows(_ message: RoomMessage) -> Bool {
@@ -93,26 +110,31 @@ final class LocalRooms {
             rooms[name] = room
         }
         room.knownMembers = snapshot.members
+        let id = ObjectIdentifier(session)
+        let joining = session.isEventStream ? \Room.eventStream : \Room.webSocket
         if filling {
-            room.filling[ObjectIdentifier(session)] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
+            room[keyPath: joining].filling[id] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
         } else {
-            room.members[ObjectIdentifier(session)] = session
+            room[keyPath: joining].members[id] = session
         }
     }
 
     /// The replay of a filling member is written: the live frames kept for it, in order
     /// (the caller writes them), and from now on it is a member like any other.
-    func finishFilling(_ session: SessionHandler, in name: String) -> [ByteBuffer] {
-        guard let room = rooms[name], let filling = room.filling.removeValue(forKey: ObjectIdentifier(session)) else { return [] }
-        room.members[ObjectIdentifier(session)] = session
+    func finishFilling(_ session: SessionHandler, in name: String) -> [RoomFrame] {
+        let id = ObjectIdentifier(session)
+        let group = session.isEventStream ? \Room.eventStream : \Room.webSocket
+        guard let room = rooms[name], let filling = room[keyPath: group].filling.removeValue(forKey: id) else { return [] }
+        room[keyPath: group].members[id] = session
         return filling.frames
     }
 
     /// Removes a member; the room goes away with its last member.
     func remove(_ session: SessionHandler, from name: String) {
-        rooms[name]?.members[ObjectIdentifier(session)] = nil
-        rooms[name]?.filling[ObjectIdentifier(session)] = nil
-        if let room = rooms[name], room.members.isEmpty, room.filling.isEmpty {
+        guard let room = rooms[name] else { return }
+        room.webSocket.remove(ObjectIdentifier(session))
+        room.eventStream.remove(ObjectIdentifier(session))
+        if room.webSocket.isEmpty, room.eventStream.isEmpty {
             room.windowFlush?.cancel()
             rooms[name] = nil
         }
@@ -121,34 +143,75 @@ final class LocalRooms {
     /// Local members of a room, filling ones included.
     func memberCount(_ name: String) -> Int {
         guard let room = rooms[name] else { return 0 }
-        return room.members.count + room.filling.count
+        return room.webSocket.count + room.eventStream.count
     }
 
-    /// A live message from the bus: one encoding, the same bytes to every member.
+    /// A live message from the bus: one encoding per transport, the same bytes to every
+    /// member of that transport.
     func deliver(_ message: RoomMessage) {
         guard let room = rooms[message.room] else { return }
         room.epoch = message.epoch
         room.lastSeq = message.seq
-        let frame: ByteBuffer
+        let mark = StreamMark(room: message.room, epoch: message.epoch, seq: message.seq)
+        let members = room.webSocket.members.count + room.eventStream.members.count
+        let frames: Encoded
         switch room.pace.arrived(at: NIODeadline.now().uptimeNanoseconds) {
         case .now:
             closeWindow(of: room)
-            frame = broadcast(.message(message), to: room.members)
+            frames = broadcast(.message(message), mark: mark, in: room)
         case .gather(let window):
-            frame = encode(.message(message))
-            for session in room.members.values { session.write(frame) }
+            frames = write(.message(message), mark: mark, in: room, queueFlush: false)
             room.gathered += 1
-            gatheredDeliveries += room.members.count
+            gatheredDeliveries += members
             if room.windowFlush == nil {
                 room.windowFlush = eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(Int64(window))) { [self] in
                     closeWindow(of: room)
                 }
             }
         }
-        deliveries += room.members.count
-        if !room.filling.isEmpty {
-            for (id, filling) in room.filling where filling.follows(message) {
-                room.filling[id]!.frames.append(frame)
+        deliveries += members
+        keep(frames, mark: mark, in: room) { $0.follows(message) }
+    }
+
+    /// A message encoded for each transport whose group in the room is not empty.
+    private struct Encoded {
+        var frame: ByteBuffer?
+        var event: ByteBuffer?
+    }
+
+    /// Writes a room message to every member, encoded once per transport; queues each
+    /// member's flush for the end of the tick unless the room's window will flush it.
+    private func write(_ message: ServerMessage, mark: StreamMark, in room: Room, queueFlush: Bool) -> Encoded {
+        var encoded = Encoded()
+        if !room.webSocket.isEmpty {
+            let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
+            encoded.frame = frame
+            for session in room.webSocket.members.values {
+                session.write(frame)
+                if queueFlush { queueFlushOf(session) }
+            }
+        }
+        if !room.eventStream.isEmpty {
+            let event = EventStreamBytes.event(message, allocator: allocator)
+            encoded.event = event
+            for session in room.eventStream.members.values {
+                session.write(event: event, at: mark)
+                if queueFlush { queueFlushOf(session) }
+            }
+        }
+        return encoded
+    }
+
+    /// Live frames for the filling members that `wants` them, each in its transport's encoding.
+    private func keep(_ encoded: Encoded, mark: StreamMark, in room: Room, where wants: (Filling) -> Bool) {
+        if let frame = encoded.frame, !room.webSocket.filling.isEmpty {
+            for (id, filling) in room.webSocket.filling where wants(filling) {
+                room.webSocket.filling[id]!.frames.append(RoomFrame(bytes: frame, mark: mark))
+            }
+        }
+        if let event = encoded.event, !room.eventStream.filling.isEmpty {
+            for (id, filling) in room.eventStream.filling where wants(filling) {
+                room.eventStream.filling[id]!.frames.append(RoomFrame(bytes: event, mark: mark))
             }
         }
     }
@@ -170,14 +233,16 @@ final class LocalRooms {
         room.windowFlush = nil
         room.pace.wrote(frames: room.gathered)
         room.gathered = 0
-        gatheredWrites += room.members.count
-        for session in room.members.values { session.flush() }
+        gatheredWrites += room.webSocket.members.count + room.eventStream.members.count
+        for session in room.webSocket.members.values { session.flush() }
+        for session in room.eventStream.members.values { session.flush() }
     }
 
     /// The rooms whose messages are gathered now, busiest first, with their frames per write.
     func gatheringRooms(limit: Int) -> [GatheringRoom] {
         rooms.filter { $0.value.pace.isGathering }
-            .map { GatheringRoom(room: $0.key, members: $0.value.members.count, framesPerWrite: $0.value.pace.framesPerWrite) }
+            .map { GatheringRoom(room: $0.key, members: $0.value.webSocket.members.count + $0.value.eventStream.members.count,
+                                 framesPerWrite: $0.value.pace.framesPerWrite) }
             .sorted { $0.members > $1.members }
             .prefix(limit).map { $0 }
     }
@@ -188,8 +253,9 @@ final class LocalRooms {
         // What was gathered before the outage goes out before the gap.
         closeWindow(of: room)
         if let gap = result.gap {
-            let frame = broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), to: room.members)
-            for id in room.filling.keys { room.filling[id]!.frames.append(frame) }
+            let mark = StreamMark(room: name, epoch: gap.epoch, seq: gap.to)
+            let frames = broadcast(.gap(room: name, from: gap.from, to: gap.to, epoch: gap.epoch), mark: mark, in: room)
+            keep(frames, mark: mark, in: room) { _ in true }
         }
         if room.epoch != result.room.epoch {
             room.epoch = result.room.epoch
@@ -204,22 +270,17 @@ final class LocalRooms {
         }
     }
 
-    @discardableResult
-    private func broadcast(_ message: ServerMessage, to members: [ObjectIdentifier: SessionHandler]) -> ByteBuffer {
-        let frame = encode(message)
-        for session in members.values {
-            session.write(frame)
-            if !session.flushQueued {
-                session.flushQueued = true
-                dirty.append(session)
-            }
-        }
+    /// Writes to every member and flushes them at the end of this tick.
+    private func broadcast(_ message: ServerMessage, mark: StreamMark, in room: Room) -> Encoded {
+        let encoded = write(message, mark: mark, in: room, queueFlush: true)
         scheduleFlush()
-        return frame
+        return encoded
     }
 
-    private func encode(_ message: ServerMessage) -> ByteBuffer {
-        FrameBytes.text(message.encoded(allocator), allocator: allocator)
+    private func queueFlushOf(_ session: SessionHandler) {
+        guard !session.flushQueued else { return }
+        session.flushQueued = true
+        dirty.append(session)
     }
 
     private func scheduleFlush() {
@@ -236,4 +297,11 @@ final class LocalRooms {
             }
         }
     }
+}
+
+/// A room's message as encoded for one transport, and where it leaves the room (an event
+/// stream member's id says so).
+struct RoomFrame {
+    var bytes: ByteBuffer
+    var mark: StreamMark
 }

@@ -6,9 +6,18 @@ import ChatSystem
 import NIOCore
 import NIOWebSocket
 
+/// How a session's messages reach its client, and how the connection is closed.
+enum SessionTransport {
+    /// Pre-framed WebSocket frames; closes, pings and activity through the WebSocket layer.
+    case webSocket(WebSocketHandler)
+    /// Server-Sent Events (docs/PROTOCOL.md "SSE"): nothing comes in after the request;
+    /// the worker's heartbeat comments stand in for pings.
+    case eventStream
+}
+
 /// One client's conversation: turns requests into actions on the worker's rooms and
-/// the bus, and writes the answers. Lives on the worker's single event loop, like
-/// everything it touches.
+/// the bus, and writes the answers, over either transport. Lives on the worker's single
+/// event loop, like everything it touches.
 final class SessionHandler: ChannelInboundHandler {
     typealias InboundIn = WebSocketMessage
     typealias OutboundOut = ByteBuffer
@@ -16,9 +25,7 @@ final class SessionHandler: ChannelInboundHandler {
     let user: String
     let permission: RoomPermission
     let connectionID: String
-    /// The WebSocket layer below: closes, pings, and logs the connection's activity in the
-    /// row the worker gave it.
-    let webSocket: WebSocketHandler
+    let transport: SessionTransport
     private let worker: Worker
     /// Set while this session waits in the room table's list of members to flush.
     var flushQueued = false
@@ -31,9 +38,11 @@ final class SessionHandler: ChannelInboundHandler {
     private var bucket: TokenBucket
     private var flood: FloodDetector
     private var closing = false
+    /// Event streams only: where the client stands in each room, sent as each event's id.
+    private var position = StreamPosition()
 
-    init(user: AuthorizedUser, connectionID: String, webSocket: WebSocketHandler, worker: Worker) {
-        self.webSocket = webSocket
+    init(user: AuthorizedUser, connectionID: String, transport: SessionTransport, worker: Worker) {
+        self.transport = transport
         self.user = user.name
         self.permission = user.rooms
         self.connectionID = connectionID
@@ -43,19 +52,46 @@ final class SessionHandler: ChannelInboundHandler {
         flood = FloodDetector(limit: limits.floodViolations)
     }
 
+    var isEventStream: Bool {
+        if case .eventStream = transport { return true }
+        return false
+    }
+
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        output = (try? context.pipeline.syncOperations.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)) ?? context
-        // A strong capture: the WebSocket handler drops the closure when it is removed from
-        // the pipeline, which ends the cycle (a weak one cost a side table per connection).
-        webSocket.onClosing = { [self] in
-            // A close frame went out or came in: write nothing more, leave the rooms.
-            guard !closing else { return }
-            closing = true
-            departedRooms()
+        switch transport {
+        case .webSocket(let webSocket):
+            output = (try? context.pipeline.syncOperations.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)) ?? context
+            // A strong capture: the WebSocket handler drops the closure when it is removed from
+            // the pipeline, which ends the cycle (a weak one cost a side table per connection).
+            webSocket.onClosing = { [self] in
+                // A close frame went out or came in: write nothing more, leave the rooms.
+                guard !closing else { return }
+                closing = true
+                departedRooms()
+            }
+            worker.register(self)
+            webSocket.activity = worker.watchIdle(self)
+        case .eventStream:
+            output = (try? context.pipeline.syncOperations.context(handlerType: EventStreamInput.self)) ?? context
+            worker.register(self)
         }
-        webSocket.activity = worker.register(self)
         send(.hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds))
+        flush()
+    }
+
+    /// The requests an event stream's own request carried (its rooms, its resume points),
+    /// handled as if they had come after `hello`. The stream's id starts at the resume
+    /// points, so it keeps asking for a replay until the replay has come.
+    func open(with requests: [Result<ClientMessage, ProtocolError>]) {
+        guard !closing else { return }
+        position = StreamPosition(resuming: requests)
+        for request in requests {
+            switch request {
+            case .success(let request): handle(request)
+            case .failure(let error): send(.error(error))
+            }
+        }
         flush()
     }
 
@@ -305,20 +341,34 @@ final class SessionHandler: ChannelInboundHandler {
     /// Leaves every room once the connection is gone.
     private func departed() {
         departedRooms()
-        worker.unregister(self, idleRow: webSocket.activity?.row)
-        webSocket.activity = nil
+        switch transport {
+        case .webSocket(let webSocket):
+            worker.unregister(self, idleRow: webSocket.activity?.row)
+            webSocket.activity = nil
+        case .eventStream:
+            worker.unregister(self, idleRow: nil)
+        }
     }
 
     // MARK: output
 
-    /// Encodes and queues one frame; the caller flushes.
+    /// Encodes and queues one frame (event); the caller flushes.
     func send(_ message: ServerMessage) {
         guard let context else { return }
         let allocator = context.channel.allocator
-        write(FrameBytes.text(message.encoded(allocator), allocator: allocator))
+        switch transport {
+        case .webSocket:
+            write(FrameBytes.text(message.encoded(allocator), allocator: allocator))
+        case .eventStream:
+            var event = allocator.buffer(capacity: 256)
+            if position.advance(by: message) { position.writeIDLine(into: &event) }
+            EventStreamBytes.write(message, into: &event)
+            write(event)
+        }
     }
 
-    /// Queues an already framed message (the same bytes go to every member of a room).
+    /// Queues a WebSocket member's already framed message (the same bytes go to every
+    /// WebSocket member of a room).
     func write(_ frame: ByteBuffer) {
         guard let output, !closing else { return }
         worker.counters.messagesOut += 1
@@ -326,34 +376,78 @@ final class SessionHandler: ChannelInboundHandler {
         output.write(wrapOutboundOut(frame), promise: nil)
     }
 
+    /// Queues an event stream member's room event: its own `id:` line (its position in
+    /// all its rooms), then the event's bytes, shared with every such member of the room.
+    func write(event: ByteBuffer, at mark: StreamMark) {
+        guard let output, !closing else { return }
+        position.set(mark)
+        var id = output.channel.allocator.buffer(capacity: 32 + 40 * position.marks.count)
+        position.writeIDLine(into: &id)
+        worker.counters.messagesOut += 1
+        worker.counters.bytesOut += id.readableBytes + event.readableBytes
+        output.write(wrapOutboundOut(id), promise: nil)
+        output.write(wrapOutboundOut(event), promise: nil)
+    }
+
+    /// Queues a room's encoded message in this session's transport.
+    func write(_ frame: RoomFrame) {
+        switch transport {
+        case .webSocket: write(frame.bytes)
+        case .eventStream: write(event: frame.bytes, at: frame.mark)
+        }
+    }
+
+    /// An event stream's heartbeat comment.
+    func heartbeat() {
+        guard let output, !closing else { return }
+        output.writeAndFlush(wrapOutboundOut(EventStreamBytes.heartbeat), promise: nil)
+    }
+
     func flush() {
         output?.flush()
         checkBacklog()
     }
 
-    /// Sends `bye` and starts the close handshake with the matching close code. The
-    /// connection leaves its rooms at once, so nothing more is queued for it.
+    /// Sends `bye` and closes: a WebSocket starts the close handshake with the matching
+    /// close code; an event stream first tells EventSource to wait `retryMs` before it
+    /// reconnects, then ends. The connection leaves its rooms at once, so nothing more is
+    /// queued for it.
     func sayGoodbye(_ reason: ByeReason, retryMs: Int) {
         guard let context, !closing else { return }
         closing = true
         let allocator = context.channel.allocator
-        let bye = FrameBytes.text(ServerMessage.bye(reason: reason, retryMs: retryMs).encoded(allocator), allocator: allocator)
-        context.writeAndFlush(wrapOutboundOut(bye), promise: nil)
-        departedRooms()
-        webSocket.close(code: CloseCode.forBye(reason))
+        let message = ServerMessage.bye(reason: reason, retryMs: retryMs)
+        switch transport {
+        case .webSocket(let webSocket):
+            context.writeAndFlush(wrapOutboundOut(FrameBytes.text(message.encoded(allocator), allocator: allocator)), promise: nil)
+            departedRooms()
+            webSocket.close(code: CloseCode.forBye(reason))
+        case .eventStream:
+            var bye = allocator.buffer(capacity: 96)
+            EventStreamBytes.writeRetry(milliseconds: retryMs, into: &bye)
+            EventStreamBytes.write(message, into: &bye)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(bye)).whenComplete { _ in channel.close(promise: nil) }
+            // A reader that takes nothing (a slow consumer) never lets that write complete.
+            context.eventLoop.scheduleTask(in: WebSocketHandler.closeHandshakeTimeout) { channel.close(promise: nil) }
+            departedRooms()
+        }
     }
 
-    /// Closes without `bye` (idle timeout).
+    /// Closes without `bye` (idle timeout; only WebSocket sessions are swept for it).
     func close(code: UInt16) {
-        guard context != nil, !closing else { return }
+        guard let context, !closing else { return }
         closing = true
         departedRooms()
-        webSocket.close(code: code)
+        switch transport {
+        case .webSocket(let webSocket): webSocket.close(code: code)
+        case .eventStream: context.close(promise: nil)
+        }
     }
 
     /// Sends a WebSocket ping (idle check).
     func ping() {
-        guard let context, !closing else { return }
+        guard let context, !closing, case .webSocket = transport else { return }
         context.writeAndFlush(wrapOutboundOut(FrameBytes.make(opcode: .ping, payload: ByteBuffer(), allocator: context.channel.allocator)), promise: nil)
     }
 

@@ -39,11 +39,13 @@ package as it does a test module's.
   ``redis_server``, ``make_redis``, ``fake_redis`` (test_redis_bus.py).
 * ``pg`` -- a throw-away PostgreSQL cluster; fixtures ``pg_cluster``, ``pg_db``
   (test_archive.py).
-* ``browser`` -- headless Chromium on the built-in web page (test_browser.py) and on the
-  master's status page (test_status.py).
+* ``browser`` -- headless Chromium on the built-in web page (test_browser.py,
+  test_sse_browser.py) and on the master's status page (test_status.py).
 * ``status`` -- the operator's view: ``BackgroundLoad`` (room traffic in a thread while a
   browser watches), ``master_get`` (the master's HTTP listener), the metric names in
   etc/grafana/chatgw.json and etc/prometheus/alerts.yml (test_status.py).
+* ``sse`` -- Server-Sent Events through httpx: ``SSEStream`` (the /sse event stream,
+  parsed as EventSource does), ``parse_id``, ``post_send``, ``get_history`` (test_sse.py).
 * ``chaos`` -- resume under chaos: rooms under traffic while processes die, reload and
   stall, every acked message accounted for at every member (test_chaos.py, and
   ``scripts/chaos`` at full size).

@@ -9,12 +9,17 @@ module always imports.
 * ``require_browser_tools()`` -> ``BrowserTools`` (paths, selenium version).
 * ``BrowserSession(tools, name)`` -- one headless Chromium: ``open(url)``, ``js(script)``,
   ``console()``, ``screenshot(stem)`` (into Tests/e2e/artifacts), ``quit()``.
+* ``screenshot_and_quit(pages, stems)`` -- a test's end: screenshots, then quit.
 * ``ChatPage(tools, name)`` -- a ``BrowserSession`` on the chat page: ``open(url)``,
-  ``status()``, ``wait_connected(user)`` -> (conn id, worker slot), ``wait_disconnected``,
+  ``status()``, ``wait_connected(user)`` -> (conn id, worker slot), ``open_away_from(url,
+  user, slot)`` (reloads until connected on another worker), ``wait_disconnected``,
   ``wait_joined()``, ``members()``, ``type_and_send(text)``, ``submit_now(texts)``
   (fills #text and submits the form from JavaScript, several times in one round trip),
   ``log()`` -> [LogEntry], ``wait_texts(texts)``, ``notes()``, ``ws_events()`` (the
-  page's WebSocket traffic from Chromium's performance log).
+  page's WebSocket traffic from Chromium's performance log), ``sse_events()`` (its
+  EventSource messages, likewise), ``block_websocket()`` (every page loaded afterwards
+  finds ``WebSocket`` throwing, as behind a proxy that breaks upgrades),
+  ``transport()`` (the page's ``#transport``: WebSocket or SSE).
 * ``StatusPage(tools, name)`` -- a ``BrowserSession`` on the status page: ``text(id)``,
   ``number(id)``, ``legend(chart)``, ``segments(chart, series)``, ``marks(chart, kind)``,
   ``events(kind)``, ``table(id)``.
@@ -66,6 +71,15 @@ def require_browser_tools() -> BrowserTools:
         raise AssertionError("browser tests need tools that are missing:\n  - " + "\n  - ".join(missing)
                              + f"\n{INSTALL_HINT}")
     return BrowserTools(chromium, driver, version)
+
+
+def screenshot_and_quit(pages: list["ChatPage"], stems: list[str]) -> None:
+    """A test's end, passed or failed: each open page's screenshot under its stem, then quit."""
+    for page, stem in zip(pages, stems):
+        if page.driver is not None:
+            page.screenshot(stem)
+    for page in pages:
+        page.quit()
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -157,6 +171,15 @@ class ChatPage(BrowserSession):
     def status(self) -> str:
         return self.js('return document.getElementById("status").textContent;') or ""
 
+    def transport(self) -> str:
+        return self.js('return document.getElementById("transport").textContent;') or ""
+
+    def block_websocket(self) -> None:
+        """From the next page load on, constructing a WebSocket throws (DevTools injects the
+        script before any of the page's own)."""
+        self.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+            "window.WebSocket = function () { throw new DOMException('blocked by the test', 'SecurityError'); };")})
+
     def wait_connected(self, user: str, timeout: float = 10.0, not_conn: str | None = None) -> tuple[str, int]:
         """Wait for `connected as USER (wN-...)` (with a conn other than not_conn)."""
 
@@ -171,6 +194,16 @@ class ChatPage(BrowserSession):
         except AssertionError as e:
             raise AssertionError(f"{e}; status is {self.status()!r}") from None
         return m.group("conn"), int(m.group("slot"))
+
+    def open_away_from(self, url: str, user: str, slot: int, tries: int = 30) -> tuple[str, int]:
+        """Load url until the page connects on another worker slot than `slot`; (conn, slot)."""
+        conn = None
+        for _ in range(tries):
+            self.open(url)
+            conn, landed = self.wait_connected(user, not_conn=conn)
+            if landed != slot:
+                return conn, landed
+        raise AssertionError(f"{self.name}: could not get onto another worker than slot {slot} in {tries} loads")
 
     def wait_disconnected(self, timeout: float = 5.0) -> str:
         return wait_for(lambda: (lambda s: s if not s.startswith("connected as") else None)(self.status()),
@@ -277,6 +310,21 @@ class ChatPage(BrowserSession):
             out.append(ev)
         return out
 
+    def sse_events(self) -> list[dict]:
+        """The page's EventSource messages in order: {"request": requestId, "event": name,
+        "id": event id, "data": parsed JSON}."""
+        self._drain()
+        out = []
+        for m in self._perf:
+            if m.get("method") != "Network.eventSourceMessageReceived":
+                continue
+            p = m.get("params", {})
+            try:
+                data = json.loads(p.get("data", ""))
+            except ValueError:
+                data = p.get("data")
+            out.append({"request": p.get("requestId"), "event": p.get("eventName"), "id": p.get("eventId"), "data": data})
+        return out
 
 
 @dataclass
