@@ -445,3 +445,24 @@ def test_resume_older_than_the_history_is_filled_from_the_archive(make_gateway):
             await close_all([sender])
 
     run_async(main(), 60)
+
+
+def test_post_send_in_auth_mode_none_needs_a_user(make_gateway):
+    """Without ?user= a post would be a new guest each time, whose rate limit never holds:
+    it is refused with bad_user, and nothing reaches the room; with ?user= it is sent."""
+    gw = make_gateway(workers=1)
+
+    async def main():
+        s = await SSEStream(gw, rooms=["open:1"], user="reader").open()
+        try:
+            joined = (await s.wait_event("joined", room="open:1")).data
+            status, body = await post_send(gw, {"room": "open:1", "text": "anonymous"})
+            assert (status, body.get("code")) == (400, "bad_user"), (status, body)
+            status, ack = await post_send(gw, {"room": "open:1", "text": "named"}, user="poster")
+            assert status == 200 and ack["seq"] == joined["seq"] + 1, (status, ack)
+            message = (await s.wait_messages("open:1", 1))[0]
+            assert message["text"] == "named", f"the refused post reached the room: {message}"
+        finally:
+            await s.close()
+
+    run_async(main(), 30)
