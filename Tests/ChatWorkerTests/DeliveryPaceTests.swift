@@ -72,9 +72,21 @@ private func feed(_ pace: inout DeliveryPace, count: Int, gapMs: UInt64, from st
 
     @Test func framesPerWriteFollowsTheWindowsAndResetsWhenQuiet() {
         var pace = DeliveryPace(maxDelayMs: 100)
-        for _ in 0..<100 { pace.wrote(frames: 5) }
+        for _ in 0..<100 { pace.wrote(frames: 5, tookNanos: 0) }
         #expect(pace.framesPerWrite > 4.9 && pace.framesPerWrite <= 5)
         pace.cooled()
         #expect(pace.framesPerWrite == 1)
+    }
+
+    @Test func aLongWriteShortensTheNextWindowSoTheCycleKeepsItsLength() {
+        var pace = DeliveryPace(maxDelayMs: 200)
+        var (decision, now) = feed(&pace, count: 40, gapMs: 50, from: 1_000 * ms)
+        #expect(decision == .gather(windowNanos: 200 * ms))
+        pace.wrote(frames: 4, tookNanos: 120 * ms)
+        (decision, now) = feed(&pace, count: 1, gapMs: 50, from: now)
+        #expect(decision == .gather(windowNanos: 80 * ms), "a 200 ms cycle with a 120 ms write leaves an 80 ms window")
+        pace.wrote(frames: 4, tookNanos: 300 * ms)
+        (decision, _) = feed(&pace, count: 1, gapMs: 50, from: now)
+        #expect(decision == .gather(windowNanos: 0), "a write longer than the cycle: the next window closes at once")
     }
 }

@@ -8,6 +8,12 @@
 /// the window is as long as about `targetFrames` messages take, never longer than the
 /// maximum. The pace is a moving average of the gaps between messages, each gap counted
 /// as at most four maximum delays, so that a room cools down within a few messages.
+///
+/// Writing a window to every member of a big room takes time (9,000 members of a worker:
+/// a good part of 100 ms), and messages that come meanwhile wait for it before their own
+/// window starts. So a window is shortened by how long the room's last write took: the
+/// cycle (window plus write) stays as long as the window was meant to be, which keeps the
+/// frames per write and takes the write's time off every message's wait.
 struct DeliveryPace {
     enum Decision: Equatable {
         /// Written at the end of this loop tick.
@@ -28,6 +34,8 @@ struct DeliveryPace {
     private(set) var meanGapNanos: Double
     /// Smoothed frames per member write over the room's recent windows (1 while quiet).
     private(set) var framesPerWrite = 1.0
+    /// How long writing the room's last window to its members took, nanoseconds.
+    private(set) var lastWriteNanos: UInt64 = 0
 
     init(maxDelayMs: Int) {
         maxDelayNanos = Double(maxDelayMs) * 1_000_000
@@ -44,16 +52,20 @@ struct DeliveryPace {
         }
         lastArrival = now
         guard isGathering else { return .now }
-        return .gather(windowNanos: UInt64(min(maxDelayNanos, meanGapNanos * Self.targetFrames)))
+        let cycle = UInt64(min(maxDelayNanos, meanGapNanos * Self.targetFrames))
+        return .gather(windowNanos: cycle > lastWriteNanos ? cycle - lastWriteNanos : 0)
     }
 
-    /// A window closed after gathering `frames` messages for each member.
-    mutating func wrote(frames: Int) {
+    /// A window closed after gathering `frames` messages for each member, and writing them
+    /// to the members took `tookNanos`.
+    mutating func wrote(frames: Int, tookNanos: UInt64) {
         framesPerWrite += (Double(frames) - framesPerWrite) * Self.weight
+        lastWriteNanos = tookNanos
     }
 
     /// The room went quiet again: its writes are one frame each.
     mutating func cooled() {
         framesPerWrite = 1
+        lastWriteNanos = 0
     }
 }

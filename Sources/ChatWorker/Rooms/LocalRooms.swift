@@ -231,11 +231,12 @@ final class LocalRooms {
         }
         flush.cancel()
         room.windowFlush = nil
-        room.pace.wrote(frames: room.gathered)
-        room.gathered = 0
+        let started = NIODeadline.now().uptimeNanoseconds
         gatheredWrites += room.webSocket.members.count + room.eventStream.members.count
         for session in room.webSocket.members.values { session.flush() }
         for session in room.eventStream.members.values { session.flush() }
+        room.pace.wrote(frames: room.gathered, tookNanos: NIODeadline.now().uptimeNanoseconds - started)
+        room.gathered = 0
     }
 
     /// The rooms whose messages are gathered now, busiest first, with their frames per write.
