@@ -57,6 +57,12 @@ struct CommonOptions: ParsableArguments {
 
     @Option(help: "nchan: the WebSocket publisher location (nchan_publisher websocket).")
     var nchanPubPath = "/pub"
+
+    @Option(help: "chatgw: how members connect: websocket, or sse (GET --sse-path?rooms=R&user=U on --url's host, a text/event-stream); publishers stay WebSocket members either way (connect, idle, fanout, hotroom).")
+    var transport = "websocket"
+
+    @Option(help: "--transport sse: the event stream's path.")
+    var ssePath = "/sse"
 }
 
 /// A fan-out's steps, alike in `fanout` and its presets.
@@ -157,6 +163,7 @@ extension ChatBench {
 
         func run() throws {
             guard common.proto == "chatgw" else { throw ValidationError("churn: only --protocol chatgw") }
+            guard common.transport == "websocket" else { throw ValidationError("churn: only --transport websocket (a stream cannot leave a room)") }
             guard rate > 0, duration > 0, rooms > 0 else { throw ValidationError("churn: --rate, --duration and --rooms must be positive") }
             let ctx = try Context.make(common, total: min(Int(rate * duration), common.concurrency), rooms: rooms, publishers: 0, textBytes: 0)
             Scenarios.churn(ctx, rate: rate, duration: duration, rooms: rooms)

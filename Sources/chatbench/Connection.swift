@@ -15,7 +15,10 @@ enum Mode: String, Codable {
 
 /// One WebSocket client connection, written for a low cost per message: a hand-written
 /// client handshake, a frame parser working in place on the received bytes, and a scan
-/// for `"seq":` and `"text":"t=...;p=...;n=..."` instead of decoding JSON. It lives on its
+/// for `"seq":` and `"text":"t=...;p=...;n=..."` instead of decoding JSON. With `--transport
+/// sse` a member that does not publish reads an event stream instead (`GET /sse`, a `200`
+/// head, then events): each event's `data:` is the JSON a text frame would carry, and goes
+/// through the same scan. It lives on its
 /// loop's `LoopShard` and counts into that shard's counters (no locks, no atomics). Not
 /// Sendable: it never leaves its loop (`NIOLoopBound` carries it into the channel initializer).
 final class BenchConnection: ChannelInboundHandler {
@@ -48,6 +51,9 @@ final class BenchConnection: ChannelInboundHandler {
     private var counter = 0
     /// nchan: this connection only publishes (to `pubPath?room=R`); it receives no room messages.
     let publishOnly: Bool
+    /// `--transport sse`: an event stream (`GET ssePath?rooms=R&user=U`) instead of a
+    /// WebSocket; it never writes after its request. Publishers stay WebSocket members.
+    let sse: Bool
     /// `--stalled`: this member stopped reading (autoRead off, no read()); nothing it gets is
     /// counted, and it is not in the shard's `members`.
     private(set) var stalled = false
@@ -62,6 +68,7 @@ final class BenchConnection: ChannelInboundHandler {
         self.publisherID = publisherID
         self.publishOnly = publishOnly
         self.shard = shard
+        sse = shard.spec.sse && publisherID < 0 && mode != .churn
         // nchan has no seq: a member expects each publisher's counter to start at 1 (it
         // subscribed before anything was published), so 0 is "nothing seen yet".
         self.publisherLast = PublisherCounters(slots: publisherSlots, initial: shard.spec.nchan ? 0 : -1)
@@ -108,6 +115,14 @@ final class BenchConnection: ChannelInboundHandler {
         state = .handshaking
         var request = context.channel.allocator.buffer(capacity: 256)
         let spec = shard.spec
+        if sse {
+            // The room is joined by the URL (`connect` only wants the hello: no room).
+            let rooms = mode == .member ? "rooms=\(spec.roomName(room))&" : ""
+            request.writeString("GET \(spec.ssePath)?\(rooms)user=\(spec.userPrefix)\(index) HTTP/1.1\r\nHost: \(spec.host):\(spec.port)\r\nAccept: text/event-stream\r\n\r\n")
+            context.writeAndFlush(wrapOutboundOut(request), promise: nil)
+            context.fireChannelActive()
+            return
+        }
         let target = !spec.nchan ? "\(spec.path)?user=\(spec.userPrefix)\(index)"
             : "\(publishOnly ? spec.pubPath : spec.path)?room=\(spec.roomName(room))"
         request.writeString("GET \(target) HTTP/1.1\r\nHost: \(shard.spec.host):\(shard.spec.port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -138,7 +153,7 @@ final class BenchConnection: ChannelInboundHandler {
             finishSetup(ok: false, now: monotonicNanos())
         } else if stalled {
             // Expected: the server may cut a member off that does not read.
-            if !sawClose && !sawError && !shard.stopping { shard.noteStalled("tcp close without a close frame") }
+            if !sawClose && !sawError && !shard.stopping { shard.noteStalled(sse ? "tcp close" : "tcp close without a close frame") }
         } else if !wasClosing && !shard.stopping {
             // An established connection the server (or the network) closed.
             shard.counters.unexpectedCloses += 1
@@ -205,7 +220,7 @@ final class BenchConnection: ChannelInboundHandler {
                 return
             }
             let status = buffer.getString(at: buffer.readerIndex, length: min(12, headEnd)) ?? ""
-            guard status == "HTTP/1.1 101" else {
+            guard status == (sse ? "HTTP/1.1 200" : "HTTP/1.1 101") else {
                 // ("\r\n" is one Character: split on newlines, not on "\r".)
                 let line = buffer.getString(at: buffer.readerIndex, length: min(headEnd, 40))?.split(whereSeparator: \.isNewline).first ?? ""
                 failHandshake(context: context, status: String(line))
@@ -218,8 +233,10 @@ final class BenchConnection: ChannelInboundHandler {
             shard.counters.handshakes += 1
             LatencyHist.record(&shard.handshake, nanos: shard.nowNs &- startNs)
             if shard.spec.nchan { nchanOpened() }
+            // A stream's room is joined by its URL: its `joined` event answers the join.
+            if sse && mode == .member { awaitingJoin = true }
         }
-        let consumed = buffer.withUnsafeReadableBytes { raw in parseFrames(raw, context: context) }
+        let consumed = buffer.withUnsafeReadableBytes { raw in sse ? parseEvents(raw) : parseFrames(raw, context: context) }
         buffer.moveReaderIndex(forwardBy: consumed)
         if buffer.readableBytes > 0 && state != .closed {
             // Only the unparsed tail is kept, in a buffer of its own: keeping the read's buffer
@@ -274,6 +291,34 @@ final class BenchConnection: ChannelInboundHandler {
             frame(opcode: b0 & 0x0F, payload: payload, context: context)
         }
         return i
+    }
+
+    /// SSE: every complete event (its lines up to an empty line) is handled, and the bytes
+    /// up to the end of the last one are consumed; an event cut by the read waits for the
+    /// next. Only the `data:` line is looked at: chatgw's data is the JSON a WebSocket client
+    /// gets for the message, whose `type` is the event's name, so it goes to `text` as a
+    /// text frame's payload does. `id:`, `event:`, `retry:` and comments (`: hb`) are skipped.
+    private func parseEvents(_ raw: UnsafeRawBufferPointer) -> Int {
+        guard let base = raw.baseAddress else { return 0 }
+        let n = raw.count
+        var i = 0, consumed = 0
+        var dataStart = -1, dataEnd = 0
+        while i < n && state != .closed, let hit = memchr(base + i, 0x0A, n - i) {
+            let eol = base.distance(to: UnsafeRawPointer(hit))
+            let end = eol > i && raw[eol - 1] == 0x0D ? eol - 1 : eol
+            if end == i {
+                // The empty line: the event is complete.
+                if dataStart >= 0 { text(UnsafeRawBufferPointer(rebasing: raw[dataStart..<dataEnd])) }
+                dataStart = -1
+                consumed = eol + 1
+            } else if end - i >= 5 && raw[i] == UInt8(ascii: "d") && raw[i + 1] == UInt8(ascii: "a")
+                        && raw[i + 2] == UInt8(ascii: "t") && raw[i + 3] == UInt8(ascii: "a") && raw[i + 4] == UInt8(ascii: ":") {
+                dataStart = end - i > 5 && raw[i + 5] == 0x20 ? i + 6 : i + 5
+                dataEnd = end
+            }
+            i = eol + 1
+        }
+        return consumed
     }
 
     private func frame(opcode: UInt8, payload: UnsafeRawBufferPointer, context: ChannelHandlerContext) {
@@ -424,6 +469,7 @@ final class BenchConnection: ChannelInboundHandler {
         case .connect:
             finishSetup(ok: true, now: shard.nowNs)
         case .member, .churn:
+            guard !sse else { return }  // a stream joined by its URL, and cannot send
             awaitingJoin = true
             sendJSON(shard.joinRequests[room])
         }

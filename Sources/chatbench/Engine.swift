@@ -28,6 +28,10 @@ struct Spec: Codable {
     /// to `pubPath?room=R`, and members parse that text (there is no envelope and no seq).
     var nchan = false
     var pubPath = "/pub"
+    /// `--transport sse`: members other than publishers open `ssePath?rooms=R&user=U`, an event
+    /// stream, instead of a WebSocket (publishers stay WebSocket members and `send`).
+    var sse = false
+    var ssePath = "/sse"
     /// `--stalled`: members stalledFrom..<stalledFrom + stalledCount stop reading when the first step starts.
     var stalledFrom = 0
     var stalledCount = 0

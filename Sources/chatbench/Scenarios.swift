@@ -170,6 +170,10 @@ struct Context {
             throw ValidationError("--protocol: chatgw or nchan")
         }
         let nchan = common.proto == "nchan"
+        guard common.transport == "websocket" || common.transport == "sse" else {
+            throw ValidationError("--transport: websocket or sse")
+        }
+        guard common.transport == "websocket" || !nchan else { throw ValidationError("--transport sse: only --protocol chatgw") }
         let tag = String(UInt32.random(in: 0...UInt32.max), radix: 16)
         let processes = common.processes ?? max(1, (total + common.perProcess - 1) / common.perProcess)
         // The kernel's search for a free ephemeral port slows as a source address fills up
@@ -181,7 +185,7 @@ struct Context {
             userPrefix: "b\(tag)-", roomPrefix: "bench-\(tag)-", rooms: max(1, rooms), publishers: publishers,
             textBytes: textBytes, threads: common.threads, concurrency: max(1, common.concurrency / processes),
             connectTimeoutMs: common.connectTimeoutMs, processIndex: 0, processCount: processes,
-            nchan: nchan, pubPath: common.nchanPubPath)
+            nchan: nchan, pubPath: common.nchanPubPath, sse: common.transport == "sse", ssePath: common.ssePath)
         spec.stalledFrom = total - stalled
         spec.stalledCount = stalled
         let monitor = Monitor(serverPid: common.serverPid, stateDir: common.stateDir, quiet: common.quiet)
@@ -212,7 +216,12 @@ struct Context {
         result["server"] = serverJSON
         result["target"] = common.url
         result["protocol"] = common.proto
+        result["transport"] = common.transport
         driver.shutdown()
+        var summary = summary
+        if spec.sse {
+            summary.insert("  (members by SSE, GET \(spec.ssePath)\(spec.publishers > 0 ? "; publishers by WebSocket" : ""))", at: min(1, summary.count))
+        }
         let text = summary.joined(separator: "\n") + "\n"
         if common.json {
             FileHandle.standardError.write(text.data(using: .utf8)!)
@@ -280,7 +289,7 @@ enum Scenarios {
         ]
         ctx.finish(result, summary: [
             "connect: \(ok) of \(connections) connections in \(fmt(seconds, 2)) s = \(fmt(rate, 0)) handshakes/s, \(totalFailures(r)) failed\(kindsText(r))",
-            "  handshake (connect to 101): \(hs.text)",
+            "  handshake (connect to \(ctx.spec.sse ? "200" : "101")): \(hs.text)",
             "  to hello: \(hello.text)",
             "  server CPU \(fmt(cpu.serverMicros(per: ok), 1)) us/handshake (kernel \(fmt(cpu.serverSystemMicros(per: ok), 1))); load generator \(fmt(cpu.clientMicros(per: ok), 1)) us/handshake; machine busy \(fmt(cpu.machineBusyPercent, 0))%",
         ])

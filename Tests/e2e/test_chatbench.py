@@ -12,6 +12,8 @@ import json
 import subprocess
 import threading
 
+import pytest
+
 from chatgw_e2e.gateway import chatgw_bin
 from chatgw_e2e.procs import free_port
 
@@ -26,10 +28,12 @@ def chatbench(*args: str, timeout: float = 90) -> dict:
     return json.loads(r.stdout)
 
 
-def test_fanout_checks_every_delivery_and_measures_the_server(make_gateway):
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_fanout_checks_every_delivery_and_measures_the_server(make_gateway, transport):
     gw = make_gateway(workers=2, env=FAST)
-    result = chatbench("fanout", "--url", f"{gw.url}/ws", "--state-dir", str(gw.state_dir),
+    result = chatbench("fanout", "--url", f"{gw.url}/ws", "--state-dir", str(gw.state_dir), "--transport", transport,
                        "--members", "200", "--rooms", "4", "--publishers", "4", "--rates", "100", "--duration", "2")
+    assert result["transport"] == transport
     assert result["joined"] == 200 and result["setup_failed"] == 0, result["setup_failures"]
     [step] = result["steps"]
     assert step["deliveries"] == step["deliveries_expected"] > 0, step
@@ -73,11 +77,13 @@ class CoalescingServer:
     written the way a hot room's coalesced delivery writes: every `flush_ms` a member's
     pending frames go out together, cut inside a frame into two writes a moment apart, so
     chatbench reads many frames per read and frames split across reads. `delay_ms` holds
-    every message back that long: a server that cannot keep up."""
+    every message back that long: a server that cannot keep up. `GET /sse?rooms=R&user=U`
+    is a member by Server-Sent Events (chatgw's format: `id:`, `event:`, `data:` lines, and a
+    `: hb` comment in every write), written the same way."""
 
     def __init__(self, flush_ms: float = 20, delay_ms: float = 0):
         self.flush_s, self.delay_s = flush_ms / 1000, delay_ms / 1000
-        self.frames = self.writes = 0
+        self.frames = self.writes = self.streams = 0
         self.rooms: dict[str, list[dict]] = {}
         self.seqs: dict[str, int] = {}
         self.loop = asyncio.new_event_loop()
@@ -104,8 +110,36 @@ class CoalescingServer:
         n = len(data)
         return (bytes([0x81, n]) if n < 126 else bytes([0x81, 126]) + n.to_bytes(2, "big")) + data
 
+    @staticmethod
+    def _event(**fields) -> bytes:
+        mark = f'id: {fields["room"]}/e/{fields["seq"]}\n' if "seq" in fields else ""
+        return f'{mark}event: {fields["type"]}\ndata: {json.dumps(fields, separators=(",", ":"))}\n\n'.encode()
+
+    async def _stream(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        query = dict(kv.split("=", 1) for kv in head.split(b" ", 2)[1].decode().split("?", 1)[1].split("&"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nConnection: close\r\n\r\n")
+        writer.write(self._event(type="hello", user=query["user"], conn="c", protocol=1, heartbeat_s=30))
+        member = {"writer": writer, "due": [], "sse": True}
+        self.streams += 1
+        for name in query["rooms"].split(","):
+            room = self.rooms.setdefault(name, [])
+            room.append(member)
+            writer.write(self._event(type="joined", room=name, seq=self.seqs.get(name, 0), epoch="e", members=len(room)))
+        try:
+            await reader.read()  # a stream's client never writes: until it closes
+        finally:
+            self._leave(member)
+
+    def _leave(self, member: dict) -> None:
+        for room in self.rooms.values():
+            if member in room:
+                room.remove(member)
+        member["writer"].close()
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /sse?"):
+            return await self._stream(head, reader, writer)
         user = head.split(b"user=", 1)[1].split(b" ", 1)[0].decode()
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
         writer.write(self._frame(type="hello", user=user, conn="c", protocol=1, heartbeat_s=30))
@@ -130,18 +164,15 @@ class CoalescingServer:
                     writer.write(self._frame(type="joined", room=msg["room"], seq=0, epoch="e", members=len(room)))
                 elif msg["type"] == "send":
                     self.seqs[msg["room"]] = seq = self.seqs.get(msg["room"], 0) + 1
-                    frame = self._frame(type="message", room=msg["room"], seq=seq, epoch="e", **{"from": user},
-                                        text=msg["text"], ts=0)
+                    fields = dict(type="message", room=msg["room"], seq=seq, epoch="e", **{"from": user}, text=msg["text"], ts=0)
+                    frame, event = self._frame(**fields), self._event(**fields)
                     due = self.loop.time() + self.delay_s
                     for m in room:
-                        m["due"].append((due, frame))
+                        m["due"].append((due, event if m.get("sse") else frame))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            for room in self.rooms.values():
-                if member in room:
-                    room.remove(member)
-            writer.close()
+            self._leave(member)
 
     async def _flusher(self) -> None:
         while True:
@@ -156,8 +187,10 @@ class CoalescingServer:
                     if not k:
                         continue
                     data = b"".join(frame for _, frame in m["due"][:k])
+                    if m.get("sse"):
+                        data = b": hb\n\n" + data  # a comment, which counts for nothing
                     del m["due"][:k]
-                    cut = len(data) // 2 + 1  # past the first frame's header: inside a frame
+                    cut = len(data) // 2 + 1  # past the first frame's header: inside a frame (or event)
                     m["writer"].write(data[:cut])
                     tails.append((m["writer"], data[cut:]))
                     self.frames += k
@@ -168,16 +201,21 @@ class CoalescingServer:
                     writer.write(rest)
 
 
-def test_fanout_reads_many_frames_per_read_and_frames_split_across_reads():
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_fanout_reads_many_frames_per_read_and_frames_split_across_reads(transport):
     """A hot room's coalesced writes (issue 19): several frames per read, frames cut across
-    reads. Every message must still be counted once, in order, with its latency."""
+    reads. Every message must still be counted once, in order, with its latency. With
+    `--transport sse` the members (not the publishers) read an event stream written the same
+    way: several events per read, an event cut across reads, a heartbeat comment among them."""
     server = CoalescingServer(flush_ms=50)
     try:
-        result = chatbench("fanout", "--url", f"ws://127.0.0.1:{server.port}/ws", "--members", "40", "--rooms", "2",
-                           "--publishers", "2", "--rates", "200", "--duration", "2", "--p99-ms", "1000")
+        result = chatbench("fanout", "--transport", transport, "--url", f"ws://127.0.0.1:{server.port}/ws", "--members", "40",
+                           "--rooms", "2", "--publishers", "2", "--rates", "200", "--duration", "2", "--p99-ms", "1000")
     finally:
         server.close()
-    assert server.frames >= 3 * server.writes, (server.frames, server.writes)  # many frames per write
+    assert result["transport"] == transport and result["joined"] == 40, result
+    assert server.streams == (38 if transport == "sse" else 0), server.streams  # the 2 publishers stay WebSocket members
+    assert server.frames >= 3 * server.writes, (server.frames, server.writes)  # many frames (or events) per write
     [step] = result["steps"]
     assert step["deliveries"] == step["deliveries_expected"] > 0, step
     assert step["lost"] == step["duplicates"] == step["holes"] == step["order_violations"] == step["unparsed"] == 0, step
