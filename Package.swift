@@ -73,6 +73,10 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Histogram", package: "hdrhistogram-swift")]),
+        // A prototype engine for client sockets: one epoll loop over raw descriptors,
+        // connections as value records in a slab, upgrade and frames parsed in place.
+        .target(name: "ChatEngine", dependencies: ["CChatEngine"]),
+        .target(name: "CChatEngine"),
         .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
@@ -81,6 +85,7 @@ let package = Package(
         .testTarget(name: "ChatRelayTests", dependencies: ["ChatRelay", "ChatBus"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
         .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive"]),
+        .testTarget(name: "ChatEngineTests", dependencies: ["ChatEngine"]),
         .testTarget(name: "ChatWorkerTests", dependencies: ["ChatWorker"] + nio),
     ],
     swiftLanguageModes: [.v6]
