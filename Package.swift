@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "chatgw", targets: ["chatgw"]),
         .executable(name: "chatctl", targets: ["chatctl"]),
         .executable(name: "chatbench", targets: ["chatbench"]),
+        .executable(name: "chatengine-probe", targets: ["chatengine-probe"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -77,6 +78,8 @@ let package = Package(
         // connections as value records in a slab, upgrade and frames parsed in place.
         .target(name: "ChatEngine", dependencies: ["CChatEngine"]),
         .target(name: "CChatEngine"),
+        // ChatEngine speaking nchan's WebSocket endpoints, to measure it against nginx+nchan.
+        .executableTarget(name: "chatengine-probe", dependencies: ["ChatEngine", "CSystemShims"]),
         .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
