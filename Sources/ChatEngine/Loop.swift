@@ -44,6 +44,8 @@ public struct LoopConfig: Sendable {
 public struct LoopCounters: Sendable {
     public var accepted = 0, handshakes = 0, refused = 0, published = 0, deliveries = 0
     public var peerIn = 0, peerBatches = 0, slowConsumers = 0, closed = 0
+    /// Writes the socket did not take whole (EAGAIN or short): queued for EPOLLOUT.
+    public var queued = 0
 }
 
 /// One epoll loop over raw descriptors, on the thread (or process) that calls `run`.
@@ -398,6 +400,7 @@ public final class Loop {
         }
         let r = send(fd, bytes, length, Int32(MSG_NOSIGNAL))
         if r == length { return }
+        counters.queued += 1
         if r < 0 {
             if errno == EAGAIN { enqueue(fd, bytes, length, limit: config.maxQueuedBytes) } else { doom(fd) }
             return

@@ -6,9 +6,10 @@ import Testing
 /// 101, a publisher's frame delivered to a subscriber, a close answered.
 @Suite struct LoopTests {
     final class Harness {
-        let loop = Loop()
+        let loop: Loop
         let port: UInt16
-        init() {
+        init(config: LoopConfig = LoopConfig()) {
+            loop = Loop(config: config)
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             var addr = sockaddr_in()
             addr.sin_family = sa_family_t(AF_INET)
@@ -21,8 +22,12 @@ import Testing
             loop.addListener(fd)
         }
 
-        func connectClient() -> Int32 {
+        /// `receiveBuffer`: a small SO_RCVBUF, set before connecting, makes the server's
+        /// writes to this client hit EAGAIN early.
+        func connectClient(receiveBuffer: Int32 = 0) -> Int32 {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var size = receiveBuffer
+            if size > 0 { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4) }
             var addr = sockaddr_in()
             addr.sin_family = sa_family_t(AF_INET)
             addr.sin_port = port.bigEndian
@@ -102,5 +107,72 @@ import Testing
         #expect(String(decoding: h.receive(c, 1000), as: UTF8.self).hasPrefix("HTTP/1.1 400 "))
         #expect(h.loop.counters.handshakes == 0)
         close(a); close(b); close(c)
+    }
+
+    /// Turns the loop and reads whatever `fd` has, without blocking, until `count` bytes,
+    /// EOF or reset, or 200 idle turns; returns the bytes and whether the server closed.
+    func drain(_ h: Harness, _ fd: Int32, upTo count: Int) -> (bytes: [UInt8], closed: Bool) {
+        var got: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        var idle = 0
+        while got.count < count && idle < 200 {
+            h.loop.turn(timeout: 10)
+            let r = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
+            if r == 0 || (r < 0 && errno != EAGAIN) { return (got, true) }
+            if r > 0 { got += buffer[..<r]; idle = 0 } else { idle += 1 }
+        }
+        return (got, false)
+    }
+
+    func subscribers(_ h: Harness, _ n: Int, room: String) -> [Int32] {
+        (0..<n).map { _ in
+            let fd = h.connectClient(receiveBuffer: 4096)
+            h.send(fd, Self.request("/sub?room=\(room)"))
+            #expect(h.receive(fd, Self.switching.count) == Self.switching)
+            return fd
+        }
+    }
+
+    func publish(_ h: Harness, room: String, frames: Int, size: Int) -> Int32 {
+        let pub = h.connectClient()
+        h.send(pub, Self.request("/pub?room=\(room)"))
+        #expect(h.receive(pub, Self.switching.count) == Self.switching)
+        for k in 0..<frames {
+            h.send(pub, clientFrame(opcode: Opcode.binary, payload: [UInt8](repeating: UInt8(truncatingIfNeeded: k), count: size)))
+            h.loop.turn(timeout: 0)
+        }
+        return pub
+    }
+
+    /// A subscriber that does not read while 4 MiB is published: what its socket would not
+    /// take waits in its queue and leaves, in order, once it reads.
+    @Test func queuedOnEAGAINThenDrainedInOrder() {
+        var config = LoopConfig()
+        config.maxQueuedBytes = 16 << 20
+        let h = Harness(config: config)
+        let slow = subscribers(h, 1, room: "q")[0]
+        let size = 32 * 1024, frame = size + 4, frames = 128
+        let pub = publish(h, room: "q", frames: frames, size: size)
+        #expect(h.loop.counters.queued > 0)
+        let (got, closed) = drain(h, slow, upTo: frames * frame)
+        #expect(!closed && got.count == frames * frame)
+        for k in 0..<frames where got.count == frames * frame {
+            #expect(Array(got[(k * frame)..<(k * frame + 4)]) == [0x82, 126, 0x80, 0x00] && got[k * frame + 4] == UInt8(k), "frame \(k)")
+        }
+        #expect(h.loop.counters.slowConsumers == 0)
+        close(slow); close(pub)
+    }
+
+    /// One that never reads is dropped once its queue passes the limit.
+    @Test func slowConsumerDropped() {
+        var config = LoopConfig()
+        config.maxQueuedBytes = 64 * 1024
+        let h = Harness(config: config)
+        let stuck = subscribers(h, 1, room: "s")[0]
+        let pub = publish(h, room: "s", frames: 128, size: 32 * 1024)
+        #expect(h.loop.counters.slowConsumers == 1)
+        let (got, closed) = drain(h, stuck, upTo: Int.max)
+        #expect(closed && got.count < 128 * (32 * 1024 + 4))
+        close(stuck); close(pub)
     }
 }
