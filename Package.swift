@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "chatgw", targets: ["chatgw"]),
         .executable(name: "chatctl", targets: ["chatctl"]),
         .executable(name: "chatbench", targets: ["chatbench"]),
+        .executable(name: "chatengine-probe", targets: ["chatengine-probe"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -73,6 +74,12 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Histogram", package: "hdrhistogram-swift")]),
+        // A prototype engine for client sockets: one epoll loop over raw descriptors,
+        // connections as value records in a slab, upgrade and frames parsed in place.
+        .target(name: "ChatEngine", dependencies: ["CChatEngine"]),
+        .target(name: "CChatEngine"),
+        // ChatEngine speaking nchan's WebSocket endpoints, to measure it against nginx+nchan.
+        .executableTarget(name: "chatengine-probe", dependencies: ["ChatEngine", "CSystemShims"]),
         .testTarget(name: "ChatConfigTests", dependencies: ["ChatConfig"]),
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
@@ -81,6 +88,7 @@ let package = Package(
         .testTarget(name: "ChatRelayTests", dependencies: ["ChatRelay", "ChatBus"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
         .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive"]),
+        .testTarget(name: "ChatEngineTests", dependencies: ["ChatEngine"]),
         .testTarget(name: "ChatWorkerTests", dependencies: ["ChatWorker"] + nio),
     ],
     swiftLanguageModes: [.v6]

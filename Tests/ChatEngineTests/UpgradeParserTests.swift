@@ -1,0 +1,92 @@
+import Testing
+@testable import ChatEngine
+
+func parse(_ s: String) -> UpgradeParse {
+    Array(s.utf8).withUnsafeBytes { UpgradeParser.parse($0) }
+}
+
+let good = "GET /sub?room=r1&x=2 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+
+@Suite struct UpgradeParserTests {
+    @Test func completeRequest() throws {
+        guard case .request(let r) = parse(good) else { Issue.record("not parsed: \(parse(good))"); return }
+        let bytes = Array(good.utf8)
+        #expect(String(decoding: bytes[r.path], as: UTF8.self) == "/sub")
+        #expect(String(decoding: bytes[r.query], as: UTF8.self) == "room=r1&x=2")
+        #expect(String(decoding: bytes[r.key], as: UTF8.self) == "dGhlIHNhbXBsZSBub25jZQ==")
+        #expect(r.headLength == bytes.count)
+        let room = bytes.withUnsafeBytes { UpgradeParser.queryValue($0, r.query, "room") }
+        #expect(room.map { String(decoding: bytes[$0], as: UTF8.self) } == "r1")
+        let x = bytes.withUnsafeBytes { UpgradeParser.queryValue($0, r.query, "x") }
+        #expect(x.map { String(decoding: bytes[$0], as: UTF8.self) } == "2")
+        #expect(bytes.withUnsafeBytes { UpgradeParser.queryValue($0, r.query, "roo") } == nil)
+    }
+
+    @Test func bytesAfterTheHeadAreNotPartOfIt() {
+        guard case .request(let r) = parse(good + "\u{81}\u{85}") else { Issue.record("not parsed"); return }
+        #expect(r.headLength == good.utf8.count)
+    }
+
+    @Test func everyPrefixIsIncomplete() {
+        let bytes = Array(good.utf8)
+        for cut in 0..<bytes.count {
+            let r = bytes[..<cut].withUnsafeBytes { UpgradeParser.parse($0) }
+            #expect(r == .incomplete, "cut at \(cut)")
+        }
+    }
+
+    @Test func noQuery() {
+        guard case .request(let r) = parse(good.replacing("/sub?room=r1&x=2", with: "/sub")) else { Issue.record("not parsed"); return }
+        #expect(r.query.isEmpty)
+        #expect(r.path == 4..<8)
+    }
+
+    @Test func refusals() {
+        #expect(parse(good.replacing("GET", with: "POST")) == .refused(.notGet))
+        #expect(parse(good.replacing("HTTP/1.1\r\nHost", with: "HTTP/1.0\r\nHost")) == .refused(.notHTTP11))
+        #expect(parse(good.replacing("Upgrade: WebSocket\r\n", with: "")) == .refused(.notUpgrade))
+        #expect(parse(good.replacing("keep-alive, Upgrade", with: "keep-alive")) == .refused(.notUpgrade))
+        #expect(parse(good.replacing("Version: 13", with: "Version: 8")) == .refused(.badVersion))
+        #expect(parse(good.replacing("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", with: "")) == .refused(.noKey))
+        #expect(parse(good.replacing("Host: h", with: "Host h")) == .refused(.malformed))
+        #expect(parse(good.replacing("/sub?", with: "sub?")) == .refused(.malformed))
+        #expect(parse("GET /" + String(repeating: "a", count: 9000)) == .refused(.tooLarge))
+    }
+}
+
+@Suite struct AcceptValueTests {
+    func sha1Hex(_ s: String) -> String {
+        var out = [UInt8](repeating: 0, count: 20)
+        Array(s.utf8).withUnsafeBytes { b in out.withUnsafeMutableBytes { SHA1.digest(b, into: $0.baseAddress!) } }
+        return out.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+    }
+
+    @Test func sha1KnownAnswers() {
+        #expect(sha1Hex("") == "da39a3ee5e6b4b0d3255bfef95601890afd80709")
+        #expect(sha1Hex("abc") == "a9993e364706816aba3e25717850c26c9cd0d89d")
+        #expect(sha1Hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") == "84983e441c3bd26ebaae4aa1f95129e5e54670f1")
+        #expect(sha1Hex(String(repeating: "a", count: 1000)) == "291e9a6c66994949b57ba5e650361e98fc36b1ba")
+    }
+
+    /// RFC 6455 §1.3's example.
+    @Test func rfc6455Example() {
+        var out = [UInt8](repeating: 0, count: 28)
+        let n = Array("dGhlIHNhbXBsZSBub25jZQ==".utf8).withUnsafeBytes { k in
+            out.withUnsafeMutableBytes { WebSocketAccept.write(key: k, to: $0.baseAddress!) }
+        }
+        #expect(n == 28)
+        #expect(String(decoding: out, as: UTF8.self) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    }
+
+    @Test func base64Padding() {
+        func b64(_ s: String) -> String {
+            var out = [UInt8](repeating: 0, count: 16)
+            let n = Array(s.utf8).withUnsafeBytes { b in out.withUnsafeMutableBytes { WebSocketAccept.base64(b, to: $0.baseAddress!) } }
+            return String(decoding: out[..<n], as: UTF8.self)
+        }
+        #expect(b64("f") == "Zg==")
+        #expect(b64("fo") == "Zm8=")
+        #expect(b64("foo") == "Zm9v")
+        #expect(b64("foob") == "Zm9vYg==")
+    }
+}
