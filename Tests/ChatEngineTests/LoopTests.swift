@@ -144,20 +144,21 @@ import Testing
         return pub
     }
 
-    /// A subscriber that does not read while 4 MiB is published: what its socket would not
-    /// take waits in its queue and leaves, in order, once it reads.
+    /// A subscriber that does not read while 8 MiB is published: what its socket would not
+    /// take waits in its queue and leaves, in order, once it reads. (Its 4 KiB receive buffer
+    /// and the server's send buffer, at most tcp_wmem's 4 MiB, hold far less than that.)
     @Test func queuedOnEAGAINThenDrainedInOrder() {
         var config = LoopConfig()
-        config.maxQueuedBytes = 16 << 20
+        config.maxQueuedBytes = 32 << 20
         let h = Harness(config: config)
         let slow = subscribers(h, 1, room: "q")[0]
-        let size = 32 * 1024, frame = size + 4, frames = 128
+        let size = 32 * 1024, frame = size + 4, frames = 256
         let pub = publish(h, room: "q", frames: frames, size: size)
         #expect(h.loop.counters.queued > 0)
         let (got, closed) = drain(h, slow, upTo: frames * frame)
         #expect(!closed && got.count == frames * frame)
         for k in 0..<frames where got.count == frames * frame {
-            #expect(Array(got[(k * frame)..<(k * frame + 4)]) == [0x82, 126, 0x80, 0x00] && got[k * frame + 4] == UInt8(k), "frame \(k)")
+            #expect(Array(got[(k * frame)..<(k * frame + 4)]) == [0x82, 126, 0x80, 0x00] && got[k * frame + 4] == UInt8(truncatingIfNeeded: k), "frame \(k)")
         }
         #expect(h.loop.counters.slowConsumers == 0)
         close(slow); close(pub)
