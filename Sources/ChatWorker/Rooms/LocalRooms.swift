@@ -8,10 +8,14 @@ import NIOCore
 // (epoch and last seq), which tells a resync after a bus outage where to resume. A room message is encoded once per
 // transport that has members in the room (a WebSocket frame, an SSE event) and those bytes are written to every member
 // of that transport; an SSE member adds its own `id:` line before them. A quiet room's members are
-// flushed once per loop tick, however many messages reached them in that tick; a busy
-// room's are flushed once per gathering window (`DeliveryPace`), so each member gets the
-// window's frames in one write. Writes still happen in arrival order, so a member's frames
-// keep their order across rooms and with its own answers; only the flush waits.
+// flushed once per loop tick, however many messages reached them in that tick. A busy
+// room gathers its messages for a window (`DeliveryPace`): its WebSocket frames go back to
+// back into one buffer, and when the window ends each member gets that buffer in one write
+// (one write and one flush per member per window, not one per message). A member that
+// joined during the window gets the part after its join; the ack of a member's own send
+// waits behind the window's frames, so it still follows its message. Event stream members
+// carry an `id:` line of their own per message, so theirs are queued per message and
+// flushed at the window's end.
 //
 // The bus gives each room's messages once, in order, and answers a join at its place in
 // that stream (the `Bus` protocol): a member answered now gets every live message from now
@@ -32,15 +36,47 @@ final class LocalRooms {
         var lastSeq: Int
         var knownMembers: Int
         var pace: DeliveryPace
-        /// The open gathering window's flush, and the messages written in it so far.
+        /// The open gathering window's flush, the messages gathered in it so far, and its
+        /// WebSocket frames.
         var windowFlush: Scheduled<Void>?
         var gathered = 0
+        var window = GatheredFrames()
 
         init(epoch: String, lastSeq: Int, knownMembers: Int, maxDelayMs: Int) {
             self.epoch = epoch
             self.lastSeq = lastSeq
             self.knownMembers = knownMembers
             pace = DeliveryPace(maxDelayMs: maxDelayMs)
+        }
+    }
+
+    /// A window's WebSocket frames, back to back: encoded once, written to each member in
+    /// one go when the window ends.
+    struct GatheredFrames {
+        var bytes: ByteBuffer?
+        var count = 0
+        /// Members that joined during the window: where in `bytes` their messages start.
+        var joinedAt: [ObjectIdentifier: (offset: Int, count: Int)] = [:]
+        /// A member's own frames that must follow the window's (the ack of its send).
+        var trailing: [ObjectIdentifier: [ByteBuffer]] = [:]
+
+        mutating func append(_ frame: ByteBuffer, allocator: ByteBufferAllocator) {
+            var frame = frame
+            if bytes == nil { bytes = allocator.buffer(capacity: frame.readableBytes * 8) }
+            bytes!.writeBuffer(&frame)
+            count += 1
+        }
+
+        mutating func joined(_ id: ObjectIdentifier) {
+            joinedAt[id] = (bytes?.readableBytes ?? 0, count)
+        }
+
+        /// What a member gets of the window: the frames since it joined, if any.
+        func part(for id: ObjectIdentifier) -> (bytes: ByteBuffer, count: Int)? {
+            guard let bytes else { return nil }
+            guard let start = joinedAt[id] else { return (bytes, count) }
+            guard start.count < count else { return nil }
+            return (bytes.getSlice(at: bytes.readerIndex + start.offset, length: bytes.readableBytes - start.offset)!, count - start.count)
         }
     }
 
@@ -116,6 +152,7 @@ final class LocalRooms {
             room[keyPath: joining].filling[id] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
         } else {
             room[keyPath: joining].members[id] = session
+            if room.windowFlush != nil { room.window.joined(id) }
         }
     }
 
@@ -126,12 +163,20 @@ final class LocalRooms {
         let group = session.isEventStream ? \Room.eventStream : \Room.webSocket
         guard let room = rooms[name], let filling = room[keyPath: group].filling.removeValue(forKey: id) else { return [] }
         room[keyPath: group].members[id] = session
+        // The frames kept for it include the open window's so far.
+        if room.windowFlush != nil { room.window.joined(id) }
         return filling.frames
     }
 
     /// Removes a member; the room goes away with its last member.
     func remove(_ session: SessionHandler, from name: String) {
         guard let room = rooms[name] else { return }
+        let id = ObjectIdentifier(session)
+        if room.windowFlush != nil, room.webSocket.members[id] != nil {
+            // What came before its leave is its own: it goes out ahead of `left`.
+            writeWindow(of: room, to: session, id: id)
+            room.window.joinedAt[id] = nil
+        }
         room.webSocket.remove(ObjectIdentifier(session))
         room.eventStream.remove(ObjectIdentifier(session))
         if room.webSocket.isEmpty, room.eventStream.isEmpty {
@@ -160,7 +205,7 @@ final class LocalRooms {
             closeWindow(of: room)
             frames = broadcast(.message(message), mark: mark, in: room)
         case .gather(let window):
-            frames = write(.message(message), mark: mark, in: room, queueFlush: false)
+            frames = gather(.message(message), mark: mark, in: room)
             room.gathered += 1
             gatheredDeliveries += members
             if room.windowFlush == nil {
@@ -202,6 +247,40 @@ final class LocalRooms {
         return encoded
     }
 
+    /// A busy room's message: its WebSocket frame into the window's frames, its event
+    /// stream event queued to each such member (each with its own id line).
+    private func gather(_ message: ServerMessage, mark: StreamMark, in room: Room) -> Encoded {
+        var encoded = Encoded()
+        if !room.webSocket.isEmpty {
+            let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
+            encoded.frame = frame
+            if !room.webSocket.members.isEmpty { room.window.append(frame, allocator: allocator) }
+        }
+        if !room.eventStream.isEmpty {
+            let event = EventStreamBytes.event(message, allocator: allocator)
+            encoded.event = event
+            for session in room.eventStream.members.values { session.write(event: event, at: mark) }
+        }
+        return encoded
+    }
+
+    /// Holds a frame of a member's own (the ack of its send) behind the room's open window,
+    /// which holds the message it follows; false when the room has no window open for it.
+    func holdBehindWindow(_ frame: ByteBuffer, for session: SessionHandler, in name: String) -> Bool {
+        let id = ObjectIdentifier(session)
+        guard let room = rooms[name], room.windowFlush != nil, room.webSocket.members[id] != nil else { return false }
+        room.window.trailing[id, default: []].append(frame)
+        return true
+    }
+
+    /// Writes a WebSocket member its part of the open window, then what waits behind it.
+    private func writeWindow(of room: Room, to session: SessionHandler, id: ObjectIdentifier) {
+        if let part = room.window.part(for: id) { session.write(part.bytes, frames: part.count) }
+        if let trailing = room.window.trailing.removeValue(forKey: id) {
+            for frame in trailing { session.write(frame) }
+        }
+    }
+
     /// Live frames for the filling members that `wants` them, each in its transport's encoding.
     private func keep(_ encoded: Encoded, mark: StreamMark, in room: Room, where wants: (Filling) -> Bool) {
         if let frame = encoded.frame, !room.webSocket.filling.isEmpty {
@@ -233,7 +312,11 @@ final class LocalRooms {
         room.windowFlush = nil
         let started = NIODeadline.now().uptimeNanoseconds
         gatheredWrites += room.webSocket.members.count + room.eventStream.members.count
-        for session in room.webSocket.members.values { session.flush() }
+        for (id, session) in room.webSocket.members {
+            writeWindow(of: room, to: session, id: id)
+            session.flush()
+        }
+        room.window = GatheredFrames()
         for session in room.eventStream.members.values { session.flush() }
         room.pace.wrote(frames: room.gathered, tookNanos: NIODeadline.now().uptimeNanoseconds - started)
         room.gathered = 0

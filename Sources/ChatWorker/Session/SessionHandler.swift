@@ -307,7 +307,7 @@ final class SessionHandler: ChannelInboundHandler {
                 worker.counters.observeBusLatency(seconds: monotonicSeconds() - started)
                 switch result {
                 case .success(let published):
-                    if let ref { send(.ack(ref: ref, room: room, seq: published.seq)) }
+                    if let ref { sendAfterRoom(.ack(ref: ref, room: room, seq: published.seq), room: room) }
                 case .failure:
                     sendUnavailable(ref: ref, room: room)
                 }
@@ -370,10 +370,24 @@ final class SessionHandler: ChannelInboundHandler {
     /// Queues a WebSocket member's already framed message (the same bytes go to every
     /// WebSocket member of a room).
     func write(_ frame: ByteBuffer) {
+        write(frame, frames: 1)
+    }
+
+    /// Queues `frames` WebSocket frames back to back (a busy room's window).
+    func write(_ bytes: ByteBuffer, frames: Int) {
         guard let output, !closing else { return }
-        worker.counters.messagesOut += 1
-        worker.counters.bytesOut += frame.readableBytes
-        output.write(wrapOutboundOut(frame), promise: nil)
+        worker.counters.messagesOut += frames
+        worker.counters.bytesOut += bytes.readableBytes
+        output.write(wrapOutboundOut(bytes), promise: nil)
+    }
+
+    /// Sends a frame that must follow what the room sent this connection so far (the ack
+    /// of a send follows the message): behind the room's gathering window when it has one.
+    private func sendAfterRoom(_ message: ServerMessage, room: String) {
+        guard let context, !isEventStream else { return send(message) }
+        let allocator = context.channel.allocator
+        let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
+        if !worker.rooms.holdBehindWindow(frame, for: self, in: room) { write(frame) }
     }
 
     /// Queues an event stream member's room event: its own `id:` line (its position in
