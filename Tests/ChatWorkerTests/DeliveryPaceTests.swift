@@ -41,9 +41,9 @@ private func feed(_ pace: inout DeliveryPace, count: Int, gapMs: UInt64, from st
         #expect(shorter >= 15 * ms && shorter <= 20 * ms, "window \(shorter / ms) ms at 2 ms between messages")
     }
 
-    @Test func aRoomJustUnderTwoMessagesPerWindowIsNotGathered() {
+    @Test func aRoomUnderOneAndAHalfMessagesPerWindowIsNotGathered() {
         var pace = DeliveryPace(maxDelayMs: 100)
-        let (decision, _) = feed(&pace, count: 100, gapMs: 60, from: 1_000 * ms)
+        let (decision, _) = feed(&pace, count: 100, gapMs: 70, from: 1_000 * ms)
         #expect(decision == .now)
     }
 

@@ -1,6 +1,6 @@
 """Hot rooms: coalesced delivery (docs/DESIGN.md "Hot rooms", README "Hot rooms").
 
-A room whose messages come closer together than half of `delivery.max_delay_ms` gathers
+A room whose messages come closer together than two thirds of `delivery.max_delay_ms` gathers
 each member's frames and writes them together; a quiet room is written at once. Nothing
 changes for clients: these tests check the protocol's rules (every message once, in seq
 order, the sender's ack after its message, resume) in a room that is coalesced, and that

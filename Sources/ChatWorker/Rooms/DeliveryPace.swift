@@ -4,7 +4,9 @@
 /// The kernel's share of a `write(2)` is most of a delivery's cost, and in a room with
 /// tens of messages per second every member would get one write per message. Gathering
 /// them turns k messages into one write of k frames. A room is busy when its messages come
-/// closer together than half of `delivery.max_delay_ms` (so a window holds two or more);
+/// closer together than two thirds of `delivery.max_delay_ms` (so a window holds one and a
+/// half or more: a room right at two per window would flap between the two ways, and the
+/// way at once costs several times more);
 /// the window is as long as about `targetFrames` messages take, never longer than the
 /// maximum. The pace is a moving average of the gaps between messages, each gap counted
 /// as at most four maximum delays, so that a room cools down within a few messages.
@@ -42,7 +44,7 @@ struct DeliveryPace {
         meanGapNanos = maxDelayNanos * 4
     }
 
-    var isGathering: Bool { maxDelayNanos > 0 && meanGapNanos * 2 <= maxDelayNanos }
+    var isGathering: Bool { maxDelayNanos > 0 && meanGapNanos * 1.5 <= maxDelayNanos }
 
     /// A message of the room arrived at `now` (monotonic nanoseconds).
     mutating func arrived(at now: UInt64) -> Decision {
