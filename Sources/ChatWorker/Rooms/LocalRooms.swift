@@ -224,41 +224,38 @@ final class LocalRooms {
         var event: ByteBuffer?
     }
 
-    /// Writes a room message to every member, encoded once per transport; queues each
-    /// member's flush for the end of the tick unless the room's window will flush it.
-    private func write(_ message: ServerMessage, mark: StreamMark, in room: Room, queueFlush: Bool) -> Encoded {
-        var encoded = Encoded()
-        if !room.webSocket.isEmpty {
-            let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
-            encoded.frame = frame
+    /// The message in each transport that has anyone in the room, filling members included.
+    private func encode(_ message: ServerMessage, in room: Room) -> Encoded {
+        Encoded(frame: room.webSocket.isEmpty ? nil : FrameBytes.text(message, allocator: allocator),
+                event: room.eventStream.isEmpty ? nil : EventStreamBytes.event(message, allocator: allocator))
+    }
+
+    /// Writes a room message to every member, encoded once per transport, and flushes
+    /// them at the end of this tick.
+    private func broadcast(_ message: ServerMessage, mark: StreamMark, in room: Room) -> Encoded {
+        let encoded = encode(message, in: room)
+        if let frame = encoded.frame {
             for session in room.webSocket.members.values {
                 session.write(frame)
-                if queueFlush { queueFlushOf(session) }
+                queueFlushOf(session)
             }
         }
-        if !room.eventStream.isEmpty {
-            let event = EventStreamBytes.event(message, allocator: allocator)
-            encoded.event = event
+        if let event = encoded.event {
             for session in room.eventStream.members.values {
                 session.write(event: event, at: mark)
-                if queueFlush { queueFlushOf(session) }
+                queueFlushOf(session)
             }
         }
+        scheduleFlush()
         return encoded
     }
 
     /// A busy room's message: its WebSocket frame into the window's frames, its event
     /// stream event queued to each such member (each with its own id line).
     private func gather(_ message: ServerMessage, mark: StreamMark, in room: Room) -> Encoded {
-        var encoded = Encoded()
-        if !room.webSocket.isEmpty {
-            let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
-            encoded.frame = frame
-            if !room.webSocket.members.isEmpty { room.window.append(frame, allocator: allocator) }
-        }
-        if !room.eventStream.isEmpty {
-            let event = EventStreamBytes.event(message, allocator: allocator)
-            encoded.event = event
+        let encoded = encode(message, in: room)
+        if let frame = encoded.frame, !room.webSocket.members.isEmpty { room.window.append(frame, allocator: allocator) }
+        if let event = encoded.event {
             for session in room.eventStream.members.values { session.write(event: event, at: mark) }
         }
         return encoded
@@ -352,13 +349,6 @@ final class LocalRooms {
         if result.room.seq > room.lastSeq {
             room.lastSeq = result.room.seq
         }
-    }
-
-    /// Writes to every member and flushes them at the end of this tick.
-    private func broadcast(_ message: ServerMessage, mark: StreamMark, in room: Room) -> Encoded {
-        let encoded = write(message, mark: mark, in: room, queueFlush: true)
-        scheduleFlush()
-        return encoded
     }
 
     private func queueFlushOf(_ session: SessionHandler) {

@@ -127,8 +127,9 @@ final class SessionHandler: ChannelInboundHandler {
         flush()
     }
 
-    /// Over the outbound buffer while frames were gathered for a busy room: give the kernel
-    /// what it takes now, so gathering never lets a member's backlog grow past the limit.
+    /// Over the outbound buffer while a busy room's events were queued to an event stream
+    /// member (WebSocket members get a window in one write): give the kernel what it takes
+    /// now, so gathering never lets a member's backlog grow past the limit.
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if !context.channel.isWritable { flush() }
         context.fireChannelWritabilityChanged()
@@ -358,7 +359,7 @@ final class SessionHandler: ChannelInboundHandler {
         let allocator = context.channel.allocator
         switch transport {
         case .webSocket:
-            write(FrameBytes.text(message.encoded(allocator), allocator: allocator))
+            write(FrameBytes.text(message, allocator: allocator))
         case .eventStream:
             var event = allocator.buffer(capacity: 256)
             if position.advance(by: message) { position.writeIDLine(into: &event) }
@@ -386,7 +387,7 @@ final class SessionHandler: ChannelInboundHandler {
     private func sendAfterRoom(_ message: ServerMessage, room: String) {
         guard let context, !isEventStream else { return send(message) }
         let allocator = context.channel.allocator
-        let frame = FrameBytes.text(message.encoded(allocator), allocator: allocator)
+        let frame = FrameBytes.text(message, allocator: allocator)
         if !worker.rooms.holdBehindWindow(frame, for: self, in: room) { write(frame) }
     }
 
@@ -433,7 +434,7 @@ final class SessionHandler: ChannelInboundHandler {
         let message = ServerMessage.bye(reason: reason, retryMs: retryMs)
         switch transport {
         case .webSocket(let webSocket):
-            context.writeAndFlush(wrapOutboundOut(FrameBytes.text(message.encoded(allocator), allocator: allocator)), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(FrameBytes.text(message, allocator: allocator)), promise: nil)
             departedRooms()
             webSocket.close(code: CloseCode.forBye(reason))
         case .eventStream:

@@ -1,3 +1,4 @@
+import ChatProtocol
 import NIOCore
 import NIOWebSocket
 
@@ -6,6 +7,11 @@ import NIOWebSocket
 public enum FrameBytes {
     public static func text(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
         make(opcode: .text, payload: payload, allocator: allocator)
+    }
+
+    /// A server message as the text frame a WebSocket client gets.
+    static func text(_ message: ServerMessage, allocator: ByteBufferAllocator) -> ByteBuffer {
+        text(message.encoded(allocator), allocator: allocator)
     }
 
     public static func binary(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
