@@ -13,10 +13,11 @@ final class MetricsBook {
     let registry = PrometheusCollectorRegistry()
     private var previous: [pid_t: ChildStats] = [:]
     private var latency: [Labels: ValueHistogram] = [:]
-    private var roomGauges: [String: Gauge] = [:]
-    /// The per-slot gauges of the last scrape: a slot without a live child has its figures
-    /// removed (a gap in a graph) rather than frozen at their last value.
+    /// The gauges of the last scrape, and of this one while it is built: a slot without a
+    /// live child (or a room no longer busy) has its figures removed (a gap in a graph)
+    /// rather than frozen at their last value.
     private var shownGauges: [ObjectIdentifier: Gauge] = [:]
+    private var shownNow: [ObjectIdentifier: Gauge] = [:]
 
     /// What the master knows of one wanted slot when scraped.
     struct SlotHealth {
@@ -102,11 +103,8 @@ final class MetricsBook {
 
     /// Gauges from the children alive now and the slots wanted now.
     func refreshGauges(children: [(role: String, slot: Int, stats: ChildStats)], slots: [SlotHealth]) {
-        var shown: [ObjectIdentifier: Gauge] = [:]
         func set(_ name: String, unit: String = "", _ help: String, _ labels: Labels, _ value: Int) {
-            let gauge = registry.makeGauge(descriptor: Self.descriptor(name, unit: unit, help: help), labels: labels.pairs)
-            gauge.set(to: Double(value))
-            shown[ObjectIdentifier(gauge)] = gauge
+            show(name, unit: unit, help, labels.pairs, Double(value))
         }
         var totals: [Labels: (connections: Int, rooms: Int, resident: Int)] = [:]
         for child in children {
@@ -130,8 +128,16 @@ final class MetricsBook {
             set("up", "1 while the slot has a running child", labels, health.running ? 1 : 0)
             set("crash_looping", "1 while the slot is crash-looping (backing off between failed starts)", labels, health.crashLooping ? 1 : 0)
         }
-        for (id, gauge) in shownGauges where shown[id] == nil { registry.unregisterGauge(gauge) }
-        shownGauges = shown
+        for (id, gauge) in shownGauges where shownNow[id] == nil { registry.unregisterGauge(gauge) }
+        shownGauges = shownNow
+        shownNow = [:]
+    }
+
+    /// Sets a gauge of this scrape; one not set again by the next scrape is removed.
+    private func show(_ name: String, unit: String = "", _ help: String, _ labels: [(String, String)], _ value: Double) {
+        let gauge = registry.makeGauge(descriptor: Self.descriptor(name, unit: unit, help: help), labels: labels)
+        gauge.set(to: value)
+        shownNow[ObjectIdentifier(gauge)] = gauge
     }
 
     /// Each worker slot's connections split by transport; `chatgw_connections` stays the total.
@@ -142,28 +148,20 @@ final class MetricsBook {
             let streams = worker.stats.eventStreamConnections
             bySlot[worker.slot] = (sum.webSocket + worker.stats.connections - streams, sum.eventStream + streams)
         }
-        let descriptor = Self.descriptor("transport_connections", unit: "", help: "Open client connections by transport (websocket, sse)")
+        let help = "Open client connections by transport (websocket, sse)"
         for (slot, sum) in bySlot {
             let labels = Labels(role: "worker", slot: slot).pairs
-            registry.makeGauge(descriptor: descriptor, labels: labels + [("transport", "websocket")]).set(to: Double(sum.webSocket))
-            registry.makeGauge(descriptor: descriptor, labels: labels + [("transport", "sse")]).set(to: Double(sum.eventStream))
+            show("transport_connections", help, labels + [("transport", "websocket")], Double(sum.webSocket))
+            show("transport_connections", help, labels + [("transport", "sse")], Double(sum.eventStream))
         }
     }
 
     /// One series per room whose messages are gathered now (a handful of busy rooms, not
     /// every room); a room that went quiet loses its series.
     private func refreshGatheringRooms(_ reports: [GatheringRoom]) {
-        let now = GatheringRoom.merged(reports)
-        for (room, gauge) in roomGauges where now[room] == nil {
-            registry.unregisterGauge(gauge)
-            roomGauges[room] = nil
-        }
-        for (room, report) in now {
-            let gauge = roomGauges[room] ?? registry.makeGauge(
-                descriptor: Self.descriptor("room_frames_per_write", unit: "", help: "Frames per member write in a room whose messages are gathered (busy rooms only)"),
-                labels: [("room", room)])
-            roomGauges[room] = gauge
-            gauge.set(to: report.framesPerWrite)
+        for (room, report) in GatheringRoom.merged(reports) {
+            show("room_frames_per_write", "Frames per member write in a room whose messages are gathered (busy rooms only)",
+                 [("room", room)], report.framesPerWrite)
         }
     }
 
