@@ -10,10 +10,10 @@ import NIOHTTP1
 // its user as `/ws` does.
 extension HTTPHandler {
     /// Runs `body` with the requester, or refuses the request as an upgrade at `/ws` would be.
-    func authorized(context: ChannelHandlerContext, head: HTTPRequestHead, target: RequestTarget,
+    func authorized(context: ChannelHandlerContext, head: HTTPRequestHead, target: RequestTarget, guests: Bool = true,
                     _ body: @escaping (AuthorizedUser) -> Void) {
         Identity.authorize(head, target: target, origins: worker.settings.config.server.originList,
-                           verifier: worker.verifier, on: context.eventLoop)
+                           verifier: worker.verifier, guests: guests, on: context.eventLoop)
             .assumeIsolated().whenSuccess { [self] result in
                 switch result {
                 case .success(let user): body(user)

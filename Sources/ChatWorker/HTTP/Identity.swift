@@ -25,15 +25,15 @@ enum Identity {
         }
     }
 
-    /// The Origin rule, then who the user is (auth mode `none`: `?user=`; `jwt`: the
-    /// token, verified off the loop).
+    /// The Origin rule, then who the user is (auth mode `none`: `?user=`, else a guest when
+    /// `guests` allows one; `jwt`: the token, verified off the loop).
     static func authorize(_ head: HTTPRequestHead, target: RequestTarget, origins: [String], verifier: TokenVerifier?,
-                          on loop: any EventLoop) -> EventLoopFuture<Result<AuthorizedUser, ProtocolError>> {
+                          guests: Bool = true, on loop: any EventLoop) -> EventLoopFuture<Result<AuthorizedUser, ProtocolError>> {
         if let refusal = originRefusal(head, allowed: origins) {
             return loop.makeSucceededFuture(.failure(refusal))
         }
         guard let verifier else {
-            return loop.makeSucceededFuture(fromQuery(target))
+            return loop.makeSucceededFuture(fromQuery(target, guests: guests))
         }
         guard let token = token(in: head, target: target) else {
             return loop.makeSucceededFuture(.failure(ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")))
@@ -45,9 +45,12 @@ enum Identity {
         }
     }
 
-    /// Auth mode `none`: the `user` query parameter, or a generated guest name.
-    static func fromQuery(_ target: RequestTarget) -> Result<AuthorizedUser, ProtocolError> {
+    /// Auth mode `none`: the `user` query parameter, or a generated guest name. A request
+    /// that stands alone (`POST /sse/send`) gets no guest: a name new with every request
+    /// would escape its per-user rate limit.
+    static func fromQuery(_ target: RequestTarget, guests: Bool = true) -> Result<AuthorizedUser, ProtocolError> {
         guard let user = target.query["user"], !user.isEmpty else {
+            guard guests else { return .failure(ProtocolError(.badUser, "POST /sse/send needs ?user= in auth mode none (its rate limit is per user)")) }
             return .success(AuthorizedUser(name: "guest-" + String(UInt32.random(in: 0...UInt32.max), radix: 16), rooms: .any))
         }
         return Result { () throws(ProtocolError) in AuthorizedUser(name: try Names.checkedUser(user), rooms: .any) }
