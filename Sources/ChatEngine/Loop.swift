@@ -6,10 +6,14 @@ import Glibc
 /// split over reads; bytes the socket would not take), malloc'd and freed by the loop.
 public struct Connection {
     public var state: UInt8 = Connection.free
-    public var role: UInt8 = 0
-    public var room: Int32 = -1
-    /// Index in the room's member list (subscribers), or in `peers` (peer links).
-    public var slot: Int32 = -1
+    /// The application's: what kind of connection this is to it.
+    public var kind: UInt8 = 0
+    /// Was open or deciding when doomed: the application hears of its close.
+    var known = false
+    /// The application's: where it lists the connection (say, a room and the place in its
+    /// member list).
+    public var group: Int32 = -1
+    public var index: Int32 = -1
     var input: UnsafeMutableRawPointer? = nil
     var inputCount: Int32 = 0
     var output: UnsafeMutableRawPointer? = nil
@@ -18,21 +22,20 @@ public struct Connection {
     var outputCapacity: Int32 = 0
 
     public static let free: UInt8 = 0
+    /// Accepted; its request head is not complete yet.
     public static let http: UInt8 = 1
+    /// Upgraded (or a stream): what comes in goes to the application's `input`.
     public static let open: UInt8 = 2
     /// To be closed at the end of this loop turn (a descriptor is never closed, and so never
     /// reused, while the turn's event list may still name it).
     public static let doomed: UInt8 = 3
+    /// Its request was taken; the application decides later (`open` or `refuse`), and what
+    /// comes in meanwhile waits in its input buffer.
+    public static let deciding: UInt8 = 4
     public static let listener: UInt8 = 10
-    public static let peer: UInt8 = 11
-
-    public static let subscriber: UInt8 = 0
-    public static let publisher: UInt8 = 1
 }
 
 public struct LoopConfig: Sendable {
-    public var subscribePath: StaticString = "/sub"
-    public var publishPath: StaticString = "/pub"
     /// Bytes a connection may have queued (the socket would not take them) before it is
     /// dropped as a slow consumer.
     public var maxQueuedBytes = 256 * 1024
@@ -42,13 +45,31 @@ public struct LoopConfig: Sendable {
 }
 
 public struct LoopCounters: Sendable {
-    public var accepted = 0, handshakes = 0, refused = 0, published = 0, deliveries = 0
-    public var peerIn = 0, peerBatches = 0, slowConsumers = 0, closed = 0
+    public var accepted = 0, handshakes = 0, refused = 0, handedOff = 0, slowConsumers = 0, closed = 0
     /// Writes the socket did not take whole (EAGAIN or short): queued for EPOLLOUT.
     public var queued = 0
 }
 
-/// One epoll loop over raw descriptors, on the thread (or process) that calls `run`.
+/// What a loop serves: it decides what becomes of each request and reads what comes on
+/// the connections it keeps. Every call happens on the loop's thread, inside `turn`.
+public protocol LoopApplication: AnyObject {
+    /// A connection's request head is complete (or refused by the upgrade parser) in
+    /// `bytes`, which also hold whatever followed it. Before returning, the application
+    /// answers it (`upgrade`, `refuse`), hands the descriptor on (`handOff`), or leaves it
+    /// `deciding` to answer later.
+    func request(_ loop: Loop, fd: Int32, bytes: UnsafeMutableRawBufferPointer, parse: UpgradeParse)
+    /// Bytes from an open connection in `p[0..<count]`, which the application may change in
+    /// place (unmask, reframe); returns how many it used (whole frames or records only: the
+    /// rest is kept for the next read).
+    func input(_ loop: Loop, fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int
+    /// `fd`, which was open or deciding, is closing: forget it. Its record still holds
+    /// the application's fields.
+    func closed(_ loop: Loop, fd: Int32)
+    /// accept() failed for want of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    func acceptFailed(_ loop: Loop, listener: Int32, errno: Int32)
+}
+
+/// One epoll loop over raw descriptors, on the thread (or process) that calls `turn`.
 ///
 /// Client sockets are registered once, edge-triggered, for IN|OUT|RDHUP: one epoll_ctl per
 /// connection in its life and none when a write hits EAGAIN (a level-triggered OUT would
@@ -57,23 +78,24 @@ public struct LoopCounters: Sendable {
 /// level-triggered: a burst is accepted in batches without starving the other descriptors.
 public final class Loop {
     public let config: LoopConfig
-    public private(set) var counters = LoopCounters()
-    let epfd: Int32
-    let conns: UnsafeMutablePointer<Connection>
-    let capacity: Int
+    public var counters = LoopCounters()
+    public unowned(unsafe) var application: (any LoopApplication)!
+    /// The epoll descriptor: readable while events wait, so another loop (NIO's) can watch
+    /// this one.
+    public let epfd: Int32
+    public let conns: UnsafeMutablePointer<Connection>
+    public let capacity: Int
     /// One scratch buffer for every read of this loop: requests and frames are parsed and
     /// reframed where they lie.
     let scratch: UnsafeMutableRawPointer
-    let scratchSize = 256 * 1024
+    public let scratchSize = 256 * 1024
     let events: UnsafeMutablePointer<epoll_event>
     let maxEvents: Int32 = 512
     let response: UnsafeMutableRawPointer
-
-    var roomIDs: [String: Int32] = [:]
-    var roomNames: ContiguousArray<String> = []
-    var members: ContiguousArray<ContiguousArray<Int32>> = []
-    var peers: ContiguousArray<Int32> = []
+    /// Streams (links to other processes) whose queued output leaves at the end of a turn.
+    var streams: ContiguousArray<Int32> = []
     var doomedList: ContiguousArray<Int32> = []
+    var listeners: ContiguousArray<Int32> = []
 
     public init(config: LoopConfig = LoopConfig()) {
         self.config = config
@@ -84,7 +106,7 @@ public final class Loop {
         conns.initialize(repeating: Connection(), count: capacity)
         scratch = .allocate(byteCount: scratchSize, alignment: 16)
         events = .allocate(capacity: Int(maxEvents))
-        response = .allocate(byteCount: 256, alignment: 16)
+        response = .allocate(byteCount: 512, alignment: 16)
         epfd = epoll_create1(Int32(EPOLL_CLOEXEC))
         precondition(epfd >= 0, "epoll_create1: \(errno)")
         doomedList.reserveCapacity(1024)
@@ -104,16 +126,37 @@ public final class Loop {
     /// A listening socket (non-blocking, listen() done) this loop accepts from.
     public func addListener(_ fd: Int32) {
         conns[Int(fd)].state = Connection.listener
+        listeners.append(fd)
         register(fd, Self.IN)
     }
 
-    /// A stream to another loop (socketpair): messages published here go there in one write
-    /// per loop turn, and what comes from there is delivered here.
-    public func addPeer(_ fd: Int32) {
-        conns[Int(fd)].state = Connection.peer
-        conns[Int(fd)].slot = Int32(peers.count)
-        peers.append(fd)
-        register(fd, Self.IN | Self.OUT | Self.ET)
+    /// Stops accepting on `fd` (which stays open: the caller owns it). What its queue
+    /// holds waits there until the caller closes it.
+    public func removeListener(_ fd: Int32) {
+        guard conns[Int(fd)].state == Connection.listener else { return }
+        var ev = epoll_event()
+        _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
+        conns[Int(fd)] = Connection()
+        listeners.removeAll { $0 == fd }
+    }
+
+    /// Accepting paused (out of files): the listeners leave epoll until `resumeAccepting`.
+    public func pauseAccepting() {
+        var ev = epoll_event()
+        for fd in listeners { _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev) }
+    }
+
+    public func resumeAccepting() {
+        for fd in listeners { register(fd, Self.IN) }
+    }
+
+    /// A byte stream to another process or loop (socketpair, Unix socket): what comes in
+    /// goes to the application's `input`; `enqueue`d output leaves at the end of each turn,
+    /// one write per batch.
+    public func addStream(_ fd: Int32, kind: UInt8) {
+        conns[Int(fd)] = Connection(state: Connection.open, kind: kind)
+        streams.append(fd)
+        register(fd, Self.IN | Self.OUT | Self.RDHUP | Self.ET)
     }
 
     // MARK: the loop
@@ -122,13 +165,14 @@ public final class Loop {
         while true { turn(timeout: -1) }
     }
 
-    /// One epoll_wait and everything it reported; then the peers' batches leave and the
-    /// doomed close.
-    public func turn(timeout: Int32) {
+    /// One epoll_wait and everything it reported; then the streams' batches leave and the
+    /// doomed close. Returns how many events there were.
+    @discardableResult
+    public func turn(timeout: Int32) -> Int {
         let n = epoll_wait(epfd, events, maxEvents, timeout)
         if n < 0 {
             precondition(errno == EINTR, "epoll_wait: \(errno)")
-            return
+            return 0
         }
         for i in 0..<Int(n) {
             let flags = events[i].events
@@ -136,7 +180,7 @@ public final class Loop {
             switch conns[Int(fd)].state {
             case Connection.listener:
                 acceptSome(fd)
-            case Connection.http, Connection.open, Connection.peer:
+            case Connection.http, Connection.open, Connection.deciding:
                 if flags & Self.OUT != 0 && conns[Int(fd)].outputCount > 0 { flushQueue(fd) }
                 if flags & Self.IN != 0 { readable(fd) }
                 if flags & (Self.ERR | Self.HUP | Self.RDHUP) != 0 { doom(fd) }
@@ -144,21 +188,35 @@ public final class Loop {
                 break
             }
         }
-        for fd in peers where conns[Int(fd)].outputCount > 0 { flushQueue(fd) }
+        endTurn()
+        return Int(n)
+    }
+
+    /// What a turn ends with; also for work done outside a turn (on the same thread).
+    public func endTurn() {
+        for fd in streams where conns[Int(fd)].outputCount > 0 { flushQueue(fd) }
         closeDoomed()
     }
 
     func acceptSome(_ lfd: Int32) {
         for _ in 0..<64 {
             let fd = chatengine_accept(lfd)
-            if fd < 0 { return }  // EAGAIN, or out of files: the listener stays level-triggered
+            if fd < 0 {
+                let error = errno
+                if error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM {
+                    application.acceptFailed(self, listener: lfd, errno: error)
+                }
+                return  // EAGAIN, or out of resources: the application relieves or pauses
+            }
             guard Int(fd) < capacity else { close(fd); continue }
             counters.accepted += 1
             conns[Int(fd)] = Connection(state: Connection.http)
             if config.readOnAccept { readable(fd) }
             // Edge-triggered ADD reports what is already pending, so nothing read above
             // is lost and nothing left unread is missed.
-            if conns[Int(fd)].state != Connection.free { register(fd, Self.IN | Self.OUT | Self.RDHUP | Self.ET) }
+            if conns[Int(fd)].state == Connection.http || conns[Int(fd)].state == Connection.open {
+                register(fd, Self.IN | Self.OUT | Self.RDHUP | Self.ET)
+            }
         }
     }
 
@@ -167,14 +225,8 @@ public final class Loop {
     /// Reads until a short read (edge-triggered), parsing as it goes in the scratch buffer;
     /// bytes of an incomplete request or frame are kept with the connection for next time.
     func readable(_ fd: Int32) {
-        var have = 0
-        if let p = conns[Int(fd)].input {
-            have = Int(conns[Int(fd)].inputCount)
-            scratch.copyMemory(from: p, byteCount: have)
-            Glibc.free(p)
-            conns[Int(fd)].input = nil
-            conns[Int(fd)].inputCount = 0
-        }
+        if conns[Int(fd)].state == Connection.deciding { return keepWaitingInput(fd) }
+        var have = takeInput(fd)
         while true {
             let space = scratchSize - have
             let r = read(fd, scratch + have, space)
@@ -185,213 +237,158 @@ public final class Loop {
             }
             if r == 0 { doom(fd); return }
             have += r
-            let used = process(fd, have)
-            if conns[Int(fd)].state == Connection.doomed { return }
+            let used = process(fd, scratch, have)
+            let state = conns[Int(fd)].state
+            if state == Connection.doomed || state == Connection.free { return }
             if used < have {
                 if used == 0 && have == scratchSize { doom(fd); return }  // a frame larger than the scratch buffer
                 if used > 0 { memmove(scratch, scratch + used, have - used) }
             }
             have -= used
+            if state == Connection.deciding {
+                keep(fd, scratch, have)
+                return keepWaitingInput(fd)
+            }
             if r < space { break }
         }
-        if have > 0 {
-            let p = malloc(have)!
-            p.copyMemory(from: scratch, byteCount: have)
-            conns[Int(fd)].input = p
-            conns[Int(fd)].inputCount = Int32(have)
+        keep(fd, scratch, have)
+    }
+
+    /// The connection's kept input moved to the front of the scratch buffer; its length.
+    func takeInput(_ fd: Int32) -> Int {
+        guard let p = conns[Int(fd)].input else { return 0 }
+        let have = Int(conns[Int(fd)].inputCount)
+        scratch.copyMemory(from: p, byteCount: have)
+        Glibc.free(p)
+        conns[Int(fd)].input = nil
+        conns[Int(fd)].inputCount = 0
+        return have
+    }
+
+    /// Keeps `p[0..<count]` as the connection's input (appended to what it holds).
+    func keep(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) {
+        guard count > 0 else { return }
+        let c = conns + Int(fd)
+        let old = Int(c.pointee.inputCount)
+        let q = realloc(c.pointee.input, old + count)!
+        (q + old).copyMemory(from: p, byteCount: count)
+        c.pointee.input = q
+        c.pointee.inputCount = Int32(old + count)
+    }
+
+    /// A deciding connection's bytes wait unread in its buffer, up to a request head's worth
+    /// (a client does not send before its answer).
+    func keepWaitingInput(_ fd: Int32) {
+        while Int(conns[Int(fd)].inputCount) < UpgradeParser.maxHead {
+            let r = read(fd, scratch, UpgradeParser.maxHead)
+            if r < 0 {
+                if errno == EINTR { continue }
+                if errno != EAGAIN { doom(fd) }
+                return
+            }
+            if r == 0 { doom(fd); return }
+            keep(fd, scratch, r)
         }
     }
 
-    /// Parses scratch[0..<count] for `fd`; returns the bytes used.
-    func process(_ fd: Int32, _ count: Int) -> Int {
+    /// Parses p[0..<count] for `fd`; returns the bytes used.
+    func process(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
         switch conns[Int(fd)].state {
         case Connection.http:
-            let parsed = UpgradeParser.parse(UnsafeRawBufferPointer(start: scratch, count: count))
-            switch parsed {
-            case .incomplete:
-                return 0
-            case .refused(let why):
-                counters.refused += 1
-                refuse(fd, why.response)
+            let parsed = UpgradeParser.parse(UnsafeRawBufferPointer(start: p, count: count))
+            if case .incomplete = parsed { return 0 }
+            application.request(self, fd: fd, bytes: UnsafeMutableRawBufferPointer(start: p, count: count), parse: parsed)
+            switch conns[Int(fd)].state {
+            case Connection.open, Connection.deciding:
+                guard case .request(let request) = parsed else { return count }
+                if conns[Int(fd)].state == Connection.deciding { return request.headLength }
+                return request.headLength + application.input(self, fd: fd, p + request.headLength, count - request.headLength)
+            default:
                 return count
-            case .request(let request):
-                guard upgrade(fd, request) else { return count }
-                return request.headLength + frames(fd, request.headLength, count)
             }
         case Connection.open:
-            return frames(fd, 0, count)
-        case Connection.peer:
-            return peerRecords(count)
+            return application.input(self, fd: fd, p, count)
         default:
             return count
         }
     }
 
-    func refuse(_ fd: Int32, _ response: StaticString) {
-        _ = send(fd, response.utf8Start, response.utf8CodeUnitCount, Int32(MSG_NOSIGNAL))
-        doom(fd)
-    }
+    // MARK: answers
 
     static let switching: StaticString = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+    static let chatProtocol: StaticString = "\r\nSec-WebSocket-Protocol: "
 
-    /// Routes the request and answers 101; false if refused.
-    func upgrade(_ fd: Int32, _ request: UpgradeRequest) -> Bool {
-        let b = UnsafeRawBufferPointer(start: scratch, count: request.headLength)
-        let path = UnsafeRawBufferPointer(rebasing: b[request.path])
-        let role: UInt8
-        if equal(path, config.subscribePath) { role = Connection.subscriber }
-        else if equal(path, config.publishPath) { role = Connection.publisher }
-        else { refuse(fd, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"); return false }
-        guard let value = UpgradeParser.queryValue(b, request.query, "room"), !value.isEmpty, value.count <= 200 else {
-            refuse(fd, UpgradeRefusal.malformed.response)
-            return false
-        }
-        let room = roomID(UnsafeRawBufferPointer(rebasing: b[value]))
+    /// Answers 101 to the request in `bytes` and opens the connection: what follows the
+    /// head are frames for `input`. `subprotocol`: the `Sec-WebSocket-Protocol` to confirm.
+    /// False (and the connection doomed) if the socket would not take the answer.
+    @discardableResult
+    public func upgrade(_ fd: Int32, _ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil) -> Bool {
         let head = Self.switching
         var n = head.utf8CodeUnitCount
         response.copyMemory(from: head.utf8Start, byteCount: n)
-        n += WebSocketAccept.write(key: UnsafeRawBufferPointer(rebasing: b[request.key]), to: response + n)
+        n += WebSocketAccept.write(key: UnsafeRawBufferPointer(rebasing: bytes[request.key]), to: response + n)
+        if let subprotocol {
+            (response + n).copyMemory(from: Self.chatProtocol.utf8Start, byteCount: Self.chatProtocol.utf8CodeUnitCount)
+            n += Self.chatProtocol.utf8CodeUnitCount
+            (response + n).copyMemory(from: subprotocol.utf8Start, byteCount: subprotocol.utf8CodeUnitCount)
+            n += subprotocol.utf8CodeUnitCount
+        }
         response.storeBytes(of: 0x0A0D_0A0D, toByteOffset: n, as: UInt32.self)  // "\r\n\r\n"
         n += 4
         let sent = send(fd, response, n, Int32(MSG_NOSIGNAL))
-        guard sent == n else { doom(fd); return false }  // a fresh socket takes 130 bytes
+        guard sent == n else { doom(fd); return false }  // a fresh socket takes a few hundred bytes
         counters.handshakes += 1
         conns[Int(fd)].state = Connection.open
-        conns[Int(fd)].role = role
-        conns[Int(fd)].room = room
-        if role == Connection.subscriber {
-            conns[Int(fd)].slot = Int32(members[Int(room)].count)
-            members[Int(room)].append(fd)
-        }
         return true
     }
 
-    func equal(_ b: UnsafeRawBufferPointer, _ s: StaticString) -> Bool {
-        b.count == s.utf8CodeUnitCount && memcmp(b.baseAddress!, s.utf8Start, b.count) == 0
+    /// Leaves the request unanswered for now: the application answers later, outside the
+    /// request call, with `upgrade` (then `resumeInput`) or `refuse`.
+    public func decideLater(_ fd: Int32) {
+        conns[Int(fd)].state = Connection.deciding
     }
 
-    /// The room's index on this loop (created on first use).
-    func roomID(_ name: UnsafeRawBufferPointer) -> Int32 {
-        let key = String(decoding: name, as: UTF8.self)  // up to 15 bytes: a small string, no allocation
-        if let id = roomIDs[key] { return id }
-        let id = Int32(roomNames.count)
-        roomIDs[key] = id
-        roomNames.append(key)
-        members.append([])
-        return id
+    /// After a deferred `upgrade`: what came meanwhile goes to `input` now (no readiness
+    /// event would bring it: the socket is edge-triggered and was read).
+    public func resumeInput(_ fd: Int32) {
+        guard conns[Int(fd)].state == Connection.open, let p = conns[Int(fd)].input else { return }
+        let count = Int(conns[Int(fd)].inputCount)
+        conns[Int(fd)].input = nil
+        conns[Int(fd)].inputCount = 0
+        let used = application.input(self, fd: fd, p, count)
+        if conns[Int(fd)].state == Connection.open && used < count { keep(fd, p + used, count - used) }
+        Glibc.free(p)
+        if conns[Int(fd)].state == Connection.open { readable(fd) }
     }
 
-    /// Client frames in scratch[from..<count]; returns the bytes of the whole frames used.
-    func frames(_ fd: Int32, _ from: Int, _ count: Int) -> Int {
-        var at = from
-        while at < count && conns[Int(fd)].state == Connection.open {
-            let p = scratch + at
-            switch Frames.parseHeader(p, count - at) {
-            case .incomplete:
-                return at - from
-            case .invalid:
-                closeWith(fd, 1002)
-                return count - from
-            case .frame(let h):
-                if count - at < h.frameLength {
-                    return at - from
-                }
-                guard let key = h.mask else {
-                    closeWith(fd, 1002)
-                    return count - from
-                }
-                at += h.frameLength
-                switch h.opcode {
-                case Opcode.text, Opcode.binary:
-                    if conns[Int(fd)].role == Connection.publisher {
-                        guard h.fin else { closeWith(fd, 1003); return count - from }
-                        let (offset, length) = Frames.reframeInPlace(p, h)
-                        publish(conns[Int(fd)].room, UnsafeRawPointer(p + offset), length)
-                    }
-                case Opcode.close:
-                    let payload = p + h.headerLength
-                    Frames.unmask(payload, count: h.payloadLength, key: key)
-                    let code = h.payloadLength >= 2 ? UInt16(payload.load(as: UInt8.self)) << 8 | UInt16(payload.load(fromByteOffset: 1, as: UInt8.self)) : 1000
-                    closeWith(fd, code)
-                case Opcode.ping:
-                    let (offset, length) = Frames.reframeInPlace(p, h)
-                    (p + offset).storeBytes(of: 0x80 | Opcode.pong, as: UInt8.self)
-                    write(fd, p + offset, length)
-                case Opcode.pong:
-                    break
-                default:
-                    closeWith(fd, 1003)  // continuations: no fragmented messages in the probe
-                }
-            }
-        }
-        return at - from
-    }
-
-    /// Sends a close frame with `code` and drops the connection at the end of the turn.
-    func closeWith(_ fd: Int32, _ code: UInt16) {
-        var frame: (UInt8, UInt8, UInt8, UInt8) = (0x88, 2, UInt8(code >> 8), UInt8(code & 0xFF))
-        _ = withUnsafeBytes(of: &frame) { send(fd, $0.baseAddress!, 4, Int32(MSG_NOSIGNAL)) }
+    /// Answers `response` (a whole HTTP answer) and closes.
+    public func refuse(_ fd: Int32, _ response: UnsafeRawBufferPointer) {
+        counters.refused += 1
+        _ = send(fd, response.baseAddress, response.count, Int32(MSG_NOSIGNAL))
         doom(fd)
     }
 
-    // MARK: fan-out
-
-    /// The server frame `bytes` to every subscriber of `room` here and, as one record per
-    /// message in each peer's batch, to every other loop.
-    func publish(_ room: Int32, _ bytes: UnsafeRawPointer, _ length: Int) {
-        counters.published += 1
-        deliver(room, bytes, length)
-        guard !peers.isEmpty else { return }
-        var name = roomNames[Int(room)]
-        name.withUTF8 { n in
-            for fd in peers {
-                var header: (UInt32, UInt16) = (UInt32(2 + n.count + length), UInt16(n.count))
-                withUnsafeBytes(of: &header) { h in
-                    enqueue(fd, h.baseAddress!, 6, limit: Int.max)
-                }
-                enqueue(fd, n.baseAddress!, n.count, limit: Int.max)
-                enqueue(fd, bytes, length, limit: Int.max)
-            }
-        }
+    public func refuse(_ fd: Int32, _ response: StaticString) {
+        refuse(fd, UnsafeRawBufferPointer(start: response.utf8Start, count: response.utf8CodeUnitCount))
     }
 
-    /// The same bytes written to each member's socket; queued only where a socket is full.
-    @inline(__always)
-    func deliver(_ room: Int32, _ bytes: UnsafeRawPointer, _ length: Int) {
-        members[Int(room)].withUnsafeBufferPointer { list in
-            counters.deliveries += list.count
-            for fd in list { write(fd, bytes, length) }
-        }
-    }
-
-    /// Records from a peer in scratch[0..<count]: [u32 length][u16 room length][room][frame].
-    func peerRecords(_ count: Int) -> Int {
-        var at = 0
-        var records = 0
-        while count - at >= 6 {
-            let length = Int(scratch.loadUnaligned(fromByteOffset: at, as: UInt32.self))
-            guard count - at - 4 >= length else { break }
-            let nameLength = Int(scratch.loadUnaligned(fromByteOffset: at + 4, as: UInt16.self))
-            let name = UnsafeRawBufferPointer(start: scratch + at + 6, count: nameLength)
-            let key = String(decoding: name, as: UTF8.self)
-            if let room = roomIDs[key] {
-                deliver(room, scratch + at + 6 + nameLength, length - 2 - nameLength)
-            }
-            at += 4 + length
-            records += 1
-        }
-        if records > 0 {
-            counters.peerIn += records
-            counters.peerBatches += 1
-        }
-        return at
+    /// Gives the descriptor up to another owner (which closes it): out of epoll and out of
+    /// the slab, without closing. The bytes read so far are the caller's to pass on.
+    public func handOff(_ fd: Int32) {
+        var ev = epoll_event()
+        _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev)
+        let c = conns + Int(fd)
+        Glibc.free(c.pointee.input)
+        Glibc.free(c.pointee.output)
+        c.pointee = Connection()
+        counters.handedOff += 1
     }
 
     // MARK: output
 
     /// Writes straight to the socket; what it does not take is queued (and sent on EPOLLOUT).
     @inline(__always)
-    func write(_ fd: Int32, _ bytes: UnsafeRawPointer, _ length: Int) {
+    public func write(_ fd: Int32, _ bytes: UnsafeRawPointer, _ length: Int) {
         let c = conns + Int(fd)
         if c.pointee.state != Connection.open { return }
         if c.pointee.outputCount > 0 {
@@ -408,7 +405,13 @@ public final class Loop {
         enqueue(fd, bytes + r, length - r, limit: config.maxQueuedBytes)
     }
 
-    func enqueue(_ fd: Int32, _ bytes: UnsafeRawPointer, _ length: Int, limit: Int) {
+    /// Bytes the connection has waiting for its socket.
+    @inline(__always)
+    public func queuedBytes(_ fd: Int32) -> Int { Int(conns[Int(fd)].outputCount) }
+
+    /// Appends to the connection's queue without writing (a stream's batch, sent at the end
+    /// of the turn); past `limit` the connection is dropped as a slow consumer.
+    public func enqueue(_ fd: Int32, _ bytes: UnsafeRawPointer, _ length: Int, limit: Int) {
         let c = conns + Int(fd)
         var head = Int(c.pointee.outputHead), count = Int(c.pointee.outputCount), cap = Int(c.pointee.outputCapacity)
         if count + length > limit {
@@ -454,28 +457,33 @@ public final class Loop {
 
     // MARK: closing
 
-    func doom(_ fd: Int32) {
+    /// Sends a close frame with `code` and drops the connection at the end of the turn.
+    public func closeWith(_ fd: Int32, _ code: UInt16) {
+        var frame: (UInt8, UInt8, UInt8, UInt8) = (0x88, 2, UInt8(code >> 8), UInt8(code & 0xFF))
+        withUnsafeBytes(of: &frame) { write(fd, $0.baseAddress!, 4) }
+        // What the socket would not take now is lost with the close.
+        if conns[Int(fd)].outputCount > 0 { flushQueue(fd) }
+        doom(fd)
+    }
+
+    /// Closes `fd` at the end of the turn (the application hears of it then, so that a
+    /// fan-out never sees its member list change under it).
+    public func doom(_ fd: Int32) {
         let c = conns + Int(fd)
-        guard c.pointee.state == Connection.http || c.pointee.state == Connection.open else {
-            precondition(c.pointee.state != Connection.peer, "a peer link failed")
-            return
-        }
+        let state = c.pointee.state
+        guard state == Connection.http || state == Connection.open || state == Connection.deciding else { return }
+        c.pointee.known = state != Connection.http
         c.pointee.state = Connection.doomed
         doomedList.append(fd)
     }
 
     func closeDoomed() {
         guard !doomedList.isEmpty else { return }
+        for fd in doomedList where conns[Int(fd)].known {
+            application.closed(self, fd: fd)
+        }
         for fd in doomedList {
             let c = conns + Int(fd)
-            if c.pointee.role == Connection.subscriber && c.pointee.room >= 0 {
-                let room = Int(c.pointee.room), slot = Int(c.pointee.slot)
-                let last = members[room].removeLast()
-                if last != fd {
-                    members[room][slot] = last
-                    conns[Int(last)].slot = Int32(slot)
-                }
-            }
             Glibc.free(c.pointee.input)
             Glibc.free(c.pointee.output)
             c.pointee = Connection()
@@ -483,5 +491,6 @@ public final class Loop {
             counters.closed += 1
         }
         doomedList.removeAll(keepingCapacity: true)
+        streams.removeAll { conns[Int($0)].state != Connection.open }
     }
 }

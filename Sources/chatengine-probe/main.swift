@@ -99,6 +99,8 @@ for w in 0..<workers where w != me {
     for j in 0..<workers where j != w && links[w][j] >= 0 { close(links[w][j]) }
 }
 let loop = Loop(config: config)
+let probe = PubSubProbe()
+loop.application = probe
 loop.addListener(listeners[me])
-for j in 0..<workers where j != me { loop.addPeer(links[me][j]) }
+for j in 0..<workers where j != me { probe.addPeer(links[me][j], on: loop) }
 loop.run()

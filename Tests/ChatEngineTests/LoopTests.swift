@@ -7,9 +7,11 @@ import Testing
 @Suite struct LoopTests {
     final class Harness {
         let loop: Loop
+        let probe = PubSubProbe()
         let port: UInt16
         init(config: LoopConfig = LoopConfig()) {
             loop = Loop(config: config)
+            loop.application = probe
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
             var addr = sockaddr_in()
             addr.sin_family = sa_family_t(AF_INET)
@@ -89,7 +91,7 @@ import Testing
         #expect(h.receive(sub, 4) == [0x8A, 2, 7, 8])
         h.send(sub, clientFrame(opcode: Opcode.close, payload: [0x03, 0xE8]))
         #expect(h.receive(sub, 5) == [0x88, 2, 0x03, 0xE8])
-        #expect(h.loop.counters.handshakes == 2 && h.loop.counters.deliveries == 2 && h.loop.counters.closed == 1)
+        #expect(h.loop.counters.handshakes == 2 && h.probe.deliveries == 2 && h.loop.counters.closed == 1)
         close(sub)
         close(pub)
     }
