@@ -57,7 +57,7 @@ let package = Package(
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
         .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),
         // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
-        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatAuth", "ChatArchive", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
+        .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatEngine", "CChatEngine", "ChatAuth", "ChatArchive", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
         // The supervisor: binds, spawns, reaps, restarts, handles signals.

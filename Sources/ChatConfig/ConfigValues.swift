@@ -116,6 +116,15 @@ public enum BusKind: String, Sendable, Codable, Equatable, CaseIterable {
     case redis
 }
 
+/// What holds a worker's client sockets.
+public enum ClientEngine: String, Sendable, Codable, Equatable, CaseIterable {
+    /// SwiftNIO: a channel and its pipeline per connection.
+    case nio
+    /// chatgw's own epoll loop (ChatEngine): a record per connection; requests it does not
+    /// serve itself are handed to SwiftNIO.
+    case epoll
+}
+
 /// How clients authenticate.
 public enum AuthMode: String, Sendable, Codable, Equatable, CaseIterable {
     /// Anyone may connect.

@@ -58,6 +58,8 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         /// `server.allowed_origins`: comma-separated `Origin` values a WebSocket upgrade may
         /// carry; "" allows any (and requests without Origin, from non-browser clients).
         public var allowedOrigins = ""
+        /// `server.engine`: what holds the workers' client sockets.
+        public var engine = ClientEngine.nio
         public init() {}
 
         /// `allowedOrigins` as a list; empty means any origin.

@@ -29,6 +29,11 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
     /// count per process, whichever listening channel took them.
     private static let fileLimitRefusals = NIOLockedValueBox(0)
     public static var fileLimitRefusalsTotal: Int { fileLimitRefusals.withLockedValue { $0 } }
+    /// Connections answered 503 for want of files by an accept path of another kind (the
+    /// worker's own epoll loop).
+    public static func count(fileLimitRefusals taken: Int) {
+        fileLimitRefusals.withLockedValue { $0 += taken }
+    }
 
     private let logger: Logger
     /// Called when accept() failed with EMFILE; returns how many waiting connections it
@@ -67,7 +72,7 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
         // went: then `relieve` answers no one, which is fine.)
         if ioError.errnoCode == EMFILE, let relieve, let taken = relieve() {
             relievedSinceWarning = (relievedSinceWarning ?? 0) + taken
-            Self.fileLimitRefusals.withLockedValue { $0 += taken }
+            Self.count(fileLimitRefusals: taken)
             warnIfDue(ioError)
             return
         }

@@ -4,6 +4,8 @@ import Glibc
 import ChatArchive
 import ChatAuth
 import ChatBus
+import ChatConfig
+import ChatEngine
 import ChatLink
 import ChatSystem
 import Logging
@@ -52,21 +54,7 @@ public enum WorkerProcess {
             return NIOLoopBound(worker, eventLoop: loop)
         }.wait()
 
-        // No per-connection TCP_NODELAY option: ServerBootstrap sets it on the listener and
-        // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
-        let server = try ServerBootstrap(group: runtime.group)
-            .serverChannelOption(.backlog, value: Int32(config.server.backlog))
-            .serverChannelInitializer { channel in
-                let overflow = OverflowRefusal(listenFD: Descriptors.childListenFD)
-                return AcceptPause.install(on: channel, logger: logger, relieve: overflow.refuseWaiting)
-            }
-            .childChannelInitializer { channel in
-                ConnectionPipeline.configure(channel, worker: worker)
-            }
-            .withBoundSocket(Descriptors.childListenFD)
-            .wait()
-        // NIO re-listens with a backlog of 128 whatever it was asked; restore ours.
-        listen(Descriptors.childListenFD, Int32(config.server.backlog))
+        let listener = try Listener.start(config, worker: worker, loop: loop, logger: logger)
 
         loop.scheduleRepeatedTask(initialDelay: Worker.idleSweepInterval, delay: Worker.idleSweepInterval) { _ in worker.value.sweepIdle() }
         try runtime.connect(
@@ -77,9 +65,9 @@ public enum WorkerProcess {
                     let worker = worker.value
                     if keepAccepting {
                         // Our socket closes with us: keep taking what is queued on it until the end.
-                        worker.onDrained = { server.close().whenComplete { _ in runtime.finish() } }
+                        worker.onDrained = { listener.close().whenComplete { _ in runtime.finish() } }
                     } else {
-                        server.close(promise: nil)
+                        _ = listener.close()
                     }
                     worker.stop(reason: reason == .reload ? .reload : .shutdown, window: window, on: loop)
                 },
@@ -99,5 +87,64 @@ public enum WorkerProcess {
         }
         loop.scheduleTask(in: .seconds(3)) { reportReady() }
         runtime.runUntilFinished()
+    }
+}
+
+/// Where a worker accepts its clients: NIO's server channel, or the worker's own epoll
+/// loop turned on the same event loop (`server.engine`).
+enum Listener {
+    case nio(any Channel)
+    case engine(NIOLoopBound<EngineHost>)
+
+    static func start(_ config: GatewayConfig, worker: NIOLoopBound<Worker>, loop: any EventLoop, logger: Logger) throws -> Listener {
+        let fd = Descriptors.childListenFD
+        switch config.server.engine {
+        case .nio:
+            // No per-connection TCP_NODELAY option: ServerBootstrap sets it on the listener and
+            // accepted sockets inherit it (test_conformance checks), saving a setsockopt each.
+            let server = try ServerBootstrap(group: loop)
+                .serverChannelOption(.backlog, value: Int32(config.server.backlog))
+                .serverChannelInitializer { channel in
+                    let overflow = OverflowRefusal(listenFD: fd)
+                    return AcceptPause.install(on: channel, logger: logger, relieve: overflow.refuseWaiting)
+                }
+                .childChannelInitializer { channel in
+                    ConnectionPipeline.configure(channel, worker: worker)
+                }
+                .withBoundSocket(fd)
+                .wait()
+            // NIO re-listens with a backlog of 128 whatever it was asked; restore ours.
+            listen(fd, Int32(config.server.backlog))
+            return .nio(server)
+        case .epoll:
+            // Accepted sockets inherit TCP_NODELAY and O_NONBLOCK is set by accept4.
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            listen(fd, Int32(config.server.backlog))
+            let host = try loop.submit {
+                let engine = Loop()
+                let front = EngineFront(worker: worker, listenFD: fd, eventLoop: loop, logger: logger)
+                engine.application = front
+                let host = EngineHost(loop: engine, front: front, eventLoop: loop)
+                engine.addListener(fd)
+                let bound = NIOLoopBound(host, eventLoop: loop)
+                return host.start().map { bound }
+            }.flatMap { $0 }.wait()
+            return .engine(host)
+        }
+    }
+
+    /// Stops accepting and closes the listening socket.
+    func close() -> EventLoopFuture<Void> {
+        switch self {
+        case .nio(let channel):
+            return channel.close()
+        case .engine(let bound):
+            let host = bound.value
+            host.loop.removeListener(Descriptors.childListenFD)
+            Glibc.close(Descriptors.childListenFD)
+            return host.eventLoop.makeSucceededVoidFuture()
+        }
     }
 }

@@ -8,4 +8,10 @@
 /// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC, no address.
 int chatengine_accept(int listen_fd);
 
+/// Starts a thread that waits on `watch_fd` (an epoll descriptor holding another loop's
+/// epoll descriptor, EPOLLONESHOT) and writes a byte to `signal_fd` each time it reports,
+/// so that a loop which cannot watch that descriptor itself learns when to turn it. One
+/// per process. Returns pthread_create's result.
+int chatengine_start_waker(int watch_fd, int signal_fd);
+
 #endif

@@ -33,8 +33,15 @@ def chatgw_bin() -> Path:
 
 
 def base_env(extra: dict[str, str] | None = None, tag: str | None = None) -> dict[str, str]:
-    """The environment for a chatgw: ours without any CHATGW_* override, plus extra."""
+    """The environment for a chatgw: ours without any CHATGW_* override, plus extra.
+
+    ``CHATGW_E2E_ENGINE`` (nio or epoll), when set, picks the workers' client engine
+    (``server.engine``) for every gateway a test starts that does not pick one itself:
+    ``scripts/test`` runs the suite with each.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATGW_")}
+    if os.environ.get("CHATGW_E2E_ENGINE"):
+        env["CHATGW_SERVER_ENGINE"] = os.environ["CHATGW_E2E_ENGINE"]
     if tag:
         env[TAG_ENV] = tag
     env.update(extra or {})
