@@ -86,6 +86,20 @@ public enum Frames {
         }
     }
 
+    /// The mask key for the byte `phase` bytes into a masked run: the key as it lies,
+    /// turned so that its first memory byte is key byte `phase % 4`. Unmasking a payload
+    /// in pieces calls `unmask` with this for each piece after the first.
+    @inlinable
+    public static func maskKey(_ key: UInt32, advancedBy phase: Int) -> UInt32 {
+        let bits = UInt32((phase & 3) * 8)
+        guard bits != 0 else { return key }
+        #if _endian(little)
+        return key >> bits | key << (32 - bits)
+        #else
+        return key << bits | key >> (32 - bits)
+        #endif
+    }
+
     /// A server (unmasked) header's length for a payload of `n` bytes: 2, 4 or 10.
     @inlinable
     public static func serverHeaderLength(_ n: Int) -> Int { n < 126 ? 2 : n < 65_536 ? 4 : 10 }
