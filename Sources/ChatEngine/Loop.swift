@@ -361,6 +361,12 @@ public final class Loop {
         if conns[Int(fd)].state == Connection.open { readable(fd) }
     }
 
+    /// What a deciding connection sent after its request head, unread so far (valid until
+    /// the next call on the loop).
+    public func keptInput(_ fd: Int32) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: conns[Int(fd)].input, count: Int(conns[Int(fd)].inputCount))
+    }
+
     /// Answers `response` (a whole HTTP answer) and closes.
     public func refuse(_ fd: Int32, _ response: UnsafeRawBufferPointer) {
         counters.refused += 1

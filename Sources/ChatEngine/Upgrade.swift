@@ -7,6 +7,11 @@ public struct UpgradeRequest: Equatable, Sendable {
     public var key: Range<Int>
     /// The bytes of the request head, its blank line included: whatever follows is frames.
     public var headLength: Int
+    /// The `Origin` and `Authorization` values (empty if none) and the last
+    /// `Sec-WebSocket-Protocol` value.
+    public var origin: Range<Int> = 0..<0
+    public var authorization: Range<Int> = 0..<0
+    public var subprotocols: Range<Int> = 0..<0
 }
 
 public enum UpgradeRefusal: UInt8, Sendable {
@@ -56,7 +61,7 @@ public enum UpgradeParser {
         guard i + 10 <= end, matches(b, i, "HTTP/1.1\r\n") else { return .refused(.notHTTP11) }
         i += 10
         var upgrade = false, connection = false, version = false, sawVersion = false
-        var key = 0..<0
+        var key = 0..<0, origin = 0..<0, authorization = 0..<0, subprotocols = 0..<0
         // Headers: Name ":" OWS value OWS CRLF, until the blank line at `end - 4`.
         while i < end - 2 {
             var lineEnd = i
@@ -73,6 +78,12 @@ public enum UpgradeParser {
                 upgrade = equalsLower(b, vs, ve, "websocket")
             case 10 where equalsLower(b, i, colon, "connection"):
                 connection = connection || hasToken(b, vs, ve, "upgrade")
+            case 6 where equalsLower(b, i, colon, "origin"):
+                origin = vs..<ve
+            case 13 where equalsLower(b, i, colon, "authorization"):
+                authorization = vs..<ve
+            case 22 where equalsLower(b, i, colon, "sec-websocket-protocol"):
+                subprotocols = vs..<ve
             case 17 where equalsLower(b, i, colon, "sec-websocket-key"):
                 key = vs..<ve
             case 21 where equalsLower(b, i, colon, "sec-websocket-version"):
@@ -88,7 +99,7 @@ public enum UpgradeParser {
         guard key.count == 24 else { return .refused(.noKey) }
         let path = targetStart..<(question >= 0 ? question : targetEnd)
         let query = question >= 0 ? (question + 1)..<targetEnd : targetEnd..<targetEnd
-        return .request(UpgradeRequest(path: path, query: query, key: key, headLength: end))
+        return .request(UpgradeRequest(path: path, query: query, key: key, headLength: end, origin: origin, authorization: authorization, subprotocols: subprotocols))
     }
 
     /// The offset just past the first CRLFCRLF, or nil.
@@ -147,7 +158,7 @@ public enum UpgradeParser {
     }
 
     /// A comma-separated list `b[s..<e]` holds `lower` as one of its tokens.
-    static func hasToken(_ b: UnsafeRawBufferPointer, _ s: Int, _ e: Int, _ lower: StaticString) -> Bool {
+    public static func hasToken(_ b: UnsafeRawBufferPointer, _ s: Int, _ e: Int, _ lower: StaticString) -> Bool {
         var i = s
         while i < e {
             var comma = i

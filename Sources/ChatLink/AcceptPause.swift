@@ -40,10 +40,7 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
     /// took and answered itself, or nil when it could not (then the socket pauses).
     private let relieve: (() -> Int?)?
     private var resume: Scheduled<Void>?
-    private var failuresSinceWarning = 0
-    /// Connections `relieve` answered since the last warning; nil when it has not run.
-    private var relievedSinceWarning: Int?
-    private var lastWarning: NIODeadline?
+    private var warnings = AcceptFailureWarnings()
 
     public init(logger: Logger, relieve: (() -> Int?)? = nil) {
         self.logger = logger
@@ -67,15 +64,15 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
             context.fireErrorCaught(error)
             return
         }
-        failuresSinceWarning += 1
         // (accept() fails with EMFILE even with nobody waiting, right after the last file
         // went: then `relieve` answers no one, which is fine.)
         if ioError.errnoCode == EMFILE, let relieve, let taken = relieve() {
-            relievedSinceWarning = (relievedSinceWarning ?? 0) + taken
+            warnings.record(relieved: taken)
             Self.count(fileLimitRefusals: taken)
             warnIfDue(ioError)
             return
         }
+        warnings.record(relieved: nil)
         warnIfDue(ioError)
         guard resume == nil, let options = context.channel.syncOptions else { return }
         do {
@@ -103,21 +100,43 @@ public final class AcceptPause: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func warnIfDue(_ error: IOError) {
+        warnings.warnIfDue(errno: error.errnoCode, logger: logger)
+    }
+}
+
+/// The warning of an accept path that failed for want of resources: at most one per
+/// `AcceptPause.warningPeriod`, counting the failures and the connections answered 503
+/// since the last one.
+public struct AcceptFailureWarnings {
+    private var failures = 0
+    /// Connections answered 503 since the last warning; nil when none was answered so.
+    private var relieved: Int?
+    private var lastWarning: NIODeadline?
+
+    public init() {}
+
+    /// One failed accept; `relieved`: the waiting connections it answered 503, if it could.
+    public mutating func record(relieved taken: Int?) {
+        failures += 1
+        if let taken { relieved = (relieved ?? 0) + taken }
+    }
+
+    public mutating func warnIfDue(errno: Int32, logger: Logger) {
         let now = NIODeadline.now()
-        if let lastWarning, now < lastWarning + Self.warningPeriod { return }
+        if let lastWarning, now < lastWarning + AcceptPause.warningPeriod { return }
         lastWarning = now
         var metadata: Logger.Metadata = [
-            "error": "\(String(cString: strerror(error.errnoCode)))",
-            "failures": "\(failuresSinceWarning)",
+            "error": "\(String(cString: strerror(errno)))",
+            "failures": "\(failures)",
         ]
-        if let relievedSinceWarning {
-            metadata["answered_503"] = "\(relievedSinceWarning)"
+        if let relieved {
+            metadata["answered_503"] = "\(relieved)"
             logger.warning("accept failed; connections beyond the limit are answered 503", metadata: metadata)
         } else {
-            metadata["retry_ms"] = "\(Self.interval.nanoseconds / 1_000_000)"
+            metadata["retry_ms"] = "\(AcceptPause.interval.nanoseconds / 1_000_000)"
             logger.warning("accept failed; new connections wait in the listen queue", metadata: metadata)
         }
-        failuresSinceWarning = 0
-        relievedSinceWarning = nil
+        failures = 0
+        relieved = nil
     }
 }

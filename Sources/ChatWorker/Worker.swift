@@ -26,6 +26,8 @@ final class Worker: BusDelegate {
     /// The archive, read for scroll-back and long resumes (nil when off or unreadable).
     let archive: (any ArchiveStore)?
     let eventLoop: any EventLoop
+    /// The epoll loop's front, when it holds the client sockets (`server.engine: epoll`).
+    var engine: EngineFront?
     var counters = WorkerCounters()
     private var sessions: [ObjectIdentifier: SessionHandler] = [:]
     /// The event stream sessions among them, for their heartbeat comments.

@@ -123,9 +123,10 @@ enum Listener {
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             listen(fd, Int32(config.server.backlog))
             let host = try loop.submit {
-                let engine = Loop()
+                let engine = Loop(config: EngineFront.loopConfig(config))
                 let front = EngineFront(worker: worker, listenFD: fd, eventLoop: loop, logger: logger)
-                engine.application = front
+                front.attach(to: engine)
+                worker.value.engine = front
                 let host = EngineHost(loop: engine, front: front, eventLoop: loop)
                 engine.addListener(fd)
                 let bound = NIOLoopBound(host, eventLoop: loop)

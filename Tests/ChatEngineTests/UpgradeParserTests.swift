@@ -90,3 +90,20 @@ let good = "GET /sub?room=r1&x=2 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nCo
         #expect(b64("foob") == "Zm9vYg==")
     }
 }
+
+@Suite struct UpgradeHeaderCaptureTests {
+    @Test func originAuthorizationAndSubprotocolsAreFound() {
+        let request = good.replacing("Host: h\r\n", with: "Host: h\r\nORIGIN: https://a.example\r\nAuthorization:  Bearer t.k.n \r\nSec-WebSocket-Protocol: x, chatgw.v1\r\n")
+        guard case .request(let r) = parse(request) else { Issue.record("not parsed"); return }
+        let bytes = Array(request.utf8)
+        #expect(String(decoding: bytes[r.origin], as: UTF8.self) == "https://a.example")
+        #expect(String(decoding: bytes[r.authorization], as: UTF8.self) == "Bearer t.k.n")
+        #expect(String(decoding: bytes[r.subprotocols], as: UTF8.self) == "x, chatgw.v1")
+        #expect(bytes.withUnsafeBytes { UpgradeParser.hasToken($0, r.subprotocols.lowerBound, r.subprotocols.upperBound, "chatgw.v1") })
+    }
+
+    @Test func absentHeadersAreEmpty() {
+        guard case .request(let r) = parse(good) else { Issue.record("not parsed"); return }
+        #expect(r.origin.isEmpty && r.authorization.isEmpty && r.subprotocols.isEmpty)
+    }
+}

@@ -1,47 +1,170 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ChatAuth
+import ChatConfig
 import ChatEngine
 import ChatLink
+import ChatProtocol
 import Logging
 import NIOCore
 import NIOPosix
 
-/// The worker's side of its ChatEngine loop: takes each request the loop accepted and
-/// either serves it on the loop or hands its descriptor, with the bytes already read, to
-/// SwiftNIO and the worker's usual pipeline (`ConnectionPipeline`), where it is served as
-/// if NIO had accepted it.
+/// The worker's side of its ChatEngine loop. Serves WebSocket upgrades at `/ws` (when
+/// they can be decided at once: auth mode `none`, or a refusal NIO's path words) and
+/// `/echo` itself: a session per connection, frames read by a `MessageReader` and written
+/// straight to the socket. Every other request, and every upgrade it does not take, goes
+/// with its descriptor and the bytes already read to SwiftNIO and the worker's usual
+/// pipeline (`ConnectionPipeline`), where it is served as if NIO had accepted it.
 final class EngineFront: LoopApplication {
-    private let worker: NIOLoopBound<Worker>
+    /// `Connection.kind` of the connections served here.
+    static let chat: UInt8 = 1
+    static let echo: UInt8 = 2
+    /// `Connection.group`: where the WebSocket close handshake stands.
+    static let open: Int32 = 0
+    static let closeSent: Int32 = 1
+
+    private let worker: Worker
+    private let bound: NIOLoopBound<Worker>
     private let eventLoop: any EventLoop
     private let logger: Logger
     private let overflow: OverflowRefusal
     private var resumeAccepting: Scheduled<Void>?
-    private var lastWarning: NIODeadline?
+    private var acceptWarnings = AcceptFailureWarnings()
+    private unowned(unsafe) var loop: Loop!
+    /// By descriptor: the session of a chat connection, its reader, and a count of the
+    /// connections the descriptor has held (a timer set for one must not close the next).
+    private var sessions: ContiguousArray<SessionHandler?> = []
+    private var readers: UnsafeMutablePointer<MessageReader>!
+    private var generations: ContiguousArray<UInt32> = []
+    private var activity: ActivityLog?
+    private let chatRules: MessageRules
+    private let echoRules: MessageRules?
+    private let outboundLimit: Int
 
     init(worker: NIOLoopBound<Worker>, listenFD: Int32, eventLoop: any EventLoop, logger: Logger) {
-        self.worker = worker
+        self.bound = worker
+        self.worker = worker.value
         self.eventLoop = eventLoop
         self.logger = logger
         overflow = OverflowRefusal(listenFD: listenFD)
+        let config = worker.value.settings.config
+        chatRules = MessageRules(maxMessageBytes: config.limits.maxFrameBytes, maxFragments: 1_000)
+        // The conformance suite sends 16 MiB messages in 64-byte fragments.
+        echoRules = config.conformance.echo ? MessageRules(maxMessageBytes: config.conformance.maxMessageBytes, maxFragments: 1 << 20) : nil
+        outboundLimit = config.limits.outboundBufferBytes
     }
+
+    /// The loop's configuration for this worker: a socket's queue may grow past the
+    /// outbound limit (a session is judged a slow consumer after it writes, and says
+    /// `bye`), but not without bound; in echo mode it holds an echoed message whole.
+    static func loopConfig(_ gateway: GatewayConfig) -> LoopConfig {
+        var config = LoopConfig()
+        config.maxQueuedBytes = max(4 * gateway.limits.outboundBufferBytes,
+                                    gateway.conformance.echo ? 2 * gateway.conformance.maxMessageBytes : 0)
+        return config
+    }
+
+    func attach(to loop: Loop) {
+        self.loop = loop
+        loop.application = self
+        sessions = ContiguousArray(repeating: nil, count: loop.capacity)
+        generations = ContiguousArray(repeating: 0, count: loop.capacity)
+        readers = .allocate(capacity: loop.capacity)
+        readers.initialize(repeating: MessageReader(), count: loop.capacity)
+    }
+
+    // MARK: requests
 
     func request(_ loop: Loop, fd: Int32, bytes: UnsafeMutableRawBufferPointer, parse: UpgradeParse) {
-        handOff(loop, fd: fd, bytes: UnsafeRawBufferPointer(bytes))
+        let b = UnsafeRawBufferPointer(bytes)
+        guard case .request(let request) = parse else { return handOff(fd, bytes: b) }
+        let path = UnsafeRawBufferPointer(rebasing: b[request.path])
+        if Self.equal(path, "/ws") {
+            openChat(fd, request, b)
+        } else if echoRules != nil && Self.equal(path, "/echo") {
+            guard loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b)) else { return }
+            opened(fd, kind: Self.echo)
+        } else {
+            handOff(fd, bytes: b)
+        }
     }
 
-    func input(_ loop: Loop, fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
-        count
+    /// An upgrade at `/ws`, when it can be decided now; else NIO's path decides it.
+    private func openChat(_ fd: Int32, _ request: UpgradeRequest, _ b: UnsafeRawBufferPointer) {
+        let target = RequestTarget(String(decoding: b[request.path.lowerBound..<request.query.upperBound], as: UTF8.self))
+        let origin = request.origin.isEmpty ? nil : String(decoding: b[request.origin], as: UTF8.self)
+        let config = worker.settings.config
+        switch Identity.authorizeAtOnce(origin: origin, target: target, origins: config.server.originList, verifier: worker.verifier) {
+        case .success(let user)?:
+            guard loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b)) else { return }
+            startSession(fd, user: user)
+        case .failure?:
+            handOff(fd, bytes: b)
+        case nil:
+            let authorization = request.authorization.isEmpty ? nil : String(decoding: b[request.authorization], as: UTF8.self)
+            guard let verifier = worker.verifier, let token = Identity.token(target: target, authorization: authorization) else {
+                return handOff(fd, bytes: b)
+            }
+            verify(token, with: verifier, fd: fd, request: request, head: Array(b[..<request.headLength]))
+        }
     }
 
-    func closed(_ loop: Loop, fd: Int32) {}
+    /// Auth mode `jwt`: the request waits (what the client sends meanwhile kept unread)
+    /// while the token is verified off the loop; then the 101, or NIO's path answers the
+    /// refusal.
+    private func verify(_ token: String, with verifier: TokenVerifier, fd: Int32, request: UpgradeRequest, head: [UInt8]) {
+        loop.decideLater(fd)
+        let generation = generations[Int(fd)]
+        let promise = eventLoop.makePromise(of: Result<AuthorizedUser, AuthRefusal>.self)
+        promise.completeWithTask { await verifier.verify(token) }
+        promise.futureResult.assumeIsolated().whenSuccess { [self] result in
+            guard generations[Int(fd)] == generation, loop.conns[Int(fd)].state == Connection.deciding else { return }
+            head.withUnsafeBytes { b in
+                guard case .success(let user) = result else {
+                    var bytes = ByteBuffer(bytes: b)
+                    bytes.writeBytes(loop.keptInput(fd))
+                    return bytes.withUnsafeReadableBytes { handOff(fd, bytes: $0) }
+                }
+                guard loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b)) else { return }
+                startSession(fd, user: user)
+            }
+            loop.resumeInput(fd)
+            loop.endTurn()
+        }
+    }
+
+    private func startSession(_ fd: Int32, user: AuthorizedUser) {
+        opened(fd, kind: Self.chat)
+        let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .engine(fd), worker: worker)
+        sessions[Int(fd)] = session
+        let watched = session.startOnEngine()
+        activity = watched.log
+        loop.conns[Int(fd)].index = Int32(watched.row)
+    }
+
+    private func opened(_ fd: Int32, kind: UInt8) {
+        loop.conns[Int(fd)].kind = kind
+        loop.conns[Int(fd)].group = Self.open
+        generations[Int(fd)] &+= 1
+    }
+
+    /// `chatgw.v1` when the client offered it (as NIO's path answers).
+    private static func subprotocol(_ request: UpgradeRequest, _ b: UnsafeRawBufferPointer) -> StaticString? {
+        guard !request.subprotocols.isEmpty else { return nil }
+        return UpgradeParser.hasToken(b, request.subprotocols.lowerBound, request.subprotocols.upperBound, "chatgw.v1") ? "chatgw.v1" : nil
+    }
+
+    static func equal(_ b: UnsafeRawBufferPointer, _ s: StaticString) -> Bool {
+        b.count == s.utf8CodeUnitCount && memcmp(b.baseAddress!, s.utf8Start, b.count) == 0
+    }
 
     /// To NIO: the descriptor leaves the loop, and NIO's channel for it starts with the
     /// bytes the loop read.
-    private func handOff(_ loop: Loop, fd: Int32, bytes: UnsafeRawBufferPointer) {
+    private func handOff(_ fd: Int32, bytes: UnsafeRawBufferPointer) {
         let read = ByteBuffer(bytes: bytes)
         loop.handOff(fd)
-        let worker = worker
+        let worker = bound
         ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in ConnectionPipeline.configure(channel, worker: worker) }
             .withConnectedSocket(fd)
@@ -59,28 +182,125 @@ final class EngineFront: LoopApplication {
             }
     }
 
+    // MARK: frames in
+
+    func input(_ loop: Loop, fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
+        let kind = loop.conns[Int(fd)].kind
+        var events = Events(front: self, fd: fd, kind: kind)
+        var reader = readers[Int(fd)]
+        let used = reader.read(p, count: count, rules: kind == Self.chat ? chatRules : echoRules!, handler: &events)
+        readers[Int(fd)] = reader
+        if kind == Self.chat, let session = sessions[Int(fd)] {
+            activity?.heard(Int(loop.conns[Int(fd)].index), at: .now())
+            session.flush()
+        }
+        return used
+    }
+
+    private struct Events: MessageHandler {
+        let front: EngineFront
+        let fd: Int32
+        let kind: UInt8
+
+        mutating func handle(_ event: MessageEvent) -> Bool {
+            let loop = front.loop!
+            switch event {
+            case .text(let payload), .binary(let payload):
+                let opcode: UInt8 = if case .text = event { Opcode.text } else { Opcode.binary }
+                if kind == EngineFront.echo {
+                    front.answer(fd, opcode: opcode, payload: payload)
+                } else if let session = front.sessions[Int(fd)] {
+                    let bytes = ByteBuffer(bytes: UnsafeRawBufferPointer(payload))
+                    session.received(opcode == Opcode.text ? .text(bytes) : .binary(bytes))
+                }
+            case .ping(let payload):
+                front.answer(fd, opcode: Opcode.pong, payload: payload)
+            case .pong:
+                break
+            case .close(let code):
+                // Our close went first: this is the answer. Else answer it with its code.
+                if loop.conns[Int(fd)].group == EngineFront.closeSent { loop.doom(fd) } else { loop.closeWith(fd, code) }
+                return false
+            case .fail(let code):
+                loop.closeWith(fd, code)
+                return false
+            }
+            return loop.conns[Int(fd)].state == Connection.open
+        }
+    }
+
+    /// A frame written where `payload` lies (the reader leaves room for its header).
+    private func answer(_ fd: Int32, opcode: UInt8, payload: UnsafeMutableRawBufferPointer) {
+        guard loop.conns[Int(fd)].group == Self.open else { return }
+        let header = Frames.serverHeaderLength(payload.count)
+        let start = payload.baseAddress! - header
+        Frames.writeServerHeader(to: start, opcode: opcode, payloadLength: payload.count)
+        loop.write(fd, start, header + payload.count)
+    }
+
+    func closed(_ loop: Loop, fd: Int32) {
+        // Whatever waits for this connection (a token check, a close timer) is for it alone.
+        generations[Int(fd)] &+= 1
+        readers[Int(fd)].release()
+        guard let session = sessions[Int(fd)] else { return }
+        sessions[Int(fd)] = nil
+        session.departed()
+    }
+
+    // MARK: for sessions
+
+    func write(_ bytes: ByteBuffer, to fd: Int32) {
+        bytes.withUnsafeReadableBytes { loop.write(fd, $0.baseAddress!, $0.count) }
+    }
+
+    /// More is waiting for the socket than the outbound limit: a slow consumer.
+    func isBehind(_ fd: Int32) -> Bool {
+        loop.queuedBytes(fd) > outboundLimit
+    }
+
+    func idleRow(_ fd: Int32) -> Int? {
+        loop.conns[Int(fd)].kind == Self.chat ? Int(loop.conns[Int(fd)].index) : nil
+    }
+
+    func ping(_ fd: Int32) {
+        var frame: (UInt8, UInt8) = (0x80 | Opcode.ping, 0)
+        withUnsafeBytes(of: &frame) { loop.write(fd, $0.baseAddress!, 2) }
+    }
+
+    /// Starts the close handshake (after `bye`, if given): the connection closes when the
+    /// client answers, or after `WebSocketHandler.closeHandshakeTimeout`.
+    func close(_ fd: Int32, code: UInt16, after bye: ByteBuffer?) {
+        guard loop.conns[Int(fd)].state == Connection.open, loop.conns[Int(fd)].group == Self.open else { return }
+        if let bye { write(bye, to: fd) }
+        var frame: (UInt8, UInt8, UInt8, UInt8) = (0x88, 2, UInt8(code >> 8), UInt8(code & 0xFF))
+        withUnsafeBytes(of: &frame) { loop.write(fd, $0.baseAddress!, 4) }
+        loop.conns[Int(fd)].group = Self.closeSent
+        let generation = generations[Int(fd)]
+        eventLoop.assumeIsolated().scheduleTask(in: WebSocketHandler.closeHandshakeTimeout) { [self] in
+            guard generations[Int(fd)] == generation else { return }
+            loop.doom(fd)
+            loop.endTurn()
+        }
+    }
+
+    // MARK: out of files
+
     /// Out of files: answer the waiting connections 503 from the reserve descriptor
     /// (`OverflowRefusal`), or, without one, stop accepting for a moment (a level-triggered
     /// listener with a connection waiting would otherwise wake the loop forever).
     func acceptFailed(_ loop: Loop, listener: Int32, errno error: Int32) {
         if error == EMFILE, let taken = overflow.refuseWaiting() {
             AcceptPause.count(fileLimitRefusals: taken)
-            warnIfDue("out of files: answered waiting connections 503", taken)
-            return
+            acceptWarnings.record(relieved: taken)
+            return acceptWarnings.warnIfDue(errno: error, logger: logger)
         }
-        warnIfDue("accept failed (\(String(cString: strerror(error)))); pausing accepts", 0)
+        acceptWarnings.record(relieved: nil)
+        acceptWarnings.warnIfDue(errno: error, logger: logger)
         guard resumeAccepting == nil else { return }
         loop.pauseAccepting()
         resumeAccepting = eventLoop.assumeIsolated().scheduleTask(in: AcceptPause.interval) { [self] in
             resumeAccepting = nil
             loop.resumeAccepting()
         }
-    }
-
-    private func warnIfDue(_ message: Logger.Message, _ refused: Int) {
-        let now = NIODeadline.now()
-        if let lastWarning, now - lastWarning < AcceptPause.warningPeriod { return }
-        lastWarning = now
-        logger.warning(message, metadata: ["refused": "\(refused)"])
     }
 }

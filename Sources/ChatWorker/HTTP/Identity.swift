@@ -29,13 +29,11 @@ enum Identity {
     /// `guests` allows one; `jwt`: the token, verified off the loop).
     static func authorize(_ head: HTTPRequestHead, target: RequestTarget, origins: [String], verifier: TokenVerifier?,
                           guests: Bool = true, on loop: any EventLoop) -> EventLoopFuture<Result<AuthorizedUser, ProtocolError>> {
-        if let refusal = originRefusal(head, allowed: origins) {
-            return loop.makeSucceededFuture(.failure(refusal))
+        if let decided = authorizeAtOnce(origin: head.headers.first(name: "Origin"), target: target, origins: origins,
+                                         verifier: verifier, guests: guests) {
+            return loop.makeSucceededFuture(decided)
         }
-        guard let verifier else {
-            return loop.makeSucceededFuture(fromQuery(target, guests: guests))
-        }
-        guard let token = token(in: head, target: target) else {
+        guard let verifier, let token = token(in: head, target: target) else {
             return loop.makeSucceededFuture(.failure(ProtocolError(.unauthorized, "a token is required (?token= or Authorization: Bearer)")))
         }
         let promise = loop.makePromise(of: Result<AuthorizedUser, AuthRefusal>.self)
@@ -43,6 +41,13 @@ enum Identity {
         return promise.futureResult.map { result in
             result.mapError { ProtocolError(.unauthorized, $0.reason) }
         }
+    }
+
+    /// The decision when it needs no waiting: nil when a token is to be verified.
+    static func authorizeAtOnce(origin: String?, target: RequestTarget, origins: [String], verifier: TokenVerifier?,
+                                guests: Bool = true) -> Result<AuthorizedUser, ProtocolError>? {
+        if let refusal = originRefusal(origin, allowed: origins) { return .failure(refusal) }
+        return verifier == nil ? fromQuery(target, guests: guests) : nil
     }
 
     /// Auth mode `none`: the `user` query parameter, or a generated guest name. A request
@@ -58,12 +63,21 @@ enum Identity {
 
     /// Auth mode `jwt`: the token from `?token=` or `Authorization: Bearer`.
     static func token(in head: HTTPRequestHead, target: RequestTarget) -> String? {
+        token(target: target, authorization: head.headers.first(name: "Authorization"))
+    }
+
+    static func token(target: RequestTarget, authorization: String?) -> String? {
         if let token = target.query["token"], !token.isEmpty { return String(token) }
-        return bearer(in: head)
+        return bearer(authorization)
     }
 
     static func bearer(in head: HTTPRequestHead) -> String? {
-        guard let value = head.headers.first(name: "Authorization") else { return nil }
+        bearer(head.headers.first(name: "Authorization"))
+    }
+
+    /// The token of an `Authorization: Bearer` value.
+    static func bearer(_ authorization: String?) -> String? {
+        guard let value = authorization else { return nil }
         let parts = value.split(separator: " ", maxSplits: 1)
         guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
         return String(parts[1].drop(while: \.isWhitespace))
@@ -72,8 +86,8 @@ enum Identity {
     /// `server.allowed_origins`: a browser's request whose Origin is not listed is refused.
     /// Requests without Origin come from non-browser clients, which Origin checks cannot
     /// protect against anyway (they would just send an allowed one); they pass.
-    static func originRefusal(_ head: HTTPRequestHead, allowed: [String]) -> ProtocolError? {
-        guard !allowed.isEmpty, let origin = head.headers.first(name: "Origin") else { return nil }
+    static func originRefusal(_ origin: String?, allowed: [String]) -> ProtocolError? {
+        guard !allowed.isEmpty, let origin else { return nil }
         return allowed.contains(origin) ? nil : ProtocolError(.forbidden, "origin not allowed")
     }
 }

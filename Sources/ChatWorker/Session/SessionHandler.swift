@@ -13,6 +13,9 @@ enum SessionTransport {
     /// Server-Sent Events (docs/PROTOCOL.md "SSE"): nothing comes in after the request;
     /// the worker's heartbeat comments stand in for pings.
     case eventStream
+    /// A WebSocket on the worker's epoll loop (`server.engine: epoll`), by descriptor:
+    /// frames go straight to the socket, and the loop runs the WebSocket duties.
+    case engine(Int32)
 }
 
 /// One client's conversation: turns requests into actions on the worker's rooms and
@@ -38,6 +41,9 @@ final class SessionHandler: ChannelInboundHandler {
     private var bucket: TokenBucket
     private var flood: FloodDetector
     private var closing = false
+    /// Between the start (in a pipeline, or on the engine) and the connection's end.
+    private var isOpen = false
+    private static let allocator = ByteBufferAllocator()
     /// Event streams only: where the client stands in each room, sent as each event's id.
     private var position = StreamPosition()
 
@@ -59,6 +65,7 @@ final class SessionHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        isOpen = true
         switch transport {
         case .webSocket(let webSocket):
             output = (try? context.pipeline.syncOperations.context(handlerType: ByteToMessageHandler<WebSocketFrameDecoder>.self)) ?? context
@@ -75,7 +82,23 @@ final class SessionHandler: ChannelInboundHandler {
         case .eventStream:
             output = (try? context.pipeline.syncOperations.context(handlerType: EventStreamInput.self)) ?? context
             worker.register(self)
+        case .engine:
+            preconditionFailure("an engine session is started with startOnEngine()")
         }
+        sayHello()
+    }
+
+    /// The start of a session on the engine, right after its 101; answers where its
+    /// activity is to be logged.
+    func startOnEngine() -> (log: ActivityLog, row: Int) {
+        isOpen = true
+        worker.register(self)
+        let activity = worker.watchIdle(self)
+        sayHello()
+        return activity
+    }
+
+    private func sayHello() {
         send(.hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds))
         flush()
     }
@@ -107,9 +130,14 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        received(unwrapInboundIn(data))
+    }
+
+    /// A whole message from the client.
+    func received(_ message: WebSocketMessage) {
         guard !closing else { return }
         worker.counters.messagesIn += 1
-        switch unwrapInboundIn(data) {
+        switch message {
         case .binary:
             send(.error(ProtocolError(.badFrame, "frames must be text holding one JSON object")))
         case .text(let text):
@@ -140,7 +168,13 @@ final class SessionHandler: ChannelInboundHandler {
     /// or hold anyone else back. (Judged after the flush, not on every write, so a burst
     /// queued within one loop tick does not count against a client that reads.)
     private func checkBacklog() {
-        guard let context, !closing, !context.channel.isWritable else { return }
+        guard !closing else { return }
+        switch transport {
+        case .engine(let fd):
+            guard worker.engine!.isBehind(fd) else { return }
+        case .webSocket, .eventStream:
+            guard let context, !context.channel.isWritable else { return }
+        }
         worker.counters.slowConsumerDisconnects += 1
         sayGoodbye(.slowConsumer, retryMs: Int.random(in: 1_000...5_000))
     }
@@ -256,7 +290,7 @@ final class SessionHandler: ChannelInboundHandler {
     private func fill(_ reply: JoinReply, attempt: UInt32, reading reads: JoinReply.ArchiveReads, from archive: any ArchiveStore) {
         let room = reply.room
         let batchWait = Duration.milliseconds(worker.settings.config.archive.batchMilliseconds + 50)
-        context!.eventLoop.makeFutureWithTask { try await archive.read(reads, room: room, batchWait: batchWait) }
+        worker.eventLoop.makeFutureWithTask { try await archive.read(reads, room: room, batchWait: batchWait) }
             .assumeIsolated()
             .whenComplete { [self] result in
                 // Left or disconnected meanwhile: the room table and the bus were told then.
@@ -294,7 +328,7 @@ final class SessionHandler: ChannelInboundHandler {
         // Waits for an unreachable bus like a join, but is never asked twice: a send whose
         // link dropped before the answer may have been sequenced, so it is `unavailable`.
         worker.whenBusAvailable(until: worker.busWaitDeadline()) { [self] available in
-            guard context != nil else { return }
+            guard isOpen else { return }
             guard rooms.canSend(to: room) else {
                 send(.error(ProtocolError(.notJoined, "left the room before the message could be sent", ref: ref, room: room)))
                 return flush()
@@ -340,7 +374,8 @@ final class SessionHandler: ChannelInboundHandler {
     }
 
     /// Leaves every room once the connection is gone.
-    private func departed() {
+    func departed() {
+        isOpen = false
         departedRooms()
         switch transport {
         case .webSocket(let webSocket):
@@ -348,6 +383,8 @@ final class SessionHandler: ChannelInboundHandler {
             webSocket.activity = nil
         case .eventStream:
             worker.unregister(self, idleRow: nil)
+        case .engine(let fd):
+            worker.unregister(self, idleRow: worker.engine!.idleRow(fd))
         }
     }
 
@@ -355,10 +392,10 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Encodes and queues one frame (event); the caller flushes.
     func send(_ message: ServerMessage) {
-        guard let context else { return }
-        let allocator = context.channel.allocator
+        guard isOpen else { return }
+        let allocator = Self.allocator
         switch transport {
-        case .webSocket:
+        case .webSocket, .engine:
             write(FrameBytes.text(message, allocator: allocator))
         case .eventStream:
             var event = allocator.buffer(capacity: 256)
@@ -376,18 +413,20 @@ final class SessionHandler: ChannelInboundHandler {
 
     /// Queues `frames` WebSocket frames back to back (a busy room's window).
     func write(_ bytes: ByteBuffer, frames: Int) {
-        guard let output, !closing else { return }
+        guard isOpen, !closing else { return }
         worker.counters.messagesOut += frames
         worker.counters.bytesOut += bytes.readableBytes
-        output.write(wrapOutboundOut(bytes), promise: nil)
+        switch transport {
+        case .engine(let fd): worker.engine!.write(bytes, to: fd)
+        case .webSocket, .eventStream: output?.write(wrapOutboundOut(bytes), promise: nil)
+        }
     }
 
     /// Sends a frame that must follow what the room sent this connection so far (the ack
     /// of a send follows the message): behind the room's gathering window when it has one.
     private func sendAfterRoom(_ message: ServerMessage, room: String) {
-        guard let context, !isEventStream else { return send(message) }
-        let allocator = context.channel.allocator
-        let frame = FrameBytes.text(message, allocator: allocator)
+        guard isOpen, !isEventStream else { return send(message) }
+        let frame = FrameBytes.text(message, allocator: Self.allocator)
         if !worker.rooms.holdBehindWindow(frame, for: self, in: room) { write(frame) }
     }
 
@@ -407,7 +446,7 @@ final class SessionHandler: ChannelInboundHandler {
     /// Queues a room's encoded message in this session's transport.
     func write(_ frame: RoomFrame) {
         switch transport {
-        case .webSocket: write(frame.bytes)
+        case .webSocket, .engine: write(frame.bytes)
         case .eventStream: write(event: frame.bytes, at: frame.mark)
         }
     }
@@ -428,10 +467,17 @@ final class SessionHandler: ChannelInboundHandler {
     /// reconnects, then ends. The connection leaves its rooms at once, so nothing more is
     /// queued for it.
     func sayGoodbye(_ reason: ByeReason, retryMs: Int) {
-        guard let context, !closing else { return }
+        guard isOpen, !closing else { return }
+        let message = ServerMessage.bye(reason: reason, retryMs: retryMs)
+        if case .engine(let fd) = transport {
+            let bye = FrameBytes.text(message, allocator: Self.allocator)
+            closing = true
+            departedRooms()
+            return worker.engine!.close(fd, code: CloseCode.forBye(reason), after: bye)
+        }
+        guard let context else { return }
         closing = true
         let allocator = context.channel.allocator
-        let message = ServerMessage.bye(reason: reason, retryMs: retryMs)
         switch transport {
         case .webSocket(let webSocket):
             context.writeAndFlush(wrapOutboundOut(FrameBytes.text(message, allocator: allocator)), promise: nil)
@@ -446,23 +492,28 @@ final class SessionHandler: ChannelInboundHandler {
             // A reader that takes nothing (a slow consumer) never lets that write complete.
             context.eventLoop.scheduleTask(in: WebSocketHandler.closeHandshakeTimeout) { channel.close(promise: nil) }
             departedRooms()
+        case .engine:
+            break
         }
     }
 
     /// Closes without `bye` (idle timeout; only WebSocket sessions are swept for it).
     func close(code: UInt16) {
-        guard let context, !closing else { return }
+        guard isOpen, !closing else { return }
         closing = true
         departedRooms()
         switch transport {
         case .webSocket(let webSocket): webSocket.close(code: code)
-        case .eventStream: context.close(promise: nil)
+        case .eventStream: context?.close(promise: nil)
+        case .engine(let fd): worker.engine!.close(fd, code: code, after: nil)
         }
     }
 
     /// Sends a WebSocket ping (idle check).
     func ping() {
-        guard let context, !closing, case .webSocket = transport else { return }
+        guard isOpen, !closing else { return }
+        if case .engine(let fd) = transport { return worker.engine!.ping(fd) }
+        guard let context, case .webSocket = transport else { return }
         context.writeAndFlush(wrapOutboundOut(FrameBytes.make(opcode: .ping, payload: ByteBuffer(), allocator: context.channel.allocator)), promise: nil)
     }
 

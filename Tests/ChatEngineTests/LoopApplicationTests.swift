@@ -1,0 +1,136 @@
+import Glibc
+import Testing
+@testable import ChatEngine
+
+/// The loop's contract with its application: a request handed off leaves the loop open and
+/// untouched; a request decided later keeps what the client sent meanwhile and gives it to
+/// `input` once upgraded; the subprotocol is confirmed in the 101.
+@Suite struct LoopApplicationTests {
+    final class Recorder: LoopApplication {
+        enum Plan { case handOff, decideLater, upgrade }
+        var plan = Plan.upgrade
+        var handedOff: [(fd: Int32, bytes: [UInt8])] = []
+        var deciding: [(fd: Int32, request: UpgradeRequest, head: [UInt8])] = []
+        var inputs: [[UInt8]] = []
+        var closed: [Int32] = []
+
+        func request(_ loop: Loop, fd: Int32, bytes: UnsafeMutableRawBufferPointer, parse: UpgradeParse) {
+            if plan == .handOff {
+                handedOff.append((fd, Array(bytes)))
+                return loop.handOff(fd)
+            }
+            guard case .request(let request) = parse else { return loop.refuse(fd, "HTTP/1.1 400 Bad Request\r\n\r\n") }
+            switch plan {
+            case .handOff:
+                break
+            case .decideLater:
+                deciding.append((fd, request, Array(bytes[..<request.headLength])))
+                loop.decideLater(fd)
+            case .upgrade:
+                loop.upgrade(fd, request, in: UnsafeRawBufferPointer(bytes), subprotocol: "chatgw.v1")
+            }
+        }
+
+        func input(_ loop: Loop, fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
+            inputs.append(Array(UnsafeRawBufferPointer(start: p, count: count)))
+            return count
+        }
+
+        func closed(_ loop: Loop, fd: Int32) { closed.append(fd) }
+        func acceptFailed(_ loop: Loop, listener: Int32, errno: Int32) {}
+    }
+
+    final class Harness {
+        let loop = Loop()
+        let app = Recorder()
+        let port: UInt16
+        let listener: Int32
+
+        init() {
+            let (fd, port) = LoopbackSockets.listener()
+            listener = fd
+            self.port = port
+            loop.application = app
+            loop.addListener(fd)
+        }
+
+        deinit { close(listener) }
+
+        func connect() -> Int32 {
+            LoopbackSockets.client(to: port)
+        }
+
+        func send(_ fd: Int32, _ bytes: [UInt8]) {
+            LoopbackSockets.send(fd, bytes)
+        }
+
+        /// Turns the loop until `done` or 2 s.
+        func turn(until done: () -> Bool) {
+            for _ in 0..<40 {
+                if done() { return }
+                loop.turn(timeout: 50)
+            }
+        }
+
+        func receive(_ fd: Int32) -> String {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            let r = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
+            return r > 0 ? String(decoding: buffer[..<r], as: UTF8.self) : ""
+        }
+    }
+
+    static let request = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+
+    @Test func aHandedOffDescriptorStaysOpenAndLeavesTheLoop() {
+        let h = Harness()
+        h.app.plan = .handOff
+        let client = h.connect()
+        h.send(client, Array("POST /api HTTP/1.1\r\nContent-Length: 4\r\n\r\nbo".utf8))
+        h.turn { !h.app.handedOff.isEmpty }
+        guard let taken = h.app.handedOff.first else { Issue.record("not handed off"); return }
+        #expect(String(decoding: taken.bytes, as: UTF8.self).hasSuffix("\r\n\r\nbo"))
+        #expect(h.loop.counters.handedOff == 1)
+        // The rest of the body is for the new owner: the loop reads nothing more of it.
+        h.send(client, Array("dy".utf8))
+        h.turn { false }
+        #expect(h.app.inputs.isEmpty && h.app.closed.isEmpty)
+        var buffer = [UInt8](repeating: 0, count: 16)
+        #expect(recv(taken.fd, &buffer, 16, Int32(MSG_DONTWAIT)) == 2)
+        // Still the new owner's to write to and close.
+        #expect(Glibc.send(taken.fd, "ok", 2, 0) == 2)
+        #expect(h.receive(client) == "ok")
+        close(taken.fd)
+        close(client)
+    }
+
+    @Test func aRequestDecidedLaterKeepsWhatCameMeanwhile() {
+        let h = Harness()
+        h.app.plan = .decideLater
+        let client = h.connect()
+        h.send(client, Array(Self.request.utf8) + [1, 2])
+        h.turn { !h.app.deciding.isEmpty }
+        h.send(client, [3])
+        h.turn { false }
+        #expect(h.app.inputs.isEmpty)
+        guard let pending = h.app.deciding.first else { Issue.record("not deciding"); return }
+        #expect(Array(h.loop.keptInput(pending.fd)) == [1, 2, 3])
+        pending.head.withUnsafeBytes { _ = h.loop.upgrade(pending.fd, pending.request, in: $0) }
+        h.loop.resumeInput(pending.fd)
+        #expect(h.app.inputs == [[1, 2, 3]])
+        #expect(h.receive(client).hasPrefix("HTTP/1.1 101 "))
+        close(client)
+        h.turn { !h.app.closed.isEmpty }
+        #expect(h.app.closed == [pending.fd])
+    }
+
+    @Test func theSubprotocolIsConfirmed() {
+        let h = Harness()
+        let client = h.connect()
+        h.send(client, Array(Self.request.utf8))
+        var answer = ""
+        h.turn { answer = h.receive(client); return !answer.isEmpty }
+        #expect(answer.contains("\r\nSec-WebSocket-Protocol: chatgw.v1\r\n\r\n"))
+        #expect(answer.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"))
+        close(client)
+    }
+}
