@@ -106,7 +106,7 @@ public final class Loop {
         conns.initialize(repeating: Connection(), count: capacity)
         scratch = .allocate(byteCount: scratchSize, alignment: 16)
         events = .allocate(capacity: Int(maxEvents))
-        response = .allocate(byteCount: 512, alignment: 16)
+        response = .allocate(byteCount: Self.responseCapacity, alignment: 16)
         epfd = epoll_create1(Int32(EPOLL_CLOEXEC))
         precondition(epfd >= 0, "epoll_create1: \(errno)")
         doomedList.reserveCapacity(1024)
@@ -315,14 +315,18 @@ public final class Loop {
 
     // MARK: answers
 
+    static let responseCapacity = 1024
+
     static let switching: StaticString = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
     static let chatProtocol: StaticString = "\r\nSec-WebSocket-Protocol: "
 
     /// Answers 101 to the request in `bytes` and opens the connection: what follows the
-    /// head are frames for `input`. `subprotocol`: the `Sec-WebSocket-Protocol` to confirm.
-    /// False (and the connection doomed) if the socket would not take the answer.
+    /// head are frames for `input`. `subprotocol`: the `Sec-WebSocket-Protocol` to confirm;
+    /// `first`: frames sent in the same write as the answer. False (and the connection
+    /// doomed) if the socket would not take them.
     @discardableResult
-    public func upgrade(_ fd: Int32, _ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil) -> Bool {
+    public func upgrade(_ fd: Int32, _ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil,
+                        followedBy first: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) -> Bool {
         let head = Self.switching
         var n = head.utf8CodeUnitCount
         response.copyMemory(from: head.utf8Start, byteCount: n)
@@ -335,7 +339,19 @@ public final class Loop {
         }
         response.storeBytes(of: 0x0A0D_0A0D, toByteOffset: n, as: UInt32.self)  // "\r\n\r\n"
         n += 4
-        let sent = send(fd, response, n, Int32(MSG_NOSIGNAL))
+        var out = response
+        if first.count > 0 {
+            if n + first.count <= Self.responseCapacity {
+                (response + n).copyMemory(from: first.baseAddress!, byteCount: first.count)
+            } else {
+                out = malloc(n + first.count)!
+                out.copyMemory(from: response, byteCount: n)
+                (out + n).copyMemory(from: first.baseAddress!, byteCount: first.count)
+            }
+            n += first.count
+        }
+        defer { if out != response { Glibc.free(out) } }
+        let sent = send(fd, out, n, Int32(MSG_NOSIGNAL))
         guard sent == n else { doom(fd); return false }  // a fresh socket takes a few hundred bytes
         counters.handshakes += 1
         conns[Int(fd)].state = Connection.open

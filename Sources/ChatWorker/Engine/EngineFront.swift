@@ -97,8 +97,7 @@ final class EngineFront: LoopApplication {
         let config = worker.settings.config
         switch Identity.authorizeAtOnce(origin: origin, target: target, origins: config.server.originList, verifier: worker.verifier) {
         case .success(let user)?:
-            guard loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b)) else { return }
-            startSession(fd, user: user)
+            startSession(fd, user: user, request: request, in: b)
         case .failure?:
             handOff(fd, bytes: b)
         case nil:
@@ -126,17 +125,23 @@ final class EngineFront: LoopApplication {
                     bytes.writeBytes(loop.keptInput(fd))
                     return bytes.withUnsafeReadableBytes { handOff(fd, bytes: $0) }
                 }
-                guard loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b)) else { return }
-                startSession(fd, user: user)
+                startSession(fd, user: user, request: request, in: b)
             }
             loop.resumeInput(fd)
             loop.endTurn()
         }
     }
 
-    private func startSession(_ fd: Int32, user: AuthorizedUser) {
-        opened(fd, kind: Self.chat)
+    /// The 101 and the session's `hello` in one write (one segment, and one wake-up of
+    /// the client, instead of two).
+    private func startSession(_ fd: Int32, user: AuthorizedUser, request: UpgradeRequest, in b: UnsafeRawBufferPointer) {
         let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .engine(fd), worker: worker)
+        let hello = session.helloFrame()
+        let upgraded = hello.withUnsafeReadableBytes {
+            loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b), followedBy: $0)
+        }
+        guard upgraded else { return }
+        opened(fd, kind: Self.chat)
         sessions[Int(fd)] = session
         let watched = session.startOnEngine()
         activity = watched.log

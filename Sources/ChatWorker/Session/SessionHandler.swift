@@ -88,18 +88,28 @@ final class SessionHandler: ChannelInboundHandler {
         sayHello()
     }
 
-    /// The start of a session on the engine, right after its 101; answers where its
-    /// activity is to be logged.
+    /// The `hello` frame of a session on the engine, which writes it with the 101.
+    func helloFrame() -> ByteBuffer {
+        let frame = FrameBytes.text(hello, allocator: Self.allocator)
+        worker.counters.messagesOut += 1
+        worker.counters.bytesOut += frame.readableBytes
+        return frame
+    }
+
+    /// The start of a session on the engine, right after its 101 and `hello`; answers where
+    /// its activity is to be logged.
     func startOnEngine() -> (log: ActivityLog, row: Int) {
         isOpen = true
         worker.register(self)
-        let activity = worker.watchIdle(self)
-        sayHello()
-        return activity
+        return worker.watchIdle(self)
+    }
+
+    private var hello: ServerMessage {
+        .hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds)
     }
 
     private func sayHello() {
-        send(.hello(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds))
+        send(hello)
         flush()
     }
 
