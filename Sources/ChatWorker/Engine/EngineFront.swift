@@ -60,6 +60,7 @@ final class EngineFront: LoopApplication {
     /// `bye`), but not without bound; in echo mode it holds an echoed message whole.
     static func loopConfig(_ gateway: GatewayConfig) -> LoopConfig {
         var config = LoopConfig()
+        config.readOnAccept = true
         config.maxQueuedBytes = max(4 * gateway.limits.outboundBufferBytes,
                                     gateway.conformance.echo ? 2 * gateway.conformance.maxMessageBytes : 0)
         return config
