@@ -117,11 +117,8 @@ enum Listener {
             listen(fd, Int32(config.server.backlog))
             return .nio(server)
         case .epoll:
-            // Accepted sockets inherit TCP_NODELAY (O_NONBLOCK is set by accept4). With
-            // TCP_DEFER_ACCEPT a connection is accepted once its request is there, and the
-            // loop reads it right away: no turn that only registers it.
-            var one: Int32 = 1
-            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
+            // With TCP_DEFER_ACCEPT a connection is accepted once its request is there, and
+            // the loop reads it right away: no turn that only registers it.
             var deferSeconds: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_DEFER_ACCEPT, &deferSeconds, 4)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)

@@ -41,12 +41,15 @@ import Testing
     }
 
     final class Harness {
-        let loop = Loop()
+        let loop: Loop
         let app = Recorder()
         let port: UInt16
         let listener: Int32
 
-        init() {
+        init(readOnAccept: Bool = false) {
+            var config = LoopConfig()
+            config.readOnAccept = readOnAccept
+            loop = Loop(config: config)
             let (fd, port) = LoopbackSockets.listener()
             listener = fd
             self.port = port
@@ -103,11 +106,15 @@ import Testing
         close(client)
     }
 
-    @Test func aRequestDecidedLaterKeepsWhatCameMeanwhile() {
-        let h = Harness()
+    /// Also when the request is read right after accept (deferred accept), before the
+    /// connection is registered with epoll: it must be registered all the same.
+    @Test(arguments: [false, true])
+    func aRequestDecidedLaterKeepsWhatCameMeanwhile(readOnAccept: Bool) {
+        let h = Harness(readOnAccept: readOnAccept)
         h.app.plan = .decideLater
         let client = h.connect()
         h.send(client, Array(Self.request.utf8) + [1, 2])
+        usleep(20_000)  // the request is there before the accept
         h.turn { !h.app.deciding.isEmpty }
         h.send(client, [3])
         h.turn { false }
