@@ -54,6 +54,8 @@ enum Proc {
 
     static func selfTicks() -> Int { cpuTicks(0) ?? 0 }
 
+    static func selfTicksSplit() -> (user: Int, system: Int) { cpuTicksSplit(0) ?? (0, 0) }
+
     static func parent(of pid: Int32) -> Int32? {
         guard let f = statFields(pid), f.count > 1 else { return nil }
         return Int32(f[1])
