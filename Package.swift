@@ -69,9 +69,8 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         // The load generator behind scripts/bench: connect, idle, fanout and churn scenarios.
         .executableTarget(name: "chatbench", dependencies: [
+            "CChatEngine",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Histogram", package: "hdrhistogram-swift")]),
         // A prototype engine for client sockets: one epoll loop over raw descriptors,

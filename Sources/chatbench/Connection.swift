@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import NIOCore
 
 /// What a connection does once it is open.
 enum Mode: String, Codable {
@@ -13,18 +12,15 @@ enum Mode: String, Codable {
     case churn
 }
 
-/// One WebSocket client connection, written for a low cost per message: a hand-written
-/// client handshake, a frame parser working in place on the received bytes, and a scan
-/// for `"seq":` and `"text":"t=...;p=...;n=..."` instead of decoding JSON. With `--transport
-/// sse` a member that does not publish reads an event stream instead (`GET /sse`, a `200`
-/// head, then events): each event's `data:` is the JSON a text frame would carry, and goes
-/// through the same scan. It lives on its
-/// loop's `LoopShard` and counts into that shard's counters (no locks, no atomics). Not
-/// Sendable: it never leaves its loop (`NIOLoopBound` carries it into the channel initializer).
-final class BenchConnection: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-
+/// One WebSocket client connection, written for a low cost per message: a raw non-blocking
+/// socket on its loop (`BenchLoop`), a hand-written client handshake, a frame parser
+/// working in place on the received bytes, and a scan for `"seq":` and
+/// `"text":"t=...;p=...;n=..."` instead of decoding JSON. With `--transport sse` a member
+/// that does not publish reads an event stream instead (`GET /sse`, a `200` head, then
+/// events): each event's `data:` is the JSON a text frame would carry, and goes through the
+/// same scan. It lives on its loop's `LoopShard` and counts into that shard's counters (no
+/// locks, no atomics). Not Sendable: it never leaves its loop's thread.
+final class BenchConnection {
     enum State { case connecting, handshaking, open, closing, closed }
 
     let index: Int
@@ -32,8 +28,12 @@ final class BenchConnection: ChannelInboundHandler {
     let mode: Mode
     unowned(unsafe) let shard: LoopShard
     private(set) var state = State.connecting
-    private var context: ChannelHandlerContext?
-    private var cumulation: ByteBuffer?
+    private var fd: Int32 = -1
+    /// Bytes after the last complete frame (or of an incomplete head), waiting for the next read.
+    private var pendingInput: [UInt8] = []
+    /// Bytes the socket would not take yet; they leave on the next EPOLLOUT.
+    private var output: [UInt8] = []
+    private var outputSent = 0
     var startNs: UInt64 = 0
     private var setupReported = false
     private var countedOpen = false
@@ -54,9 +54,12 @@ final class BenchConnection: ChannelInboundHandler {
     /// `--transport sse`: an event stream (`GET ssePath?rooms=R&user=U`) instead of a
     /// WebSocket; it never writes after its request. Publishers stay WebSocket members.
     let sse: Bool
-    /// `--stalled`: this member stopped reading (autoRead off, no read()); nothing it gets is
-    /// counted, and it is not in the shard's `members`.
+    /// `--stalled`: this member stopped reading; nothing it gets is counted, and it is not
+    /// in the shard's `members`.
     private(set) var stalled = false
+    /// Not reading (a stalled member until `resumeReading`): the kernel's receive buffer
+    /// fills, then the server's send buffer.
+    private var paused = false
     /// A stalled member saw the server's close frame, or a socket error.
     private var sawClose = false
     private var sawError = false
@@ -76,63 +79,123 @@ final class BenchConnection: ChannelInboundHandler {
 
     var isOpen: Bool { state == .open && (joined || publishOnly) }
 
+    var isConnecting: Bool { state == .connecting }
+
+    /// Publishers write a frame every few milliseconds: TCP_NODELAY, so that none waits for
+    /// the ACK of the one before. Everyone else writes only after the server answered what
+    /// it wrote before (request, join, leave, pong, close), when nothing is in flight: Nagle
+    /// delays nothing there, and the setsockopt is saved.
+    var writesOften: Bool { publisherID >= 0 }
+
     /// A stalled member whose connection the server ended (close frame or TCP close seen).
     var gone: Bool { state == .closed || sawClose }
 
-    /// Stops reading: autoRead off and no read(), so the kernel's receive buffer fills, then
-    /// the server's send buffer. False when not open and joined.
+    /// Stops reading, so the kernel's receive buffer fills, then the server's send buffer.
+    /// False when not open and joined.
     func stall() -> Bool {
-        guard let context, state == .open, joined, !stalled else { return false }
+        guard state == .open, joined, !stalled else { return false }
         stalled = true
+        paused = true
         shard.members[room] -= 1
-        Self.setAutoRead(false, on: context.channel)
         return true
     }
 
     /// Reads again (the end of the run): whatever the kernel buffered, then the server's
     /// close frame or the TCP close if it cut this member off.
     func resumeReading() {
-        guard stalled, let context, state != .closed else { return }
-        Self.setAutoRead(true, on: context.channel)
-        context.read()
-    }
-
-    private static func setAutoRead(_ on: Bool, on channel: any Channel) {
-        if let options = channel.syncOptions {
-            try? options.setOption(.autoRead, value: on)
-        } else {
-            _ = channel.setOption(.autoRead, value: on)
-        }
+        guard stalled, paused, state != .closed else { return }
+        paused = false
+        readAll()
     }
 
     // MARK: lifecycle
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        self.context = context
+    /// connect() started on `fd` (the loop watches it for completion and for the timeout).
+    func connecting(fd: Int32) {
+        self.fd = fd
     }
 
-    func channelActive(context: ChannelHandlerContext) {
+    /// Events from the loop: connect completion, input, write space, the peer's close.
+    @inline(__always)
+    func ready(_ events: UInt32) {
+        if state == .connecting {
+            if events & (BenchLoop.ERR | BenchLoop.HUP) != 0 {
+                var code: Int32 = 0
+                var length = socklen_t(4)
+                _ = getsockopt(fd, SOL_SOCKET, SO_ERROR, &code, &length)
+                dropUnconnected(String(cString: strerror(code == 0 ? ECONNREFUSED : code)))
+                return
+            }
+            guard events & BenchLoop.OUT != 0 else { return }
+            active()
+        } else if events & BenchLoop.OUT != 0 && outputSent < output.count {
+            flush()
+        }
+        if events & (BenchLoop.IN | BenchLoop.RDHUP | BenchLoop.HUP | BenchLoop.ERR) != 0 && !paused && state != .closed {
+            readAll()
+        }
+    }
+
+    /// The connect timeout passed while still connecting.
+    func connectTimedOut() {
+        dropUnconnected("connect timeout (\(shard.spec.connectTimeoutMs) ms)")
+    }
+
+    private func dropUnconnected(_ kind: String) {
+        state = .closed
+        shard.loop.remove(fd)
+        shard.connectionClosedUnconnected(self)
+        connectFailed(kind)
+    }
+
+    /// Connected: the request goes out.
+    private func active() {
         state = .handshaking
-        var request = context.channel.allocator.buffer(capacity: 256)
         let spec = shard.spec
+        var request: [UInt8] = []
+        request.reserveCapacity(256)
+        request.append(contentsOf: "GET ".utf8)
         if sse {
             // The room is joined by the URL (`connect` only wants the hello: no room).
-            let rooms = mode == .member ? "rooms=\(spec.roomName(room))&" : ""
-            request.writeString("GET \(spec.ssePath)?\(rooms)user=\(spec.userPrefix)\(index) HTTP/1.1\r\nHost: \(spec.host):\(spec.port)\r\nAccept: text/event-stream\r\n\r\n")
-            context.writeAndFlush(wrapOutboundOut(request), promise: nil)
-            context.fireChannelActive()
-            return
+            request.append(contentsOf: spec.ssePath.utf8)
+            request.append(UInt8(ascii: "?"))
+            if mode == .member {
+                request.append(contentsOf: "rooms=".utf8)
+                request.append(contentsOf: shard.roomNames[room])
+                request.append(UInt8(ascii: "&"))
+            }
+            request.append(contentsOf: "user=".utf8)
+            request.append(contentsOf: spec.userPrefix.utf8)
+            Scan.appendDecimal(&request, index)
+            request.append(contentsOf: shard.requestTail)
+            request.append(contentsOf: "Accept: text/event-stream\r\n\r\n".utf8)
+        } else {
+            if !spec.nchan {
+                request.append(contentsOf: spec.path.utf8)
+                request.append(contentsOf: "?user=".utf8)
+                request.append(contentsOf: spec.userPrefix.utf8)
+                Scan.appendDecimal(&request, index)
+            } else {
+                request.append(contentsOf: (publishOnly ? spec.pubPath : spec.path).utf8)
+                request.append(contentsOf: "?room=".utf8)
+                request.append(contentsOf: shard.roomNames[room])
+            }
+            request.append(contentsOf: shard.requestTail)
+            request.append(contentsOf: Self.upgradeHeaders)
         }
-        let target = !spec.nchan ? "\(spec.path)?user=\(spec.userPrefix)\(index)"
-            : "\(publishOnly ? spec.pubPath : spec.path)?room=\(spec.roomName(room))"
-        request.writeString("GET \(target) HTTP/1.1\r\nHost: \(shard.spec.host):\(shard.spec.port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        context.writeAndFlush(wrapOutboundOut(request), promise: nil)
-        context.fireChannelActive()
+        enqueue(request)
+        flush()
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    private static let upgradeHeaders = Array("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".utf8)
+
+    /// The connection is gone (the peer closed it, an error, or this side closed it).
+    private func inactive() {
         let wasClosing = state == .closing
         state = .closed
+        shard.loop.remove(fd)
+        output = []
+        pendingInput = []
         if countedOpen {
             shard.counters.open -= 1
             countedOpen = false
@@ -159,17 +222,24 @@ final class BenchConnection: ChannelInboundHandler {
             shard.counters.unexpectedCloses += 1
         }
         shard.connectionClosed(self)
-        self.context = nil
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
+    /// A socket error on an established connection: noted, and the connection closed.
+    private func socketError(_ call: String, _ code: Int32) {
+        let text = "\(call): \(String(cString: strerror(code))) (errno: \(code))"
         if stalled {
             sawError = true
-            if !shard.stopping { shard.noteStalled("socket: \(error)") }
+            if !shard.stopping { shard.noteStalled("socket: \(text)") }
         } else {
-            shard.noteError("socket: \(error)")
+            shard.noteError("socket: \(text)")
         }
-        context.close(promise: nil)
+        inactive()
+    }
+
+    /// Closes now (a close frame was exchanged, or the handshake failed).
+    private func closeConnection() {
+        guard state != .closed else { return }
+        inactive()
     }
 
     /// Setup is over (well or not): frees a slot of the bounded concurrency.
@@ -182,51 +252,78 @@ final class BenchConnection: ChannelInboundHandler {
     /// The end of a run: an abortive close (SO_LINGER 0), so no TIME_WAIT sockets are left
     /// on the load generator's ports to slow the kernel's port search in the next run.
     func close() {
-        guard let context, state != .closed else { return }
-        guard let options = context.channel as? any SocketOptionProvider else {
-            context.close(promise: nil)
+        guard state != .closed else { return }
+        if state == .connecting {
+            dropUnconnected("closed while connecting")
             return
         }
-        options.setSoLinger(linger(l_onoff: 1, l_linger: 0)).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        var option = linger(l_onoff: 1, l_linger: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_LINGER, &option, socklen_t(MemoryLayout<linger>.size))
+        inactive()
     }
 
     // MARK: input
 
+    /// Reads until the socket is drained (a short read: the registration is edge-triggered).
     /// Any number of frames per read, a frame split over reads: the bytes after the last
-    /// complete frame wait in `cumulation` for the next read.
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var buffer = unwrapInboundIn(data)
-        shard.nowNs = monotonicNanos()
-        if var head = cumulation {
-            cumulation = nil  // `head` is then its storage's only owner: appending does not copy
-            head.writeBuffer(&buffer)
-            buffer = head
+    /// complete frame wait in `pendingInput` for the next read.
+    private func readAll() {
+        let scratch = shard.loop.scratch
+        let size = BenchLoop.scratchSize
+        while state != .closed && !paused {
+            let n = recv(fd, scratch, size, 0)
+            if n > 0 {
+                shard.nowNs = monotonicNanos()
+                input(scratch, n)
+                if n < size { return }
+            } else if n == 0 {
+                inactive()
+                return
+            } else {
+                let code = errno
+                if code == EAGAIN || code == EWOULDBLOCK { return }
+                if code == EINTR { continue }
+                socketError("read", code)
+                return
+            }
         }
-        process(&buffer, context: context)
     }
 
-    /// Nothing after this handler wants it: not passing it on saves a walk to the pipeline's
-    /// tail on every read.
-    func channelReadComplete(context: ChannelHandlerContext) {}
+    private func input(_ p: UnsafeMutableRawPointer, _ n: Int) {
+        if pendingInput.isEmpty {
+            let consumed = process(UnsafeRawBufferPointer(start: p, count: n))
+            if consumed < n && state != .closed {
+                pendingInput.append(contentsOf: UnsafeRawBufferPointer(start: p + consumed, count: n - consumed))
+            }
+        } else {
+            pendingInput.append(contentsOf: UnsafeRawBufferPointer(start: p, count: n))
+            var bytes: [UInt8] = []
+            swap(&bytes, &pendingInput)
+            let consumed = bytes.withUnsafeBytes { process($0) }
+            if consumed < bytes.count && state != .closed {
+                bytes.removeFirst(consumed)
+                pendingInput = bytes
+            }
+        }
+    }
 
-    private func process(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+    /// Handles what `raw` holds (the response head first); returns the bytes used.
+    private func process(_ raw: UnsafeRawBufferPointer) -> Int {
+        var used = 0
         if state == .handshaking {
-            guard let headEnd = buffer.withUnsafeReadableBytes({ raw -> Int? in
-                guard let p = raw.baseAddress, let at = Scan.find(p, raw.count, "\r\n\r\n") else { return nil }
-                return at + 4
-            }) else {
-                if buffer.readableBytes > 16_384 { failHandshake(context: context, status: "oversized response head") }
-                else { cumulation = buffer }
-                return
+            guard let base = raw.baseAddress, let at = Scan.find(base, raw.count, "\r\n\r\n") else {
+                if raw.count > 16_384 { failHandshake(status: "oversized response head") }
+                return 0
             }
-            let status = buffer.getString(at: buffer.readerIndex, length: min(12, headEnd)) ?? ""
-            guard status == (sse ? "HTTP/1.1 200" : "HTTP/1.1 101") else {
+            let headEnd = at + 4
+            let expected: StaticString = sse ? "HTTP/1.1 200" : "HTTP/1.1 101"
+            guard headEnd >= 12, memcmp(base, expected.utf8Start, 12) == 0 else {
                 // ("\r\n" is one Character: split on newlines, not on "\r".)
-                let line = buffer.getString(at: buffer.readerIndex, length: min(headEnd, 40))?.split(whereSeparator: \.isNewline).first ?? ""
-                failHandshake(context: context, status: String(line))
-                return
+                let head = String(decoding: UnsafeRawBufferPointer(rebasing: raw[0..<min(headEnd, 40)]), as: UTF8.self)
+                failHandshake(status: String(head.split(whereSeparator: \.isNewline).first ?? ""))
+                return 0
             }
-            buffer.moveReaderIndex(forwardBy: headEnd)
+            used = headEnd
             state = .open
             countedOpen = true
             shard.counters.open += 1
@@ -236,19 +333,11 @@ final class BenchConnection: ChannelInboundHandler {
             // A stream's room is joined by its URL: its `joined` event answers the join.
             if sse && mode == .member { awaitingJoin = true }
         }
-        let consumed = buffer.withUnsafeReadableBytes { raw in sse ? parseEvents(raw) : parseFrames(raw, context: context) }
-        buffer.moveReaderIndex(forwardBy: consumed)
-        if buffer.readableBytes > 0 && state != .closed {
-            // Only the unparsed tail is kept, in a buffer of its own: keeping the read's buffer
-            // would keep the parsed bytes ahead of the tail too, and with frames split over
-            // every read (coalesced writes) they would pile up read after read.
-            var rest = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 256))
-            rest.writeBuffer(&buffer)
-            cumulation = rest
-        }
+        let rest = UnsafeRawBufferPointer(rebasing: raw[used...])
+        return used + (sse ? parseEvents(rest) : parseFrames(rest))
     }
 
-    /// connect() failed: no channel became active.
+    /// connect() failed: no connection became active.
     func connectFailed(_ kind: String) {
         guard !setupReported else { return }
         shard.counters.connectFailures += 1
@@ -257,17 +346,17 @@ final class BenchConnection: ChannelInboundHandler {
         finishSetup(ok: false, now: monotonicNanos())
     }
 
-    private func failHandshake(context: ChannelHandlerContext, status: String) {
+    private func failHandshake(status: String) {
         shard.counters.handshakeFailures += 1
         if mode == .churn { shard.counters.cycleFailures += 1 }
         shard.noteError("handshake: \(status)")
         finishSetup(ok: false, now: monotonicNanos())
         state = .closing
-        context.close(promise: nil)
+        closeConnection()
     }
 
     /// Parses every complete frame; returns the bytes consumed.
-    private func parseFrames(_ raw: UnsafeRawBufferPointer, context: ChannelHandlerContext) -> Int {
+    private func parseFrames(_ raw: UnsafeRawBufferPointer) -> Int {
         var i = 0
         let n = raw.count
         while n - i >= 2 && state != .closed {
@@ -288,7 +377,7 @@ final class BenchConnection: ChannelInboundHandler {
             if n - i < head + length { break }
             let payload = UnsafeRawBufferPointer(rebasing: raw[(i + head)..<(i + head + length)])
             i += head + length
-            frame(opcode: b0 & 0x0F, payload: payload, context: context)
+            frame(opcode: b0 & 0x0F, payload: payload)
         }
         return i
     }
@@ -321,7 +410,7 @@ final class BenchConnection: ChannelInboundHandler {
         return consumed
     }
 
-    private func frame(opcode: UInt8, payload: UnsafeRawBufferPointer, context: ChannelHandlerContext) {
+    private func frame(opcode: UInt8, payload: UnsafeRawBufferPointer) {
         switch opcode {
         case 0x1:
             text(payload)
@@ -333,14 +422,14 @@ final class BenchConnection: ChannelInboundHandler {
             // The server's close: answer it (unless we started the handshake) and drop TCP.
             if state != .closing {
                 state = .closing
-                writeFrame(opcode: 0x8, payload: [0x03, 0xE8])
-                context.flush()
+                Self.normalClosure.withUnsafeBytes { writeFrame(opcode: 0x8, payload: $0) }
+                flush()
             }
-            context.close(promise: nil)
+            closeConnection()
         case 0x9:
             shard.counters.pingsAnswered += 1
-            writeFrame(opcode: 0xA, payload: Array(payload))
-            context.flush()
+            writeFrame(opcode: 0xA, payload: payload)
+            flush()
         case 0xA:
             break
         default:
@@ -379,8 +468,8 @@ final class BenchConnection: ChannelInboundHandler {
             if mode == .churn && state == .open {
                 left = true
                 state = .closing
-                writeFrame(opcode: 0x8, payload: [0x03, 0xE8])
-                context?.flush()
+                Self.normalClosure.withUnsafeBytes { writeFrame(opcode: 0x8, payload: $0) }
+                flush()
             }
         case UInt8(ascii: "e"):
             shard.counters.errors += 1
@@ -393,7 +482,7 @@ final class BenchConnection: ChannelInboundHandler {
                 if mode == .churn {
                     shard.counters.cycleFailures += 1
                     state = .closing
-                    context?.close(promise: nil)
+                    closeConnection()
                 }
             }
         case UInt8(ascii: "b"):
@@ -552,55 +641,77 @@ final class BenchConnection: ChannelInboundHandler {
         let padding = shard.spec.textBytes - (json.count - textStart)
         if padding > 0 { json.append(contentsOf: repeatElement(UInt8(ascii: "x"), count: padding)) }
         if !nchan { json.append(contentsOf: [UInt8(ascii: "\""), UInt8(ascii: "}")]) }
-        writeFrame(opcode: 0x1, payload: json)
+        json.withUnsafeBytes { writeFrame(opcode: 0x1, payload: $0) }
         shard.scratch = json
         shard.counters.sent += 1
         shard.roomSent[room] += 1
     }
 
-    func flush() { context?.flush() }
+    /// Sends what is queued; what the socket does not take waits for EPOLLOUT.
+    func flush() {
+        guard outputSent < output.count, state != .closed else { return }
+        while outputSent < output.count {
+            let n = output.withUnsafeBytes { send(fd, $0.baseAddress! + outputSent, $0.count - outputSent, Int32(MSG_NOSIGNAL)) }
+            if n > 0 {
+                outputSent += n
+            } else {
+                let code = errno
+                if code == EINTR { continue }
+                if code == EAGAIN || code == EWOULDBLOCK { return }
+                socketError("write", code)
+                return
+            }
+        }
+        output.removeAll(keepingCapacity: writesOften)
+        outputSent = 0
+    }
+
+    private func enqueue(_ bytes: [UInt8]) {
+        if output.isEmpty { output = bytes } else { output.append(contentsOf: bytes) }
+    }
 
     private func sendJSON(_ bytes: [UInt8]) {
-        writeFrame(opcode: 0x1, payload: bytes)
-        context?.flush()
+        bytes.withUnsafeBytes { writeFrame(opcode: 0x1, payload: $0) }
+        flush()
     }
 
     private static let mask: (UInt8, UInt8, UInt8, UInt8) = (0x5A, 0x13, 0xC7, 0x2E)
+    /// A close frame's payload: 1000, normal closure.
+    private static let normalClosure: [UInt8] = [0x03, 0xE8]
 
-    /// One client frame: FIN, opcode, masked payload.
-    private func writeFrame(opcode: UInt8, payload: [UInt8]) {
-        guard let context else { return }
+    /// One client frame, queued: FIN, opcode, masked payload.
+    private func writeFrame(opcode: UInt8, payload: UnsafeRawBufferPointer) {
+        guard state != .closed else { return }
         let n = payload.count
-        var frame = context.channel.allocator.buffer(capacity: n + 14)
-        frame.writeInteger(UInt8(0x80 | opcode))
+        output.append(0x80 | opcode)
         if n < 126 {
-            frame.writeInteger(UInt8(0x80 | UInt8(n)))
+            output.append(0x80 | UInt8(n))
         } else if n < 65_536 {
-            frame.writeInteger(UInt8(0x80 | 126))
-            frame.writeInteger(UInt16(n))
+            output.append(0x80 | 126)
+            output.append(UInt8(n >> 8))
+            output.append(UInt8(n & 0xFF))
         } else {
-            frame.writeInteger(UInt8(0x80 | 127))
-            frame.writeInteger(UInt64(n))
+            output.append(0x80 | 127)
+            for k in stride(from: 56, through: 0, by: -8) { output.append(UInt8((n >> k) & 0xFF)) }
         }
         let m = Self.mask
-        frame.writeInteger(m.0); frame.writeInteger(m.1); frame.writeInteger(m.2); frame.writeInteger(m.3)
-        _ = frame.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { dst in
-            payload.withUnsafeBufferPointer { src in
-                var i = 0
-                while i + 4 <= n {
-                    dst[i] = src[i] ^ m.0
-                    dst[i + 1] = src[i + 1] ^ m.1
-                    dst[i + 2] = src[i + 2] ^ m.2
-                    dst[i + 3] = src[i + 3] ^ m.3
-                    i += 4
-                }
-                if i < n { dst[i] = src[i] ^ m.0; i += 1 }
-                if i < n { dst[i] = src[i] ^ m.1; i += 1 }
-                if i < n { dst[i] = src[i] ^ m.2; i += 1 }
+        output.append(m.0); output.append(m.1); output.append(m.2); output.append(m.3)
+        let start = output.count
+        output.append(contentsOf: repeatElement(0, count: n))
+        output.withUnsafeMutableBytes { out in
+            let dst = out.baseAddress! + start
+            var i = 0
+            while i + 4 <= n {
+                dst.storeBytes(of: payload[i] ^ m.0, toByteOffset: i, as: UInt8.self)
+                dst.storeBytes(of: payload[i + 1] ^ m.1, toByteOffset: i + 1, as: UInt8.self)
+                dst.storeBytes(of: payload[i + 2] ^ m.2, toByteOffset: i + 2, as: UInt8.self)
+                dst.storeBytes(of: payload[i + 3] ^ m.3, toByteOffset: i + 3, as: UInt8.self)
+                i += 4
             }
-            return n
+            if i < n { dst.storeBytes(of: payload[i] ^ m.0, toByteOffset: i, as: UInt8.self); i += 1 }
+            if i < n { dst.storeBytes(of: payload[i] ^ m.1, toByteOffset: i, as: UInt8.self); i += 1 }
+            if i < n { dst.storeBytes(of: payload[i] ^ m.2, toByteOffset: i, as: UInt8.self); i += 1 }
         }
-        context.write(wrapOutboundOut(frame), promise: nil)
     }
 }
 

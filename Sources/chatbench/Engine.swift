@@ -1,8 +1,9 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import NIOCore
-import NIOPosix
+import Dispatch
+import Foundation
+import NIOConcurrencyHelpers
 
 /// What one chatbench process needs to know to play its part (sent to child processes as JSON).
 struct Spec: Codable {
@@ -52,14 +53,17 @@ struct Spec: Codable {
 }
 
 /// One event loop's share of the connections and everything they count. Only touched on
-/// its loop: not Sendable; the orchestrator holds it in a `NIOLoopBoundBox` and reaches it
-/// through `loop.submit` (`Engine.onAll`).
+/// its loop's thread: not Sendable; the orchestrator reaches it through tasks posted to the
+/// loop (`Engine.onAll`).
 final class LoopShard {
     let id: Int
-    let loop: any EventLoop
+    let loop: BenchLoop
     let spec: Spec
-    let target: SocketAddress
-    let sourceAddresses: [SocketAddress]
+    let target: SocketTarget
+    let sourceAddresses: [sockaddr_in]
+    /// What every request line and head share: `?room=` or `?user=` values are written between.
+    let roomNames: [[UInt8]]
+    let requestTail: [UInt8]
     let joinRequests: [[UInt8]]
     let leaveRequests: [[UInt8]]
     let sendPrefixes: [[UInt8]]
@@ -81,7 +85,7 @@ final class LoopShard {
     var scratch: [UInt8] = []
     var stopping = false
 
-    private var connections: [ObjectIdentifier: BenchConnection] = [:]
+    private(set) var connectionCount = 0
     private var publishers: [BenchConnection] = []
     /// `--stalled`: members due to stop reading at the first step, then those that did.
     private var stallCandidates: [BenchConnection] = []
@@ -96,21 +100,23 @@ final class LoopShard {
     private var ratePerSecond: Double?
     private var rateStart: UInt64 = 0
     private var launched = 0
-    private var launchTicker: RepeatedTask?
+    private var launchTicker: Int?
     private(set) var firstStart: UInt64 = 0
     private(set) var lastDone: UInt64 = 0
 
     // Publishing.
-    private var publishTask: RepeatedTask?
+    private var publishTask: Int?
     private var publishStart: UInt64 = 0
     private var ratePerPublisher = 0.0
 
-    init(id: Int, loop: any EventLoop, spec: Spec) throws {
+    init(id: Int, loop: BenchLoop, spec: Spec) throws {
         self.id = id
         self.loop = loop
         self.spec = spec
-        target = try SocketAddress.makeAddressResolvingHost(spec.host, port: spec.port)
-        sourceAddresses = try spec.sources.map { try SocketAddress(ipAddress: $0, port: 0) }
+        target = try SocketTarget(host: spec.host, port: spec.port)
+        sourceAddresses = try spec.sources.map { try SocketTarget.ipv4($0, port: 0) }
+        roomNames = (0..<spec.rooms).map { Array(spec.roomName($0).utf8) }
+        requestTail = Array(" HTTP/1.1\r\nHost: \(spec.host):\(spec.port)\r\n".utf8)
         joinRequests = (0..<spec.rooms).map { Array("{\"type\":\"join\",\"room\":\"\(spec.roomName($0))\"}".utf8) }
         leaveRequests = (0..<spec.rooms).map { Array("{\"type\":\"leave\",\"room\":\"\(spec.roomName($0))\"}".utf8) }
         sendPrefixes = (0..<spec.rooms).map { Array("{\"type\":\"send\",\"room\":\"\(spec.roomName($0))\",\"text\":\"t=".utf8) }
@@ -157,8 +163,7 @@ final class LoopShard {
         rateStart = monotonicNanos()
         launched = 0
         if rate != nil {
-            let shard = NIOLoopBound(self, eventLoop: loop)
-            launchTicker = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(2)) { _ in shard.value.launchMore() }
+            launchTicker = loop.every(2_000_000, first: monotonicNanos()) { [unowned self] in launchMore() }
         } else {
             launchMore()
         }
@@ -169,7 +174,7 @@ final class LoopShard {
     var unfinishedSetups: Int { (pending.count - pendingPos) + inflight }
 
     func stopLaunching() {
-        launchTicker?.cancel()
+        if let launchTicker { loop.cancel(launchTicker) }
         launchTicker = nil
         pending.removeAll()
         pendingPos = 0
@@ -186,8 +191,8 @@ final class LoopShard {
             allowed -= 1
             open(index)
         }
-        if pendingPos >= pending.count {
-            launchTicker?.cancel()
+        if pendingPos >= pending.count, let ticker = launchTicker {
+            loop.cancel(ticker)
             launchTicker = nil
         }
     }
@@ -204,39 +209,67 @@ final class LoopShard {
         let conn = BenchConnection(index: index, room: room, mode: mode, publisherID: isPublisher ? logical : -1,
                                    publisherSlots: mode == .member && !nchanPublisher ? spec.publisherSlots(room: room) : 0,
                                    publishOnly: nchanPublisher, shard: self)
-        connections[ObjectIdentifier(conn)] = conn
+        connectionCount += 1
         if isPublisher { publishers.append(conn) }
         if mode == .member && !isPublisher && !nchanPublisher && spec.isStalled(index) { stallCandidates.append(conn) }
         conn.startNs = monotonicNanos()
         if firstStart == 0 { firstStart = conn.startNs }
-        // The bootstrap's group is this loop alone, so the channel (and its initializer) lives here too.
-        let handler = NIOLoopBound(conn, eventLoop: loop)
-        var bootstrap = ClientBootstrap(group: loop)
-            .connectTimeout(.milliseconds(Int64(spec.connectTimeoutMs)))
-            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(handler.value) }
+        let source = sourceAddresses.isEmpty ? nil : sourceAddresses[(index / max(1, spec.processCount)) % sourceAddresses.count]
+        switch Self.connectSocket(to: target, from: source, noDelay: conn.writesOften) {
+        case .success(let fd):
+            guard loop.add(fd, conn) else {
+                close(fd)
+                connectionClosedUnconnected(conn)
+                conn.connectFailed("descriptor \(fd) beyond the loop's table")
+                return
             }
-        if !sourceAddresses.isEmpty {
-            // Defer the port choice to connect(), so a source address's ports are shared by destinations.
-            bootstrap = bootstrap
-                .channelOption(ChannelOptions.Types.SocketOption(level: .ip, name: .init(rawValue: 24 /* IP_BIND_ADDRESS_NO_PORT */)), value: 1)
-                .bind(to: sourceAddresses[(index / max(1, spec.processCount)) % sourceAddresses.count])
-        }
-        bootstrap.connect(to: target).assumeIsolated().whenFailure { [self] error in
-            connections[ObjectIdentifier(conn)] = nil
-            publishers.removeAll { $0 === conn }
-            conn.connectFailed(Self.describe(error))
+            conn.connecting(fd: fd)
+            loop.watchConnect(conn, due: conn.startNs &+ UInt64(spec.connectTimeoutMs) * 1_000_000)
+        case .failure(let error):
+            connectionClosedUnconnected(conn)
+            conn.connectFailed(error.text)
         }
     }
 
-    private static func describe(_ error: any Error) -> String {
-        let text = "\(error)"
-        if let r = text.range(of: "errno: ") {
-            let code = Int32(text[r.upperBound...].prefix { $0.isNumber }) ?? 0
-            return String(cString: strerror(code))
+    /// A connection that never connected is gone.
+    func connectionClosedUnconnected(_ conn: BenchConnection) {
+        connectionCount -= 1
+        if conn.publisherID >= 0 { publishers.removeAll { $0 === conn } }
+    }
+
+    /// A failed system call: what it was and strerror, for the error kinds.
+    struct SysError: Error {
+        let text: String
+        init(_ call: String, _ code: Int32) { text = "\(call): \(String(cString: strerror(code)))" }
+    }
+
+    /// A non-blocking socket with its connect started: socket, the options it needs (no
+    /// delay only for connections that write often, a source address when given, with the
+    /// port left to connect()), connect.
+    private static func connectSocket(to target: SocketTarget, from source: sockaddr_in?, noDelay: Bool) -> Result<Int32, SysError> {
+        let fd = socket(target.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return .failure(SysError("socket", errno)) }
+        var one: Int32 = 1
+        if noDelay { _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4) }
+        if var source {
+            // Defer the port choice to connect(), so a source address's ports are shared by destinations.
+            _ = setsockopt(fd, Int32(IPPROTO_IP), 24 /* IP_BIND_ADDRESS_NO_PORT */, &one, 4)
+            let r = withUnsafePointer(to: &source) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            if r != 0 {
+                let e = errno
+                close(fd)
+                return .failure(SysError("bind", e))
+            }
         }
-        return String(text.prefix(80))
+        let r = target.withSockaddr { connect(fd, $0, $1) }
+        if r != 0 && errno != EINPROGRESS {
+            let e = errno
+            close(fd)
+            return .failure(SysError("connect", e))
+        }
+        return .success(fd)
     }
 
     /// A setup (or churn cycle) ended: frees a slot, opens the next.
@@ -251,7 +284,7 @@ final class LoopShard {
     }
 
     func connectionClosed(_ conn: BenchConnection) {
-        connections[ObjectIdentifier(conn)] = nil
+        connectionCount -= 1
         if conn.publisherID >= 0 { publishers.removeAll { $0 === conn } }
     }
 
@@ -260,10 +293,10 @@ final class LoopShard {
         stopping = true
         stopLaunching()
         stopPublishing()
-        for conn in Array(connections.values) { conn.close() }
+        for fd in 0...Int(loop.highestFd) {
+            if let conn = loop.table[fd] { conn.close() }
+        }
     }
-
-    var connectionCount: Int { connections.count }
 
     // MARK: stalled members
 
@@ -295,12 +328,11 @@ final class LoopShard {
         publishStart = start
         for p in publishers { p.stepSent = 0 }
         guard !publishers.isEmpty, perPublisher > 0 else { return }
-        let shard = NIOLoopBound(self, eventLoop: loop)
-        publishTask = loop.scheduleRepeatedTask(initialDelay: .milliseconds(1), delay: .milliseconds(2)) { _ in shard.value.publishTick() }
+        publishTask = loop.every(2_000_000, first: monotonicNanos() + 1_000_000) { [unowned self] in publishTick() }
     }
 
     func stopPublishing() {
-        publishTask?.cancel()
+        if let publishTask { loop.cancel(publishTask) }
         publishTask = nil
     }
 
@@ -344,27 +376,59 @@ final class LoopShard {
     }
 }
 
-/// One process's load generator: an event loop group (one or two threads) and a shard per loop.
+/// One loop thread: its shard (touched only on that thread once it runs) and the inbox
+/// through which the orchestrator reaches it.
+final class ShardRunner: @unchecked Sendable {
+    let inbox: LoopInbox
+    /// Confined to `thread` from `start()` on (built before it, on the caller's thread).
+    private let shard: LoopShard
+    private let finished = DispatchSemaphore(value: 0)
+
+    init(id: Int, spec: Spec) throws {
+        inbox = LoopInbox()
+        shard = try LoopShard(id: id, loop: BenchLoop(inbox: inbox), spec: spec)
+    }
+
+    func start() {
+        let thread = Thread { [self] in
+            shard.loop.run(shard)
+            finished.signal()
+        }
+        thread.name = "chatbench-loop-\(shard.id)"
+        thread.start()
+    }
+
+    /// Runs `task` on the loop's thread, soon.
+    func post(_ task: @escaping @Sendable (LoopShard) -> Void) { inbox.post(task) }
+
+    /// Ends the loop (its remaining sockets are closed) and waits for its thread.
+    func stop() {
+        post { $0.loop.stopped = true }
+        finished.wait()
+    }
+}
+
+/// One process's load generator: a loop thread (one or two) and a shard per loop.
 final class Engine {
     let spec: Spec
-    let group: MultiThreadedEventLoopGroup
-    /// One shard per loop, each usable only on its loop (`onAll`, or `eventLoop.execute`).
-    let shards: [NIOLoopBoundBox<LoopShard>]
+    /// One shard per loop, each usable only on its loop (`onAll`, or `post`).
+    let shards: [ShardRunner]
     /// Called about once a second while a phase runs.
     var onProgress: ((Progress) -> Void)?
 
+    struct SetupError: Error, CustomStringConvertible {
+        let description: String
+        init(_ text: String) { description = text }
+    }
+
     init(spec: Spec) throws {
         self.spec = spec
-        group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, spec.threads))
-        var shards: [NIOLoopBoundBox<LoopShard>] = []
-        for (i, loop) in group.makeIterator().enumerated() {
-            shards.append(.makeBoxSendingValue(try LoopShard(id: i, loop: loop, spec: spec), eventLoop: loop))
-        }
-        self.shards = shards
+        shards = try (0..<max(1, spec.threads)).map { try ShardRunner(id: $0, spec: spec) }
+        for shard in shards { shard.start() }
     }
 
     func shutdown() {
-        try? group.syncShutdownGracefully()
+        for shard in shards { shard.stop() }
     }
 
     /// A step is not cut short before this: its first second's p99 says little.
@@ -372,8 +436,17 @@ final class Engine {
 
     /// Runs `body` on every shard's loop and waits for all answers.
     func onAll<T: Sendable>(_ body: @escaping @Sendable (LoopShard) -> T) -> [T] {
-        let futures = shards.map { shard in shard.eventLoop.submit { body(shard.value) } }
-        return futures.map { try! $0.wait() }
+        let results = NIOLockedValueBox<[T?]>(Array(repeating: nil, count: shards.count))
+        let done = DispatchSemaphore(value: 0)
+        for (i, shard) in shards.enumerated() {
+            shard.post { s in
+                let value = body(s)
+                results.withLockedValue { $0[i] = value }
+                done.signal()
+            }
+        }
+        for _ in shards { done.wait() }
+        return results.withLockedValue { $0.map { $0! } }
     }
 
     private func snapshot() -> Progress {
@@ -435,7 +508,7 @@ final class Engine {
     /// with bounded concurrency; waits until every setup ended or `timeout`.
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport {
         _ = onAll { $0.resetPhase(); $0.stopping = false }
-        let cpu0 = Proc.selfTicks()
+        let cpu0 = Proc.selfTicksSplit()
         var parts = split(total)
         if spec.nchan && mode == .member {
             // The publishers' own connections, after the members (so every subscriber is there first).
@@ -443,7 +516,7 @@ final class Engine {
         }
         let perLoop = max(1, spec.concurrency / shards.count)
         for (shard, indices) in zip(shards, parts) {
-            shard.eventLoop.execute { shard.value.start(indices: indices, mode: mode, maxInflight: perLoop, rate: nil) }
+            shard.post { $0.start(indices: indices, mode: mode, maxInflight: perLoop, rate: nil) }
         }
         wait(seconds: timeout) { onAll { $0.setupComplete }.allSatisfy { $0 } }
         let unfinished = onAll { s -> Int in
@@ -455,7 +528,7 @@ final class Engine {
         _ = unfinished
         onProgress?(snapshot())
         var report = gather()
-        report.clientCPUTicks = Proc.selfTicks() - cpu0
+        report.noteClientCPU(since: cpu0)
         report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
         return report
     }
@@ -468,7 +541,7 @@ final class Engine {
     func step(rate: Double, seconds: Double, drainMax: Double, abortP99Ms: Double = 0) -> PhaseReport {
         _ = onAll { $0.resetPhase() }
         if spec.stalledCount > 0 { _ = onAll { $0.stallMembers() } }
-        let cpu0 = Proc.selfTicks()
+        let cpu0 = Proc.selfTicksSplit()
         let perPublisher = spec.publishers > 0 ? rate / Double(spec.publishers) : 0
         let start = monotonicNanos() + 2_000_000
         _ = onAll { $0.startPublishing(perPublisher: perPublisher, start: start) }
@@ -499,7 +572,7 @@ final class Engine {
         report.elapsedNs = windowEnd - start
         report.aborted = aborted
         report.drainNs = drainEnd > windowEnd + 1_000_000_000 ? drainEnd - windowEnd - 1_000_000_000 : 0
-        report.clientCPUTicks = Proc.selfTicks() - cpu0
+        report.noteClientCPU(since: cpu0)
         report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
         return report
     }
@@ -508,14 +581,14 @@ final class Engine {
     /// `seconds`, at most `spec.concurrency` in flight; then waits for the last cycles.
     func churn(rate: Double, seconds: Double) -> PhaseReport {
         _ = onAll { $0.resetPhase(); $0.stopping = false }
-        let cpu0 = Proc.selfTicks()
+        let cpu0 = Proc.selfTicksSplit()
         let total = Int(rate * seconds)
         // Indices above the members' range: user names that cannot collide with theirs.
         let parts = split(total).map { $0.map { 50_000_000 + $0 } }
         let perLoopRate = rate / Double(spec.processCount * shards.count)
         let perLoop = max(1, spec.concurrency / shards.count)
         for (shard, indices) in zip(shards, parts) {
-            shard.eventLoop.execute { shard.value.start(indices: indices, mode: .churn, maxInflight: perLoop, rate: perLoopRate) }
+            shard.post { $0.start(indices: indices, mode: .churn, maxInflight: perLoop, rate: perLoopRate) }
         }
         wait(seconds: seconds + 15) { self.onAll { $0.setupComplete }.allSatisfy { $0 } }
         _ = onAll { s -> Int in
@@ -526,7 +599,7 @@ final class Engine {
         }
         onProgress?(snapshot())
         var report = gather()
-        report.clientCPUTicks = Proc.selfTicks() - cpu0
+        report.noteClientCPU(since: cpu0)
         report.clientRSSKB = Proc.memoryKB(0)?.rss ?? 0
         return report
     }

@@ -109,8 +109,10 @@ struct CPUUse {
     var serverByRole: [String: Int]
     var machineBusyPercent: Double
     var clientTicks: Int
+    var clientSystemTicks: Int
 
-    init(_ a: Sample, _ b: Sample, clientTicks: Int) {
+    /// `client`: the load generator's own CPU in the phase, as its processes measured it.
+    init(_ a: Sample, _ b: Sample, client: PhaseReport) {
         seconds = Double(b.at - a.at) / 1e9
         serverTicks = b.serverTotal - a.serverTotal
         serverSystemTicks = b.serverSystem - a.serverSystem
@@ -119,7 +121,8 @@ struct CPUUse {
         serverByRole = roles
         machineBusyPercent = b.machine.total > a.machine.total
             ? 100 * Double(b.machine.busy - a.machine.busy) / Double(b.machine.total - a.machine.total) : 0
-        self.clientTicks = clientTicks
+        clientTicks = client.clientCPUTicks
+        clientSystemTicks = client.clientSystemTicks
     }
 
     var serverSeconds: Double { Double(serverTicks) / Proc.ticksPerSecond }
@@ -132,6 +135,11 @@ struct CPUUse {
         events > 0 ? round3(Double(serverSystemTicks) / Proc.ticksPerSecond * 1e6 / Double(events)) : 0
     }
     func clientMicros(per events: Int) -> Double { events > 0 ? round3(clientSeconds * 1e6 / Double(events)) : 0 }
+    /// The kernel's part of `clientMicros` (stime; on loopback it includes the server's TCP
+    /// input for what the load generator sends, connect's SYN handling among it).
+    func clientSystemMicros(per events: Int) -> Double {
+        events > 0 ? round3(Double(clientSystemTicks) / Proc.ticksPerSecond * 1e6 / Double(events)) : 0
+    }
 
     var json: JSON {
         [
@@ -269,7 +277,7 @@ enum Scenarios {
         let s0 = m.sample()
         let r = ctx.driver.setup(total: connections, mode: .connect, timeout: 60 + Double(connections) / 500)
         let s1 = m.sample()
-        let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+        let cpu = CPUUse(s0, s1, client: r)
         m.begin("closing")
         let left = ctx.driver.closeAll()
         let ok = r.counters.hellos
@@ -285,13 +293,14 @@ enum Scenarios {
             "server_cpu_us_per_handshake": cpu.serverMicros(per: ok),
             "server_sys_us_per_handshake": cpu.serverSystemMicros(per: ok),
             "client_cpu_us_per_handshake": cpu.clientMicros(per: ok),
+            "client_sys_us_per_handshake": cpu.clientSystemMicros(per: ok),
             "cpu": cpu.json, "not_closed": left,
         ]
         ctx.finish(result, summary: [
             "connect: \(ok) of \(connections) connections in \(fmt(seconds, 2)) s = \(fmt(rate, 0)) handshakes/s, \(totalFailures(r)) failed\(kindsText(r))",
             "  handshake (connect to \(ctx.spec.sse ? "200" : "101")): \(hs.text)",
             "  to hello: \(hello.text)",
-            "  server CPU \(fmt(cpu.serverMicros(per: ok), 1)) us/handshake (kernel \(fmt(cpu.serverSystemMicros(per: ok), 1))); load generator \(fmt(cpu.clientMicros(per: ok), 1)) us/handshake; machine busy \(fmt(cpu.machineBusyPercent, 0))%",
+            "  server CPU \(fmt(cpu.serverMicros(per: ok), 1)) us/handshake (kernel \(fmt(cpu.serverSystemMicros(per: ok), 1))); load generator \(fmt(cpu.clientMicros(per: ok), 1)) us/handshake (kernel \(fmt(cpu.clientSystemMicros(per: ok), 1))); machine busy \(fmt(cpu.machineBusyPercent, 0))%",
         ])
     }
 
@@ -316,7 +325,7 @@ enum Scenarios {
         let perRSS = joined > 0 ? Double(rssAfter - rssBefore) / Double(joined) : 0
         let perPSS = joined > 0 ? Double(pssAfter - pssBefore) / Double(joined) : 0
         let clientPer = joined > 0 ? Double(r.clientRSSKB) / Double(joined) : 0
-        let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+        let cpu = CPUUse(s0, s1, client: r)
         let seconds = Double(r.elapsedNs) / 1e9
         func roles(_ m: [String: MemoryKB]) -> JSON { m.mapValues { ["rss_kb": $0.rssKB, "pss_kb": $0.pssKB] } }
         var result: JSON = [
@@ -395,7 +404,7 @@ enum Scenarios {
             let s0 = m.sample()
             let r = ctx.driver.step(rate: rate, seconds: p.duration, drainMax: p.drainMax, abortP99Ms: p.abortP99Ms)
             let s1 = m.sample()
-            let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+            let cpu = CPUUse(s0, s1, client: r)
             let c = r.counters
             // Members that stopped reading at the start of this step (--stalled) expect nothing.
             for room in 0..<min(members.count, r.roomStalled.count) { members[room] -= r.roomStalled[room] }
@@ -428,6 +437,7 @@ enum Scenarios {
                 "server_cpu_us_per_delivery": cpu.serverMicros(per: c.deliveries),
                 "server_sys_us_per_delivery": cpu.serverSystemMicros(per: c.deliveries),
                 "client_cpu_us_per_message": cpu.clientMicros(per: c.deliveries + c.sent),
+                "client_sys_us_per_message": cpu.clientSystemMicros(per: c.deliveries + c.sent),
                 "cpu": cpu.json, "pass": pass, "aborted": r.aborted,
             ]
             if p.stalled > 0 {
@@ -436,7 +446,7 @@ enum Scenarios {
             }
             steps.append(step)
             summary.append("  \(fmt(rate, 0)) msg/s -> \(fmt(achieved, 0)) deliveries/s (offered \(fmt(offered, 0))): latency \(lat.text)")
-            summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))% of a core; kernel \(fmt(cpu.serverSystemMicros(per: c.deliveries), 2))), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message; \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost\(everyoneJoined ? "" : "; only \(joined) of \(p.members) members joined"))")
+            summary.append("      lost \(lost), dup \(c.duplicates), holes \(c.holes), order \(c.orderViolations), closed \(c.unexpectedCloses), errors \(c.errors)\(kindsText(r)); server CPU \(fmt(cpu.serverMicros(per: c.deliveries), 2)) us/delivery (\(fmt(100 * cpu.serverSeconds / max(cpu.seconds, 0.001), 0))% of a core; kernel \(fmt(cpu.serverSystemMicros(per: c.deliveries), 2))), load generator \(fmt(cpu.clientMicros(per: c.deliveries + c.sent), 2)) us/message (kernel \(fmt(cpu.clientSystemMicros(per: c.deliveries + c.sent), 2))); \(pass ? "PASS" : "FAIL") (p99 <= \(fmt(p.p99LimitMs, 0)) ms, nothing lost\(everyoneJoined ? "" : "; only \(joined) of \(p.members) members joined"))")
             if r.aborted {
                 summary.append("      cut short after \(fmt(window, 1)) s: p99 so far above \(fmt(p.abortP99Ms, 0)) ms")
             }
@@ -494,7 +504,7 @@ enum Scenarios {
         let s0 = m.sample()
         let r = ctx.driver.churn(rate: rate, seconds: duration)
         let s1 = m.sample()
-        let cpu = CPUUse(s0, s1, clientTicks: r.clientCPUTicks)
+        let cpu = CPUUse(s0, s1, client: r)
         let c = r.counters
         let seconds = Double(r.elapsedNs) / 1e9
         let perSecond = seconds > 0 ? Double(c.cycles) / seconds : 0

@@ -109,6 +109,8 @@ struct PhaseReport: Codable {
     /// The step was cut short: its p99 passed the abort limit (`Engine.step`).
     var aborted = false
     var clientCPUTicks = 0
+    /// The kernel's part of `clientCPUTicks` (stime).
+    var clientSystemTicks = 0
     var clientRSSKB = 0
     var errorKinds: [String: Int] = [:]
     var processes = 1
@@ -137,6 +139,7 @@ struct PhaseReport: Codable {
         drainNs = max(drainNs, o.drainNs)
         aborted = aborted || o.aborted
         clientCPUTicks += o.clientCPUTicks
+        clientSystemTicks += o.clientSystemTicks
         clientRSSKB += o.clientRSSKB
         for (k, v) in o.errorKinds { errorKinds[k, default: 0] += v }
         processes += o.processes
@@ -144,6 +147,13 @@ struct PhaseReport: Codable {
         stalledMembers += o.stalledMembers
         stalledGone += o.stalledGone
         for (k, v) in o.stalledKinds { stalledKinds[k, default: 0] += v }
+    }
+
+    /// This process's CPU (utime + stime, and stime alone) since `start`.
+    mutating func noteClientCPU(since start: (user: Int, system: Int)) {
+        let now = Proc.selfTicksSplit()
+        clientCPUTicks = now.user + now.system - start.user - start.system
+        clientSystemTicks = now.system - start.system
     }
 
     static func merged(_ reports: [PhaseReport]) -> PhaseReport {

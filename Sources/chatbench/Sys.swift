@@ -54,6 +54,8 @@ enum Proc {
 
     static func selfTicks() -> Int { cpuTicks(0) ?? 0 }
 
+    static func selfTicksSplit() -> (user: Int, system: Int) { cpuTicksSplit(0) ?? (0, 0) }
+
     static func parent(of pid: Int32) -> Int32? {
         guard let f = statFields(pid), f.count > 1 else { return nil }
         return Int32(f[1])
@@ -187,5 +189,41 @@ extension String {
         while let c = s.first, set.contains(c) { s = s.dropFirst() }
         while let c = s.last, set.contains(c) { s = s.dropLast() }
         return String(s)
+    }
+}
+
+/// Where client sockets connect: the URL's host resolved once (getaddrinfo), IPv4 or IPv6.
+struct SocketTarget {
+    let family: Int32
+    private var storage = sockaddr_storage()
+    private let length: socklen_t
+
+    init(host: String, port: Int) throws {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let bare = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+        guard getaddrinfo(bare, String(port), &hints, &list) == 0, let first = list else {
+            throw Engine.SetupError("cannot resolve \(host)")
+        }
+        defer { freeaddrinfo(list) }
+        family = first.pointee.ai_family
+        length = first.pointee.ai_addrlen
+        withUnsafeMutableBytes(of: &storage) { dst in
+            dst.copyMemory(from: UnsafeRawBufferPointer(start: first.pointee.ai_addr, count: Int(first.pointee.ai_addrlen)))
+        }
+    }
+
+    func withSockaddr<R>(_ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        withUnsafeBytes(of: storage) { body($0.baseAddress!.assumingMemoryBound(to: sockaddr.self), length) }
+    }
+
+    /// A source address to bind to ("127.0.0.2"), port 0.
+    static func ipv4(_ text: String, port: UInt16) throws -> sockaddr_in {
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = port.bigEndian
+        guard inet_pton(AF_INET, text, &addr.sin_addr) == 1 else { throw Engine.SetupError("not an IPv4 address: \(text)") }
+        return addr
     }
 }
