@@ -59,7 +59,7 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         /// carry; "" allows any (and requests without Origin, from non-browser clients).
         public var allowedOrigins = ""
         /// `server.engine`: what holds the workers' client sockets.
-        public var engine = ClientEngine.nio
+        public var engine = ClientEngine.epoll
         public init() {}
 
         /// `allowedOrigins` as a list; empty means any origin.
