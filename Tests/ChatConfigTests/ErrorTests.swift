@@ -15,6 +15,7 @@ import Testing
         ("CHATGW_SERVER_BACKLOG", "1.5", "server.backlog"),
         ("CHATGW_HISTORY_PERSIST", "maybe", "history.persist"),
         ("CHATGW_BUS_KIND", "kafka", "bus.kind"),
+        ("CHATGW_SERVER_ENGINE", "io_uring", "server.engine"),
         ("CHATGW_AUTH_MODE", "basic", "auth.mode"),
         ("CHATGW_LOG_LEVEL", "loud", "log.level"),
         ("CHATGW_SERVER_LISTEN", "8080", "server.listen"),

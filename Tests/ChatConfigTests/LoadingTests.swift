@@ -11,6 +11,7 @@ import Testing
         #expect(config.supervisor.drainTimeoutSeconds == 10)
         #expect(config.limits.ratePerSecond == 10)
         #expect(config.bus.kind == .relay)
+        #expect(config.server.engine == .epoll)
         #expect(config.auth.mode == .none)
         #expect(config.metrics.listen?.description == "127.0.0.1:9090")
         #expect(config.log.level == .info)
@@ -92,6 +93,7 @@ import Testing
         "limits.outbound_buffer_bytes": "2048", "limits.idle_ping_s": "5", "limits.idle_timeout_s": "80",
         "auth.mode": "jwt", "auth.jwt_secret": "0123456789abcdef0123456789abcdef", "api.key": "k", "metrics.listen": "localhost:0",
         "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical", "log.format": "json", "server.web_page": "false", "archive.kind": "postgres", "archive.sqlite_path": "a.db", "archive.postgres_url": "postgres://u@h:1/d", "archive.batch_messages": "5", "archive.batch_ms": "7", "archive.backlog_messages": "5000", "archive.retention_days": "3", "archive.retention_messages": "9", "server.allowed_origins": "http://a.example, http://b.example",
+        "server.engine": "nio",
     ]
 
     @Test func everyKeyCanBeSetFromTheEnvironment() async throws {
