@@ -94,6 +94,8 @@ private final class Feed: BusDelegate {
     }
 
     var bus: (any ArchiverBus)?
+    /// Called once, when the bus is first reachable and subscribed to.
+    var whenFirstConnected: (() -> Void)?
 
     func bus(received message: RoomMessage) {
         backlog.append([message])
@@ -102,6 +104,10 @@ private final class Feed: BusDelegate {
     func busConnected() {
         bus?.subscribeAll()
         connected.withLockedValue { $0 = true }
+        if let first = whenFirstConnected {
+            whenFirstConnected = nil
+            first()
+        }
     }
 
     func busLost() {
@@ -159,8 +165,19 @@ public enum ArchiverProcess {
             logger.critical("archiver failed to start", metadata: ["error": "\(error)"])
             exit(1)
         }
-        logger.info("archiver serving", metadata: ["kind": "\(config.archive.kind.rawValue)"])
-        runtime.reportReady()
+        // Ready once subscribed to the bus (what is published before that the archive only
+        // gets from the bus's history), or after a few seconds without it, as a worker.
+        let ready = NIOLockedValueBox(false)
+        let reportReady: @Sendable () -> Void = {
+            guard !ready.withLockedValue({ let was = $0; $0 = true; return was }) else { return }
+            logger.info("archiver serving", metadata: ["kind": "\(config.archive.kind.rawValue)"])
+            runtime.reportReady()
+        }
+        loop.execute {
+            let (archiverBus, feed) = bus.value
+            if archiverBus.isAvailable { reportReady() } else { feed.whenFirstConnected = reportReady }
+        }
+        loop.scheduleTask(in: .seconds(3)) { reportReady() }
         runtime.runUntilFinished()
     }
 }

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -970,3 +971,20 @@ def test_archiver_behind_what_the_bus_holds_logs_loss_and_resume_gaps_only_that(
     assert [m["seq"] for m in msgs] == [3, 4, 5] + list(range(36, 46)), [m["seq"] for m in msgs]
     print(f"\n[archive] loss logged: {miss.raw.split(']', 1)[-1].strip()}; resume frames: "
           f"{[m.get('seq', (m.get('type'), m.get('from'), m.get('to'))) for m in frames]}")
+
+
+def test_the_archiver_is_ready_only_once_it_listens_to_the_bus(make_gateway):
+    """What is published between the archiver's start and its subscription reaches the
+    archive only through the bus's history; so the archiver reports ready once it is
+    subscribed (a fast worker once published 10 messages in that gap, beyond a history of
+    5), or, with the bus unreachable, after the same 3 s a worker waits. Here the bus is a
+    Redis that is not there: ready must not come at once."""
+    gw = make_gateway(workers=1, env=archive_env(CHATGW_BUS_KIND="redis",
+                                                 CHATGW_BUS_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"),
+                      ready_roles=["archiver"])
+    lines = [l for l in gw.log_text().splitlines() if "role=archiver" in l]
+    started_at = next(l for l in lines if "child started" in l).split(" ")[0]
+    ready_at = next(l for l in lines if "child ready" in l).split(" ")[0]
+    waited = (datetime.fromisoformat(ready_at.replace("Z", "+00:00"))
+              - datetime.fromisoformat(started_at.replace("Z", "+00:00"))).total_seconds()
+    assert waited >= 2.5, f"the archiver was ready {waited:.2f}s after its start, without a bus"
