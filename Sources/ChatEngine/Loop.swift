@@ -488,10 +488,15 @@ public final class Loop {
 
     // MARK: closing
 
-    /// Sends a close frame with `code` and drops the connection at the end of the turn.
-    public func closeWith(_ fd: Int32, _ code: UInt16) {
+    /// Writes a close frame with `code` (queued behind what is waiting, like any write).
+    public func sendClose(_ fd: Int32, _ code: UInt16) {
         var frame: (UInt8, UInt8, UInt8, UInt8) = (0x88, 2, UInt8(code >> 8), UInt8(code & 0xFF))
         withUnsafeBytes(of: &frame) { write(fd, $0.baseAddress!, 4) }
+    }
+
+    /// Sends a close frame with `code` and drops the connection at the end of the turn.
+    public func closeWith(_ fd: Int32, _ code: UInt16) {
+        sendClose(fd, code)
         // What the socket would not take now is lost with the close.
         if conns[Int(fd)].outputCount > 0 { flushQueue(fd) }
         doom(fd)

@@ -134,6 +134,12 @@ public enum UpgradeParser {
         return nil
     }
 
+    /// `b` is exactly `s` (a path, say).
+    @inline(__always)
+    public static func equals(_ b: UnsafeRawBufferPointer, _ s: StaticString) -> Bool {
+        b.count == s.utf8CodeUnitCount && matches(b, 0, s)
+    }
+
     @inline(__always)
     static func matches(_ b: UnsafeRawBufferPointer, _ at: Int, _ s: StaticString) -> Bool {
         let p = s.utf8Start

@@ -34,8 +34,8 @@ public final class PubSubProbe: LoopApplication {
         let b = UnsafeRawBufferPointer(bytes)
         let path = UnsafeRawBufferPointer(rebasing: b[request.path])
         let role: UInt8
-        if equal(path, "/sub") { role = Self.subscriber }
-        else if equal(path, "/pub") { role = Self.publisher }
+        if UpgradeParser.equals(path, "/sub") { role = Self.subscriber }
+        else if UpgradeParser.equals(path, "/pub") { role = Self.publisher }
         else { return loop.refuse(fd, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n") }
         guard let value = UpgradeParser.queryValue(b, request.query, "room"), !value.isEmpty, value.count <= 200 else {
             return loop.refuse(fd, UpgradeRefusal.malformed.response)
@@ -48,10 +48,6 @@ public final class PubSubProbe: LoopApplication {
             loop.conns[Int(fd)].index = Int32(members[Int(room)].count)
             members[Int(room)].append(fd)
         }
-    }
-
-    func equal(_ b: UnsafeRawBufferPointer, _ s: StaticString) -> Bool {
-        b.count == s.utf8CodeUnitCount && memcmp(b.baseAddress!, s.utf8Start, b.count) == 0
     }
 
     /// The room's index on this loop (created on first use).

@@ -82,9 +82,9 @@ final class EngineFront: LoopApplication {
         let b = UnsafeRawBufferPointer(bytes)
         guard case .request(let request) = parse else { return handOff(fd, bytes: b) }
         let path = UnsafeRawBufferPointer(rebasing: b[request.path])
-        if Self.equal(path, "/ws") {
+        if UpgradeParser.equals(path, "/ws") {
             openChat(fd, request, b)
-        } else if echoRules != nil && Self.equal(path, "/echo") {
+        } else if echoRules != nil && UpgradeParser.equals(path, "/echo") {
             guard loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b)) else { return }
             opened(fd, kind: Self.echo)
         } else {
@@ -160,10 +160,6 @@ final class EngineFront: LoopApplication {
     private static func subprotocol(_ request: UpgradeRequest, _ b: UnsafeRawBufferPointer) -> StaticString? {
         guard !request.subprotocols.isEmpty else { return nil }
         return UpgradeParser.hasToken(b, request.subprotocols.lowerBound, request.subprotocols.upperBound, "chatgw.v1") ? "chatgw.v1" : nil
-    }
-
-    static func equal(_ b: UnsafeRawBufferPointer, _ s: StaticString) -> Bool {
-        b.count == s.utf8CodeUnitCount && memcmp(b.baseAddress!, s.utf8Start, b.count) == 0
     }
 
     /// To NIO: the descriptor leaves the loop, and NIO's channel for it starts with the
@@ -279,8 +275,7 @@ final class EngineFront: LoopApplication {
     func close(_ fd: Int32, code: UInt16, after bye: ByteBuffer?) {
         guard loop.conns[Int(fd)].state == Connection.open, loop.conns[Int(fd)].group == Self.open else { return }
         if let bye { write(bye, to: fd) }
-        var frame: (UInt8, UInt8, UInt8, UInt8) = (0x88, 2, UInt8(code >> 8), UInt8(code & 0xFF))
-        withUnsafeBytes(of: &frame) { loop.write(fd, $0.baseAddress!, 4) }
+        loop.sendClose(fd, code)
         loop.conns[Int(fd)].group = Self.closeSent
         let generation = generations[Int(fd)]
         eventLoop.assumeIsolated().scheduleTask(in: WebSocketHandler.closeHandshakeTimeout) { [self] in
