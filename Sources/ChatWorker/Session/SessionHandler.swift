@@ -91,8 +91,7 @@ final class SessionHandler: ChannelInboundHandler {
     /// The `hello` frame of a session on the engine, which writes it with the 101.
     func helloFrame() -> ByteBuffer {
         let frame = FrameBytes.text(hello, allocator: Self.allocator)
-        worker.counters.messagesOut += 1
-        worker.counters.bytesOut += frame.readableBytes
+        countOut(frames: 1, bytes: frame.readableBytes)
         return frame
     }
 
@@ -424,12 +423,16 @@ final class SessionHandler: ChannelInboundHandler {
     /// Queues `frames` WebSocket frames back to back (a busy room's window).
     func write(_ bytes: ByteBuffer, frames: Int) {
         guard isOpen, !closing else { return }
-        worker.counters.messagesOut += frames
-        worker.counters.bytesOut += bytes.readableBytes
+        countOut(frames: frames, bytes: bytes.readableBytes)
         switch transport {
         case .engine(let fd): worker.engine!.write(bytes, to: fd)
         case .webSocket, .eventStream: output?.write(wrapOutboundOut(bytes), promise: nil)
         }
+    }
+
+    private func countOut(frames: Int, bytes: Int) {
+        worker.counters.messagesOut += frames
+        worker.counters.bytesOut += bytes
     }
 
     /// Sends a frame that must follow what the room sent this connection so far (the ack
@@ -447,8 +450,7 @@ final class SessionHandler: ChannelInboundHandler {
         position.set(mark)
         var id = output.channel.allocator.buffer(capacity: 32 + 40 * position.marks.count)
         position.writeIDLine(into: &id)
-        worker.counters.messagesOut += 1
-        worker.counters.bytesOut += id.readableBytes + event.readableBytes
+        countOut(frames: 1, bytes: id.readableBytes + event.readableBytes)
         output.write(wrapOutboundOut(id), promise: nil)
         output.write(wrapOutboundOut(event), promise: nil)
     }
