@@ -10,18 +10,9 @@ import ChatProtocol
 // Scroll-back orders by (ts, epoch, seq): within an epoch that is seq order, and epochs
 // follow each other in time.
 
-/// The newest archived message of a room (what catch-up resumes after).
-public struct ArchivedTip: Sendable, Equatable {
-    public var room: String
-    public var epoch: String
-    public var seq: Int
-
-    public init(room: String, epoch: String, seq: Int) {
-        self.room = room
-        self.epoch = epoch
-        self.seq = seq
-    }
-}
+/// The newest archived message of a room (what catch-up resumes after): a room's position,
+/// as a client's resume point is.
+public typealias ArchivedTip = StreamMark
 
 /// Either database behind one interface. Every method may throw when the database is
 /// unreachable; callers retry or fall back, never crash.

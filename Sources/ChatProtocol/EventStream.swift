@@ -33,7 +33,8 @@ public enum EventStreamBytes {
     }
 }
 
-/// A room's resume point, as `join` takes it: the epoch and the last seq the client has.
+/// A room's position: its epoch and a seq in it. A client's resume point, as `join` takes
+/// it (the last seq it has), and the archive's tip (`ArchivedTip`, its newest message).
 public struct StreamMark: Sendable, Equatable {
     public var room: String
     public var epoch: String
