@@ -18,6 +18,9 @@ public struct ChildStats: Codable, Sendable, Equatable {
     public var messagesOut = 0
     public var residentBytes = 0
     public var joins = 0
+    /// Worker: join requests it sent to the bus for them (a tick's joins of one room from
+    /// one resume point go as one request).
+    public var busJoins = 0
     /// Room messages written to members.
     public var deliveries = 0
     public var bytesOut = 0

@@ -49,6 +49,7 @@ final class MetricsBook {
             if now > then { counter.increment(by: Int64(now - then)) }
         }
         add("joins", "Room joins requested", stats.joins, before.joins)
+        add("bus_joins", "Join requests sent to the bus (one loop tick's joins of a room from the same resume point go as one)", stats.busJoins, before.busJoins)
         add("messages_in", "Requests received from clients (relay: messages sequenced)", stats.messagesIn, before.messagesIn)
         add("frames_out", "Frames sent (relay: messages forwarded to workers)", stats.messagesOut, before.messagesOut)
         add("deliveries", "Room messages written to members", stats.deliveries, before.deliveries)

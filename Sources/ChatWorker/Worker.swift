@@ -43,6 +43,8 @@ final class Worker: BusDelegate {
     private var resyncsUnanswered = 0
     /// Counts bus links, so that a re-join answered after its link was replaced is not counted.
     private var busLinks = 0
+    /// The sessions' joins and leaves of this tick, sent to the bus at its end.
+    private var memberRequests = MemberRequests()
     private(set) var stopping = false
     private var stopReason = ByeReason.shutdown
     var onDrained: (() -> Void)?
@@ -111,6 +113,7 @@ final class Worker: BusDelegate {
         var stats = ChildStats(connections: sessions.count, rooms: rooms.count, messagesIn: counters.messagesIn, messagesOut: counters.messagesOut)
         stats.eventStreamConnections = eventStreams.count
         stats.joins = counters.joins
+        stats.busJoins = counters.busJoins
         stats.deliveries = counters.deliveries + rooms.deliveries
         stats.bytesOut = counters.bytesOut
         stats.slowConsumerDisconnects = counters.slowConsumerDisconnects
@@ -164,6 +167,39 @@ final class Worker: BusDelegate {
             }
         }
         if resyncsUnanswered == 0 { releaseBusWaits() }
+    }
+
+    /// Asks the bus to count one more member of `room` and answer with its state, at the
+    /// end of this tick, together with the tick's other joins of the room from the same
+    /// resume point (`MemberRequests`).
+    func join(room: String, since: Int?, epoch: String?, history: Int, answer: @escaping MemberRequests.Answer) {
+        let first = memberRequests.isEmpty
+        memberRequests.join(.init(room: room, since: since, epoch: epoch, history: history), answer: answer)
+        if first { sendMemberRequestsAtEndOfTick() }
+    }
+
+    /// Tells the bus, at the end of this tick, that `room` has one member fewer here.
+    func leave(_ room: String) {
+        let first = memberRequests.isEmpty
+        memberRequests.leave(room, members: 1)
+        if first { sendMemberRequestsAtEndOfTick() }
+    }
+
+    private func sendMemberRequestsAtEndOfTick() {
+        eventLoop.assumeIsolated().execute { [self] in
+            let gathered = memberRequests.take()
+            // Joins first: a room left and joined again in one tick never shows the bus an
+            // empty room, which would stop and restart its stream to this worker.
+            for (key, answers) in gathered.joins {
+                counters.busJoins += 1
+                bus.join(room: key.room, since: key.since, epoch: key.epoch, history: key.history, members: answers.count) { result in
+                    for answer in answers { answer(result) }
+                }
+            }
+            for (room, members) in gathered.leaves {
+                bus.leave(room: room, members: members)
+            }
+        }
     }
 
     private func releaseBusWaits() {

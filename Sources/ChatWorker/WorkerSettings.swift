@@ -22,6 +22,8 @@ struct WorkerCounters {
     var messagesIn = 0
     var messagesOut = 0
     var joins = 0
+    /// Join requests sent to the bus: a tick's joins of one room from one resume point go as one.
+    var busJoins = 0
     /// Replayed messages written; live ones are counted by the room table.
     var deliveries = 0
     var bytesOut = 0

@@ -587,6 +587,81 @@ def test_leave_stops_delivery_and_lowers_members(make_gateway):
     run_async(main(), 40)
 
 
+async def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of a process sent SIGSTOP is stopped (kill(2) returns before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+def test_a_burst_of_joins_of_one_room_goes_to_the_bus_as_one_request(make_gateway):
+    """Joins of one room that reach a worker in one loop tick (here: sent while the worker
+    is stopped, so they are all readable when it goes on) reach the bus as one request.
+    Every joiner gets that answer: the same seq and epoch, and a count that includes them
+    all; then every message, and leaving still lowers the count."""
+    gw = make_gateway(workers=1, env=FAST, metrics=True)
+    room, n = "storm", 30
+
+    def counted(name: str) -> float:
+        return scrape(gw).sum(name, role="worker")
+
+    async def main():
+        await wait_bus_ready(gw)
+        # The probe's join, once the worker reported it (stats come with its heartbeat).
+        deadline = time.monotonic() + 10
+        while counted("chatgw_joins_total") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.2)
+        joins_before, bus_joins_before = counted("chatgw_joins_total"), counted("chatgw_bus_joins_total")
+        opened = await open_many(gw, n, user_prefix="s")
+        conns = opened.conns
+        assert len(conns) == n, opened.errors
+        try:
+            worker = gw.workers_by_slot()[0]
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await wait_stopped(worker)
+                await asyncio.gather(*(send_json(ws, {"type": "join", "room": room}) for ws in conns))
+                await asyncio.sleep(0.3)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            answers = [await recv_json(ws, 10) for ws in conns]
+            assert all(a.get("type") == "joined" for a in answers), answers
+            assert {(a["seq"], a["epoch"]) for a in answers} == {(answers[0]["seq"], answers[0]["epoch"])}, answers
+            assert {a["members"] for a in answers} == {n}, f"members in the answers: {sorted(a['members'] for a in answers)}"
+
+            deadline = time.monotonic() + 10
+            while counted("chatgw_joins_total") < joins_before + n and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert counted("chatgw_joins_total") == joins_before + n
+            bus_joins = counted("chatgw_bus_joins_total") - bus_joins_before
+            assert bus_joins == 1, f"{bus_joins:.0f} bus join requests for {n} joins of one room in one tick"
+
+            await send_many(conns[0], room, ["after-the-burst"], "b")
+            for ws in conns[1:]:
+                m = await recv_json(ws, 5)
+                assert m.get("type") == "message" and m.get("text") == "after-the-burst", m
+
+            await asyncio.gather(*(send_json(ws, {"type": "leave", "room": room}) for ws in conns[: n // 2]))
+            for ws in conns[: n // 2]:
+                assert (await recv_json(ws, 5)).get("type") == "left"
+            late, _ = await connect_hello(gw, "late")
+            conns.append(late)
+            joined, _ = await join_room(late, room)
+            assert joined.get("members") == n - n // 2 + 1, f"after {n // 2} of {n} left, a new member sees {joined}"
+        finally:
+            await close_all(conns)
+
+    run_async(main(), 60)
+
+
 # 7 ---------------------------------------------------------------------------
 
 

@@ -261,7 +261,7 @@ final class SessionHandler: ChannelInboundHandler {
             case .askBus:
                 break
             }
-            worker.bus.join(room: room, since: request.since, epoch: request.epoch, history: request.history, members: 1) { [self] result in
+            worker.join(room: room, since: request.since, epoch: request.epoch, history: request.history) { [self] result in
                 answered(request, result)
             }
         }
@@ -275,7 +275,7 @@ final class SessionHandler: ChannelInboundHandler {
         switch rooms.busAnswered(room, attempt: request.attempt, succeeded: answer != nil, needsArchive: needsArchive,
                                  mayWaitMore: request.deadline > .now()) {
         case .undo:
-            worker.bus.leave(room: room, members: 1)
+            worker.leave(room)
         case .drop:
             break
         case .askAgain:
@@ -537,6 +537,6 @@ final class SessionHandler: ChannelInboundHandler {
     /// Out of the room table and the bus's count.
     private func quit(_ room: String) {
         worker.rooms.remove(self, from: room)
-        worker.bus.leave(room: room, members: 1)
+        worker.leave(room)
     }
 }
