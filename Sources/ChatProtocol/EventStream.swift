@@ -121,10 +121,11 @@ public struct StreamPosition: Sendable, Equatable {
     /// Reads an event id. Every entry must be `room/epoch/seq` with a valid room name, an
     /// epoch of 1 to 64 characters and a seq >= 0, each room once; anything else is
     /// `bad_json` naming the id. An empty id is no position.
-    public static func parse(_ id: Substring) -> Result<StreamPosition, ProtocolError> {
+    /// `field`: what the client called it, for the error (a WebSocket URL's is `resume`).
+    public static func parse(_ id: Substring, field: String = "Last-Event-ID") -> Result<StreamPosition, ProtocolError> {
         var position = StreamPosition()
         guard !id.isEmpty else { return .success(position) }
-        let refusal = ProtocolError(.badJSON, "Last-Event-ID \"\(id.prefix(200))\" is not room/epoch/seq,... as this server writes it")
+        let refusal = ProtocolError(.badJSON, "\(field) \"\(id.prefix(200))\" is not room/epoch/seq,... as this server writes it")
         for entry in id.split(separator: ",", omittingEmptySubsequences: false) {
             let parts = entry.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 3, Names.isValidRoom(String(parts[0])), (1...64).contains(parts[1].utf8.count),
@@ -147,11 +148,13 @@ public struct EventStreamRequest: Sendable, Equatable {
     public var requests: [Result<ClientMessage, ProtocolError>]
 
     /// `history`: the `?history=` value, the history of rooms joined without a position.
-    public static func decode(rooms: Substring?, lastEventID: Substring?, history: Substring?) -> EventStreamRequest {
+    /// `resumeField`: what the client called the position, for its error.
+    public static func decode(rooms: Substring?, lastEventID: Substring?, history: Substring?,
+                              resumeField: String = "Last-Event-ID") -> EventStreamRequest {
         var requests: [Result<ClientMessage, ProtocolError>] = []
         var position = StreamPosition()
         if let lastEventID {
-            switch StreamPosition.parse(lastEventID) {
+            switch StreamPosition.parse(lastEventID, field: resumeField) {
             case .success(let parsed): position = parsed
             case .failure(let refusal): requests.append(.failure(refusal))
             }

@@ -51,8 +51,8 @@ enum ConnectionPipeline {
                 if selected.isEcho { return channel.eventLoop.makeSucceededFuture(.accept(headers, user: nil)) }
                 return Identity.decide(head, target: target, accepted: headers, origins: origins, verifier: verifier, on: channel.eventLoop)
             },
-            configure: { channel, selected, user in
-                try addWebSocketStages(to: channel, endpoint: selected, user: user, worker: worker)
+            configure: { channel, selected, user, target in
+                try addWebSocketStages(to: channel, endpoint: selected, user: user, target: target, worker: worker)
             },
             makeHTTPHandler: { refusal in HTTPHandler(worker: worker, refusal: refusal) }
         )
@@ -71,7 +71,8 @@ enum ConnectionPipeline {
 
     /// After the 101: frame decoder -> frame rules and aggregation -> WebSocket duties and
     /// UTF-8 check -> the session (or, on /echo, the echo).
-    private static func addWebSocketStages(to channel: any Channel, endpoint: Endpoint, user: AuthorizedUser?, worker: Worker) throws {
+    private static func addWebSocketStages(to channel: any Channel, endpoint: Endpoint, user: AuthorizedUser?, target: RequestTarget,
+                                           worker: Worker) throws {
         let pipeline = channel.pipeline.syncOperations
         try pipeline.addHandler(ByteToMessageHandler(WebSocketFrameDecoder(maxFrameSize: endpoint.maxMessageBytes)))
         try pipeline.addHandler(FrameRuleChecker(aggregator: NIOWebSocketFrameAggregator(
@@ -80,6 +81,8 @@ enum ConnectionPipeline {
         try pipeline.addHandler(webSocket)
         guard !endpoint.isEcho else { return try pipeline.addHandler(EchoHandler()) }
         guard let user else { throw ChannelError.inappropriateOperationForState }
-        try pipeline.addHandler(SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .webSocket(webSocket), worker: worker))
+        let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .webSocket(webSocket), worker: worker)
+        session.openingJoins = target.openingJoins
+        try pipeline.addHandler(session)
     }
 }

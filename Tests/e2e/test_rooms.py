@@ -39,6 +39,7 @@ from chatgw_e2e.ws import (
     run_async,
     send_json,
     send_message,
+    ws_connect,
 )
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "100000", "CHATGW_LIMITS_BURST": "100000"}
@@ -660,6 +661,61 @@ def test_a_burst_of_joins_of_one_room_goes_to_the_bus_as_one_request(make_gatewa
             await close_all(conns)
 
     run_async(main(), 60)
+
+
+def test_rooms_in_the_url_are_joined_after_hello(make_gateway):
+    """`/ws?rooms=a,b&history=N` (docs/PROTOCOL.md "Joining in the URL"): `hello`, then each
+    room joined as a `join` would be (an error for a bad name, the others joined all the
+    same, with their history); `resume=room/epoch/seq` resumes where a connection left off."""
+    gw = make_gateway(workers=2, env=FAST)
+
+    async def main():
+        await wait_bus_ready(gw)
+        pub, _ = await connect_hello(gw, "pub")
+        conns = [pub]
+        try:
+            await join_room(pub, "url-a")
+            await join_room(pub, "url-b")
+            await send_many(pub, "url-a", ["a1", "a2", "a3"], "pa")
+            await send_many(pub, "url-b", ["b1"], "pb")
+
+            viewer = await ws_connect(gw, path="/ws?user=viewer&rooms=url-a,bad%20room,url-b&history=2")
+            conns.append(viewer)
+            hello = await recv_json(viewer)
+            assert hello.get("type") == "hello" and hello.get("user") == "viewer", hello
+            frames = [await recv_json(viewer) for _ in range(6)]
+            errors = [f for f in frames if f.get("type") == "error"]
+            assert [(e.get("code"), e.get("room")) for e in errors] == [("bad_room", "bad room")], frames
+            for room, texts in (("url-a", ["a2", "a3"]), ("url-b", ["b1"])):
+                mine = [f for f in frames if f.get("room") == room]
+                assert mine and mine[0].get("type") == "joined" and "ref" not in mine[0], frames
+                assert [f.get("text") for f in mine[1:]] == texts, f"{room}: {frames}"
+            last_a = [f for f in frames if f.get("room") == "url-a"][-1]
+
+            await send_many(viewer, "url-b", ["from the url member"], "v")
+            got = await recv_json(pub, 5)
+            assert got.get("type") == "message" and got.get("text") == "from the url member", got
+
+            await close_all([viewer])
+            await send_many(pub, "url-a", ["a4", "a5"], "pa2")
+            back = await ws_connect(gw, path=f"/ws?user=viewer&resume=url-a/{last_a['epoch']}/{last_a['seq']}")
+            conns.append(back)
+            assert (await recv_json(back)).get("type") == "hello"
+            joined = await recv_json(back)
+            assert joined.get("type") == "joined" and joined.get("room") == "url-a" and joined.get("seq") == last_a["seq"] + 2, joined
+            replay = [await recv_json(back) for _ in range(2)]
+            assert [(m.get("text"), m.get("seq")) for m in replay] == [("a4", last_a["seq"] + 1), ("a5", last_a["seq"] + 2)], replay
+
+            odd = await ws_connect(gw, path="/ws?user=odd&rooms=url-b&resume=url-a/nonsense")
+            conns.append(odd)
+            assert (await recv_json(odd)).get("type") == "hello"
+            refused, joined = await recv_json(odd), await recv_json(odd)
+            assert refused.get("type") == "error" and refused.get("code") == "bad_json" and "resume" in refused.get("message", ""), refused
+            assert joined.get("type") == "joined" and joined.get("room") == "url-b", joined
+        finally:
+            await close_all(conns)
+
+    run_async(main(), 40)
 
 
 # 7 ---------------------------------------------------------------------------

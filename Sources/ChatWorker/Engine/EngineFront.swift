@@ -99,7 +99,7 @@ final class EngineFront: LoopApplication {
         let config = worker.settings.config
         switch Identity.authorizeAtOnce(origin: origin, target: target, origins: config.server.originList, verifier: worker.verifier) {
         case .success(let user)?:
-            startSession(fd, user: user, request: request, in: b)
+            startSession(fd, user: user, request: request, in: b, opening: target.openingJoins)
         case .failure?:
             handOff(fd, bytes: b)
         case nil:
@@ -107,14 +107,15 @@ final class EngineFront: LoopApplication {
             guard let verifier = worker.verifier, let token = Identity.token(target: target, authorization: authorization) else {
                 return handOff(fd, bytes: b)
             }
-            verify(token, with: verifier, fd: fd, request: request, head: Array(b[..<request.headLength]))
+            verify(token, with: verifier, fd: fd, request: request, head: Array(b[..<request.headLength]), opening: target.openingJoins)
         }
     }
 
     /// Auth mode `jwt`: the request waits (what the client sends meanwhile kept unread)
     /// while the token is verified off the loop; then the 101, or NIO's path answers the
     /// refusal.
-    private func verify(_ token: String, with verifier: TokenVerifier, fd: Int32, request: UpgradeRequest, head: [UInt8]) {
+    private func verify(_ token: String, with verifier: TokenVerifier, fd: Int32, request: UpgradeRequest, head: [UInt8],
+                        opening: [Result<ClientMessage, ProtocolError>]) {
         loop.decideLater(fd)
         let generation = generations[Int(fd)]
         let promise = eventLoop.makePromise(of: Result<AuthorizedUser, AuthRefusal>.self)
@@ -127,7 +128,7 @@ final class EngineFront: LoopApplication {
                     bytes.writeBytes(loop.keptInput(fd))
                     return bytes.withUnsafeReadableBytes { handOff(fd, bytes: $0) }
                 }
-                startSession(fd, user: user, request: request, in: b)
+                startSession(fd, user: user, request: request, in: b, opening: opening)
             }
             loop.resumeInput(fd)
             loop.endTurn()
@@ -135,8 +136,9 @@ final class EngineFront: LoopApplication {
     }
 
     /// The 101 and the session's `hello` in one write (one segment, and one wake-up of
-    /// the client, instead of two).
-    private func startSession(_ fd: Int32, user: AuthorizedUser, request: UpgradeRequest, in b: UnsafeRawBufferPointer) {
+    /// the client, instead of two); then the joins of its URL (`opening`).
+    private func startSession(_ fd: Int32, user: AuthorizedUser, request: UpgradeRequest, in b: UnsafeRawBufferPointer,
+                              opening: [Result<ClientMessage, ProtocolError>]) {
         let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .engine(fd), worker: worker)
         let hello = session.helloFrame()
         let upgraded = hello.withUnsafeReadableBytes {
@@ -148,6 +150,7 @@ final class EngineFront: LoopApplication {
         let watched = session.startOnEngine()
         activity = watched.log
         loop.conns[Int(fd)].index = Int32(watched.row)
+        session.handleOpening(opening)
     }
 
     private func opened(_ fd: Int32, kind: UInt8) {

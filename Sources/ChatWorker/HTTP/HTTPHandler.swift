@@ -236,6 +236,16 @@ struct RequestTarget {
     }
 }
 
+extension RequestTarget {
+    /// `/ws?rooms=a,b[&history=N][&resume=room/epoch/seq,...]`: the joins a WebSocket client
+    /// asked for in its URL, read as `GET /sse` reads its own (docs/PROTOCOL.md "Joining in
+    /// the URL"), and handled right after `hello` as if the client had sent them.
+    var openingJoins: [Result<ClientMessage, ProtocolError>] {
+        guard query["rooms"] != nil || query["resume"] != nil else { return [] }
+        return EventStreamRequest.decode(rooms: query["rooms"], lastEventID: query["resume"], history: query["history"], resumeField: "resume").requests
+    }
+}
+
 extension Substring {
     /// Decodes %XX escapes (and + as space); a malformed escape is kept as it is.
     var removingPercentEncoding: Substring {

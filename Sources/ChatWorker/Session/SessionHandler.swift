@@ -86,6 +86,8 @@ final class SessionHandler: ChannelInboundHandler {
             preconditionFailure("an engine session is started with startOnEngine()")
         }
         sayHello()
+        handleOpening(openingJoins)
+        openingJoins = []
     }
 
     /// The `hello` frame of a session on the engine, which writes it with the 101.
@@ -118,6 +120,17 @@ final class SessionHandler: ChannelInboundHandler {
     func open(with requests: [Result<ClientMessage, ProtocolError>]) {
         guard !closing else { return }
         position = StreamPosition(resuming: requests)
+        handleOpening(requests)
+    }
+
+    /// The joins of a WebSocket client's URL (`RequestTarget.openingJoins`), handled as if
+    /// they had come right after `hello`.
+    var openingJoins: [Result<ClientMessage, ProtocolError>] = []
+
+    /// Requests the connection's own request carried, handled as if they had come after
+    /// `hello`; a refused one is answered with its error.
+    func handleOpening(_ requests: [Result<ClientMessage, ProtocolError>]) {
+        guard !requests.isEmpty, !closing else { return }
         for request in requests {
             switch request {
             case .success(let request): handle(request)

@@ -25,8 +25,9 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
     struct Policy {
         var endpoint: (Substring) -> Endpoint?
         var decide: (Channel, HTTPRequestHead, RequestTarget, Endpoint) -> EventLoopFuture<UpgradeDecision>
-        /// Adds the WebSocket stages once the 101 is written, for the accepted user.
-        var configure: (Channel, Endpoint, AuthorizedUser?) throws -> Void
+        /// Adds the WebSocket stages once the 101 is written, for the accepted user (and the
+        /// request's target: the joins in its URL).
+        var configure: (Channel, Endpoint, AuthorizedUser?, RequestTarget) throws -> Void
         /// The plain HTTP handler; it answers the first request with the refusal, if any.
         var makeHTTPHandler: (ProtocolError?) -> HTTPHandler
     }
@@ -40,6 +41,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
 
     private struct Upgrade {
         var head: HTTPRequestHead
+        var target: RequestTarget
         var endpoint: Endpoint
         /// The response's headers once accepted (Upgrade, Connection, Sec-WebSocket-Accept, ...).
         var accepted: HTTPHeaders?
@@ -69,7 +71,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
             guard Self.asksForWebSocket(head) else { return continueAsHTTP(context: context, replaying: [part]) }
             let target = RequestTarget(head.uri)
             guard let endpoint = policy.endpoint(target.path) else { return continueAsHTTP(context: context, replaying: [part]) }
-            state = .upgrading(Upgrade(head: head, endpoint: endpoint))
+            state = .upgrading(Upgrade(head: head, target: target, endpoint: endpoint))
             decide(context: context, head: head, target: target, endpoint: endpoint)
         case (.upgrading(var upgrade), .end):
             upgrade.endSeen = true
@@ -145,7 +147,7 @@ final class FirstRequestHandler: ChannelInboundHandler, RemovableChannelHandler 
         // Not flushed yet: the session's hello goes out in the same write(2).
         context.write(wrapOutboundOut(response), promise: nil)
         do {
-            try policy.configure(context.channel, upgrade.endpoint, upgrade.user)
+            try policy.configure(context.channel, upgrade.endpoint, upgrade.user, upgrade.target)
             context.flush()
             let pipeline = context.pipeline.syncOperations
             let decoder = try pipeline.context(handlerType: ByteToMessageHandler<HTTPRequestDecoder>.self)
