@@ -63,6 +63,9 @@ struct CommonOptions: ParsableArguments {
 
     @Option(help: "--transport sse: the event stream's path.")
     var ssePath = "/sse"
+
+    @Flag(help: "chatgw WebSocket members name their room in the URL (/ws?rooms=R, protocol v1.2) instead of sending a join after hello: connect and join in one round trip, as nchan's members do.")
+    var joinInURL = false
 }
 
 /// A fan-out's steps, alike in `fanout` and its presets.

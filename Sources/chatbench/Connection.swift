@@ -175,6 +175,10 @@ final class BenchConnection {
                 request.append(contentsOf: "?user=".utf8)
                 request.append(contentsOf: spec.userPrefix.utf8)
                 Scan.appendDecimal(&request, index)
+                if spec.joinInURL && mode == .member {
+                    request.append(contentsOf: "&rooms=".utf8)
+                    request.append(contentsOf: shard.roomNames[room])
+                }
             } else {
                 request.append(contentsOf: (publishOnly ? spec.pubPath : spec.path).utf8)
                 request.append(contentsOf: "?room=".utf8)
@@ -560,6 +564,7 @@ final class BenchConnection {
         case .member, .churn:
             guard !sse else { return }  // a stream joined by its URL, and cannot send
             awaitingJoin = true
+            if mode == .member && shard.spec.joinInURL { return }  // joined by its URL too
             sendJSON(shard.joinRequests[room])
         }
     }

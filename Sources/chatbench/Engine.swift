@@ -33,6 +33,8 @@ struct Spec: Codable {
     /// stream, instead of a WebSocket (publishers stay WebSocket members and `send`).
     var sse = false
     var ssePath = "/sse"
+    /// `--join-in-url`: WebSocket members join their room by `path?rooms=R` (no `join` frame).
+    var joinInURL = false
     /// `--stalled`: members stalledFrom..<stalledFrom + stalledCount stop reading when the first step starts.
     var stalledFrom = 0
     var stalledCount = 0

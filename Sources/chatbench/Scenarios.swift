@@ -194,6 +194,7 @@ struct Context {
             textBytes: textBytes, threads: common.threads, concurrency: max(1, common.concurrency / processes),
             connectTimeoutMs: common.connectTimeoutMs, processIndex: 0, processCount: processes,
             nchan: nchan, pubPath: common.nchanPubPath, sse: common.transport == "sse", ssePath: common.ssePath)
+        spec.joinInURL = common.joinInURL && !nchan && common.transport == "websocket"
         spec.stalledFrom = total - stalled
         spec.stalledCount = stalled
         let monitor = Monitor(serverPid: common.serverPid, stateDir: common.stateDir, quiet: common.quiet)
@@ -330,7 +331,7 @@ enum Scenarios {
         func roles(_ m: [String: MemoryKB]) -> JSON { m.mapValues { ["rss_kb": $0.rssKB, "pss_kb": $0.pssKB] } }
         var result: JSON = [
             "scenario": "idle",
-            "params": ["connections": connections, "rooms": rooms, "settle_s": settle],
+            "params": ["connections": connections, "rooms": rooms, "settle_s": settle, "join_in_url": ctx.spec.joinInURL],
             "joined": joined, "failed": totalFailures(r), "failures": failureJSON(r),
             "setup_seconds": round3(seconds), "setups_per_s": round3(seconds > 0 ? Double(joined) / seconds : 0),
             "setup_latency": LatencySummary(r.setup).json,
@@ -341,7 +342,7 @@ enum Scenarios {
             "cpu": cpu.json, "not_closed": left,
         ]
         var summary = [
-            "idle: \(joined) of \(connections) connections joined to \(rooms) rooms in \(fmt(seconds, 2)) s, \(totalFailures(r)) failed\(kindsText(r))",
+            "idle: \(joined) of \(connections) connections joined to \(rooms) rooms\(ctx.spec.joinInURL ? " (rooms in the URL)" : "") in \(fmt(seconds, 2)) s, \(totalFailures(r)) failed\(kindsText(r))",
         ]
         if let held {
             let c = held.counters
