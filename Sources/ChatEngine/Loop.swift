@@ -41,9 +41,6 @@ public struct LoopConfig: Sendable {
     public var maxQueuedBytes = 256 * 1024
     /// Read a new connection's request right after accept (listener with TCP_DEFER_ACCEPT).
     public var readOnAccept = false
-    /// Set TCP_NODELAY on each accepted socket (rather than count on inheriting it from the
-    /// listener: with deferred accept one accepted socket of many was seen without it).
-    public var noDelay = false
     public init() {}
 }
 
@@ -213,10 +210,6 @@ public final class Loop {
             }
             guard Int(fd) < capacity else { close(fd); continue }
             counters.accepted += 1
-            if config.noDelay {
-                var one: Int32 = 1
-                setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
-            }
             conns[Int(fd)] = Connection(state: Connection.http)
             if config.readOnAccept { readable(fd) }
             // Edge-triggered ADD reports what is already pending, so nothing read above

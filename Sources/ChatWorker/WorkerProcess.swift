@@ -121,6 +121,11 @@ enum Listener {
             // the loop reads it right away: no turn that only registers it.
             var deferSeconds: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_DEFER_ACCEPT, &deferSeconds, 4)
+            // Accepted sockets inherit it, as they do from NIO's listener: no setsockopt per
+            // connection. (Before, nothing set it on the listener in this mode, and an accepted
+            // socket was once found without it.)
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             listen(fd, Int32(config.server.backlog))
             let host = try loop.submit {

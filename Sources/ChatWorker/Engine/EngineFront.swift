@@ -61,7 +61,6 @@ final class EngineFront: LoopApplication {
     static func loopConfig(_ gateway: GatewayConfig) -> LoopConfig {
         var config = LoopConfig()
         config.readOnAccept = true
-        config.noDelay = true
         config.maxQueuedBytes = max(4 * gateway.limits.outboundBufferBytes,
                                     gateway.conformance.echo ? 2 * gateway.conformance.maxMessageBytes : 0)
         return config
