@@ -1,4 +1,3 @@
-import Foundation
 import NIOCore
 
 /// A request's JSON object with typed access to its fields: the one reading of request
@@ -12,15 +11,13 @@ struct RequestFields {
     /// Reads one JSON object (`what` names it in the error: "a request", "the body").
     /// Anything else, or no valid JSON at all, is `bad_json`.
     static func parse(_ bytes: ByteBuffer, what: String) -> Result<RequestFields, ProtocolError> {
-        do {
-            let value = try JSONDecoder().decode(JSONValue.self, from: Data(bytes.readableBytesView))
-            guard case .object(let fields) = value else {
-                return .failure(ProtocolError(.badJSON, "\(what) must be a JSON object"))
-            }
-            return .success(RequestFields(object: fields))
-        } catch {
+        guard let value = JSONReader.read(bytes) else {
             return .failure(ProtocolError(.badJSON, "not valid JSON"))
         }
+        guard case .object(let fields) = value else {
+            return .failure(ProtocolError(.badJSON, "\(what) must be a JSON object"))
+        }
+        return .success(RequestFields(object: fields))
     }
 
     /// The `ref` to echo in an error even when the rest of the request is bad: the same
@@ -99,29 +96,12 @@ enum HistoryLimit {
     static let standard = 50
 }
 
-/// Any JSON value, for validating requests field by field.
-enum JSONValue: Decodable, Equatable {
+/// Any JSON value, for validating requests field by field (built by `JSONReader`).
+enum JSONValue: Equatable {
     case null
     case bool(Bool)
     case number(Double)
     case string(String)
     case array([JSONValue])
     case object([String: JSONValue])
-
-    init(from decoder: Decoder) throws {
-        let container = try decoder.singleValueContainer()
-        if container.decodeNil() {
-            self = .null
-        } else if let value = try? container.decode(Bool.self) {
-            self = .bool(value)
-        } else if let value = try? container.decode(Double.self) {
-            self = .number(value)
-        } else if let value = try? container.decode(String.self) {
-            self = .string(value)
-        } else if let value = try? container.decode([JSONValue].self) {
-            self = .array(value)
-        } else {
-            self = .object(try container.decode([String: JSONValue].self))
-        }
-    }
 }
