@@ -249,7 +249,8 @@ public final class Loop {
             have -= used
             if state == Connection.deciding {
                 keep(fd, scratch, have)
-                return keepWaitingInput(fd)
+                // A short read emptied the socket: nothing more to take now.
+                return r < space ? () : keepWaitingInput(fd)
             }
             if r < space { break }
         }
@@ -329,6 +330,27 @@ public final class Loop {
     @discardableResult
     public func upgrade(_ fd: Int32, _ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil,
                         followedBy first: UnsafeRawBufferPointer = UnsafeRawBufferPointer(start: nil, count: 0)) -> Bool {
+        let n = writeSwitchingHead(request, in: bytes, subprotocol: subprotocol)
+        return sendOpening(fd, headLength: n, followedBy: first)
+    }
+
+    /// The 101 `upgrade` would answer, for an answer that waits (`decideLater`) and is sent
+    /// with `open` once the frames that go with it are there.
+    public func upgradeHead(_ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil) -> [UInt8] {
+        let n = writeSwitchingHead(request, in: bytes, subprotocol: subprotocol)
+        return Array(UnsafeRawBufferPointer(start: response, count: n))
+    }
+
+    /// Sends a deciding connection its `upgradeHead` and `first` in one write and opens it
+    /// (then `resumeInput`); false (and the connection doomed) as `upgrade`.
+    @discardableResult
+    public func open(_ fd: Int32, head: UnsafeRawBufferPointer, followedBy first: UnsafeRawBufferPointer) -> Bool {
+        response.copyMemory(from: head.baseAddress!, byteCount: head.count)
+        return sendOpening(fd, headLength: head.count, followedBy: first)
+    }
+
+    /// The 101 for `request` into `response`; its length.
+    private func writeSwitchingHead(_ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString?) -> Int {
         let head = Self.switching
         var n = head.utf8CodeUnitCount
         response.copyMemory(from: head.utf8Start, byteCount: n)
@@ -340,7 +362,12 @@ public final class Loop {
             n += subprotocol.utf8CodeUnitCount
         }
         response.storeBytes(of: 0x0A0D_0A0D, toByteOffset: n, as: UInt32.self)  // "\r\n\r\n"
-        n += 4
+        return n + 4
+    }
+
+    /// Sends the head in `response` and `first` in one write; the connection is open.
+    private func sendOpening(_ fd: Int32, headLength: Int, followedBy first: UnsafeRawBufferPointer) -> Bool {
+        var n = headLength
         var out = response
         if first.count > 0 {
             if n + first.count <= Self.responseCapacity {
@@ -354,10 +381,15 @@ public final class Loop {
         }
         defer { if out != response { Glibc.free(out) } }
         let sent = send(fd, out, n, Int32(MSG_NOSIGNAL))
-        guard sent == n else { doom(fd); return false }  // a fresh socket takes a few hundred bytes
+        guard sent >= headLength else { doom(fd); return false }  // a fresh socket takes a few hundred bytes
         counters.handshakes += 1
         conns[Int(fd)].state = Connection.open
-        return true
+        if sent < n {
+            // Frames beyond what a fresh socket takes (a long replay): queued, sent on EPOLLOUT.
+            counters.queued += 1
+            enqueue(fd, out + sent, n - sent, limit: config.maxQueuedBytes)
+        }
+        return conns[Int(fd)].state == Connection.open
     }
 
     /// Leaves the request unanswered for now: the application answers later, outside the
@@ -376,7 +408,9 @@ public final class Loop {
         let used = application.input(self, fd: fd, p, count)
         if conns[Int(fd)].state == Connection.open && used < count { keep(fd, p + used, count - used) }
         Glibc.free(p)
-        if conns[Int(fd)].state == Connection.open { readable(fd) }
+        // Every readiness edge while deciding was read to EAGAIN (`keepWaitingInput`) unless
+        // it stopped at a head's worth: only then can the socket hold more.
+        if conns[Int(fd)].state == Connection.open && count >= UpgradeParser.maxHead { readable(fd) }
     }
 
     /// What a deciding connection sent after its request head, unread so far (valid until
