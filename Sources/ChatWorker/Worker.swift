@@ -213,10 +213,14 @@ final class Worker: BusDelegate {
         .now() + .milliseconds(Int64(settings.config.bus.outageWaitMs))
     }
 
+    /// The bus is reachable and every room is resynced after an outage: a join now goes
+    /// to the bus at once.
+    var isBusReady: Bool { bus.isAvailable && resyncsUnanswered == 0 }
+
     /// Runs `proceed(true)` once the bus is reachable (at once if it is), or
     /// `proceed(false)` when `deadline` passes first.
     func whenBusAvailable(until deadline: NIODeadline, _ proceed: @escaping (Bool) -> Void) {
-        if bus.isAvailable && resyncsUnanswered == 0 { return proceed(true) }
+        if isBusReady { return proceed(true) }
         guard deadline > .now() else { return proceed(false) }
         waitingForBus.add(proceed, until: deadline)
     }

@@ -7,8 +7,10 @@ Black-box: the binary (CHATGW_BIN), WebSocket clients, ps and signals.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import time
 from collections import Counter
 
@@ -16,7 +18,7 @@ import pytest
 
 from chatgw_e2e.ops import scrape
 from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
-from chatgw_e2e.raw import RawWS
+from chatgw_e2e.raw import RawWS, upgrade_request
 from chatgw_e2e.rooms import (
     Inbox,
     assert_quiet_until_pong,
@@ -714,6 +716,70 @@ def test_rooms_in_the_url_are_joined_after_hello(make_gateway):
             assert joined.get("type") == "joined" and joined.get("room") == "url-b", joined
         finally:
             await close_all(conns)
+
+    run_async(main(), 40)
+
+
+def test_rooms_in_the_url_come_with_the_101_on_the_epoll_engine(make_gateway):
+    """With its room in the URL and the bus up, the epoll engine holds a connection's 101
+    until the join is answered: 101, hello, joined and the history arrive in one write, so
+    the client's first read has them all (one round trip to a room's content)."""
+    if os.environ.get("CHATGW_E2E_ENGINE", "epoll") != "epoll":
+        pytest.skip("the nio engine answers the 101 at once")
+    gw = make_gateway(workers=1, env=FAST)
+
+    async def main():
+        await wait_bus_ready(gw)
+        pub, _ = await connect_hello(gw, "pub")
+        try:
+            await join_room(pub, "held")
+            await send_many(pub, "held", ["h1", "h2", "h3"], "h")
+        finally:
+            await close_all([pub])
+
+    run_async(main(), 30)
+    with socket.create_connection((gw.host, gw.port), timeout=5) as client:
+        client.sendall(upgrade_request(gw, "/ws?user=raw&rooms=held&history=2"))
+        first = client.recv(1 << 16)
+    head, _, rest = first.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), first[:200]
+    frames = []
+    while rest:
+        assert rest[0] == 0x81, f"not a text frame: {rest[:20]!r}"
+        length, start = rest[1], 2
+        if length == 126:
+            length, start = int.from_bytes(rest[2:4], "big"), 4
+        frames.append(json.loads(rest[start:start + length]))
+        rest = rest[start + length:]
+    assert [f.get("type") for f in frames] == ["hello", "joined", "message", "message"], f"the first read: {frames}"
+    assert [f.get("text") for f in frames[2:]] == ["h2", "h3"], frames
+
+
+def test_a_held_101_does_not_wait_for_a_bus_that_does_not_answer(make_gateway):
+    """The 101 of a connection with rooms in its URL waits for the joins' answers only so
+    long (250 ms): with the relay stopped, hello still comes at once, and joined once the
+    relay goes on."""
+    gw = make_gateway(workers=1, env=FAST)
+
+    async def main():
+        await wait_bus_ready(gw)
+        relay = gw.relay_pid()
+        os.kill(relay, signal.SIGSTOP)
+        try:
+            await wait_stopped(relay)
+            started = time.monotonic()
+            ws = await ws_connect(gw, path="/ws?user=waiter&rooms=stalled-bus", timeout=5)
+            hello = await recv_json(ws, 5)
+            waited = time.monotonic() - started
+            assert hello.get("type") == "hello", hello
+            assert waited < 2.0, f"hello after {waited:.2f} s with the relay stopped"
+        finally:
+            os.kill(relay, signal.SIGCONT)
+        try:
+            joined = await recv_json(ws, 10)
+            assert joined.get("type") == "joined" and joined.get("room") == "stalled-bus", joined
+        finally:
+            await close_all([ws])
 
     run_async(main(), 40)
 

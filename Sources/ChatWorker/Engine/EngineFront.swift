@@ -135,21 +135,94 @@ final class EngineFront: LoopApplication {
     }
 
     /// The 101 and the session's `hello` in one write (one segment, and one wake-up of
-    /// the client, instead of two); then the joins of its URL (`opening`).
+    /// the client, instead of two); then the joins of its URL (`opening`). While the bus is
+    /// up, the 101 waits for those joins' answers (`HeldUpgrade`), so that hello, joined and
+    /// the replay go out with it.
     private func startSession(_ fd: Int32, user: AuthorizedUser, request: UpgradeRequest, in b: UnsafeRawBufferPointer,
                               opening: [Result<ClientMessage, ProtocolError>]) {
         let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .engine(fd), worker: worker)
         let hello = session.helloFrame()
-        let upgraded = hello.withUnsafeReadableBytes {
-            loop.upgrade(fd, request, in: b, subprotocol: Self.subprotocol(request, b), followedBy: $0)
+        let subprotocol = Self.subprotocol(request, b)
+        guard !opening.isEmpty, worker.isBusReady else {
+            let upgraded = hello.withUnsafeReadableBytes { loop.upgrade(fd, request, in: b, subprotocol: subprotocol, followedBy: $0) }
+            guard upgraded else { return }
+            start(session, fd)
+            return session.handleOpening(opening)
         }
-        guard upgraded else { return }
+        held[fd] = HeldUpgrade(head: loop.upgradeHead(request, in: b, subprotocol: subprotocol), frames: hello)
+        starting = fd
+        defer { starting = -1 }
+        start(session, fd)
+        session.handleOpening(opening)
+        guard held[fd] != nil else { return }  // sent already (the session was closed meanwhile)
+        guard session.awaitsJoins else { return release(fd) }
+        loop.decideLater(fd)
+        held[fd]!.until = .now() + Self.holdLimit
+        sweepHeldLater()
+    }
+
+    /// One timer for every held 101 rather than one per connection (each would re-arm the
+    /// loop's timer): it lets go of those held past `holdLimit`, then waits for the next.
+    private func sweepHeldLater() {
+        guard holdSweep == nil, let next = held.values.lazy.map(\.until).min() else { return }
+        holdSweep = eventLoop.assumeIsolated().scheduleTask(deadline: next) { [self] in
+            holdSweep = nil
+            let now = NIODeadline.now()
+            for (fd, upgrade) in held where upgrade.until <= now { release(fd) }
+            sweepHeldLater()
+        }
+    }
+
+    private func start(_ session: SessionHandler, _ fd: Int32) {
         opened(fd, kind: Self.chat)
         sessions[Int(fd)] = session
         let watched = session.startOnEngine()
         activity = watched.log
         loop.conns[Int(fd)].index = Int32(watched.row)
-        session.handleOpening(opening)
+    }
+
+    /// A 101 that waits for the answers to the joins in the request's URL: its head, and the
+    /// frames the session wrote since (hello, then what the answers brought), all sent in
+    /// one write when the last join is answered (`joinsAnswered`). A bus that is slow to
+    /// answer does not hold it past `holdLimit`; one that is down is not waited for at all.
+    private struct HeldUpgrade {
+        var head: [UInt8]
+        var frames: ByteBuffer
+        var until = NIODeadline.distantFuture
+    }
+
+    private var held: [Int32: HeldUpgrade] = [:]
+    private var holdSweep: Scheduled<Void>?
+    /// The descriptor whose request is being answered right now (inside the loop's request
+    /// call: its input is read on by the loop itself).
+    private var starting: Int32 = -1
+    static let holdLimit = TimeAmount.milliseconds(250)
+
+    /// Sends a held 101 with the frames gathered behind it; the connection is open.
+    private func release(_ fd: Int32) {
+        guard !held.isEmpty, let upgrade = held.removeValue(forKey: fd) else { return }
+        let sent = upgrade.head.withUnsafeBytes { head in
+            upgrade.frames.withUnsafeReadableBytes { loop.open(fd, head: head, followedBy: $0) }
+        }
+        guard sent, fd != starting else { return }
+        // Not from inside the session's call that let it go: what the client sent meanwhile
+        // (nothing, if it waited for the 101) is read on the loop's next turn.
+        let generation = generations[Int(fd)]
+        eventLoop.assumeIsolated().execute { [self] in
+            guard generations[Int(fd)] == generation else { return }
+            loop.resumeInput(fd)
+            loop.endTurn()
+        }
+    }
+
+    /// A held session wrote and none of its joins waits for the bus any more.
+    func joinsAnswered(_ fd: Int32) {
+        guard fd != starting else { return }
+        release(fd)
+    }
+
+    func isHolding(_ fd: Int32) -> Bool {
+        !held.isEmpty && held[fd] != nil
     }
 
     private func opened(_ fd: Int32, kind: UInt8) {
@@ -247,6 +320,7 @@ final class EngineFront: LoopApplication {
         // Whatever waits for this connection (a token check, a close timer) is for it alone.
         generations[Int(fd)] &+= 1
         readers[Int(fd)].release()
+        held[fd] = nil
         guard let session = sessions[Int(fd)] else { return }
         sessions[Int(fd)] = nil
         session.departed()
@@ -255,6 +329,10 @@ final class EngineFront: LoopApplication {
     // MARK: for sessions
 
     func write(_ bytes: ByteBuffer, to fd: Int32) {
+        if !held.isEmpty, held[fd] != nil {
+            held[fd]!.frames.writeImmutableBuffer(bytes)
+            return
+        }
         bytes.withUnsafeReadableBytes { loop.write(fd, $0.baseAddress!, $0.count) }
     }
 
@@ -275,6 +353,7 @@ final class EngineFront: LoopApplication {
     /// Starts the close handshake (after `bye`, if given): the connection closes when the
     /// client answers, or after `WebSocketHandler.closeHandshakeTimeout`.
     func close(_ fd: Int32, code: UInt16, after bye: ByteBuffer?) {
+        release(fd)
         guard loop.conns[Int(fd)].state == Connection.open, loop.conns[Int(fd)].group == Self.open else { return }
         if let bye { write(bye, to: fd) }
         loop.sendClose(fd, code)

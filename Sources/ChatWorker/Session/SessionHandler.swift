@@ -484,8 +484,14 @@ final class SessionHandler: ChannelInboundHandler {
 
     func flush() {
         output?.flush()
+        if case .engine(let fd) = transport, worker.engine!.isHolding(fd), !rooms.isJoining {
+            worker.engine!.joinsAnswered(fd)
+        }
         checkBacklog()
     }
+
+    /// A join of this session waits for the bus (or for it to be reachable).
+    var awaitsJoins: Bool { rooms.isJoining }
 
     /// Sends `bye` and closes: a WebSocket starts the close handshake with the matching
     /// close code; an event stream first tells EventSource to wait `retryMs` before it

@@ -30,6 +30,11 @@ struct SessionRooms {
         entries.first { $0.room == room }?.state
     }
 
+    /// A join waits for the bus, or for the bus to be reachable.
+    var isJoining: Bool {
+        entries.contains { if case .joining = $0.state { true } else { false } }
+    }
+
     /// Only a joined room takes `send`s: its `joined` has been written.
     func canSend(to room: String) -> Bool {
         self[room] == .joined
