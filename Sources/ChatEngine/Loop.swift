@@ -10,6 +10,8 @@ public struct Connection {
     public var kind: UInt8 = 0
     /// Was open or deciding when doomed: the application hears of its close.
     var known = false
+    /// Wrote since its last `flush` (`writeOncePerFlush`); in the padding before `group`.
+    var wrote = false
     /// The application's: where it lists the connection (say, a room and the place in its
     /// member list).
     public var group: Int32 = -1
@@ -461,6 +463,27 @@ public final class Loop {
             return
         }
         enqueue(fd, bytes + r, length - r, limit: config.maxQueuedBytes)
+    }
+
+    /// `write` for the first write since the connection's last `flush`; later ones are
+    /// queued for that `flush` to send in one go (k frames in one tick: two sends, not k).
+    @inline(__always)
+    public func writeOncePerFlush(_ fd: Int32, _ bytes: UnsafeRawPointer, _ length: Int) {
+        let c = conns + Int(fd)
+        guard c.pointee.wrote else {
+            c.pointee.wrote = true
+            return write(fd, bytes, length)
+        }
+        if c.pointee.state == Connection.open { enqueue(fd, bytes, length, limit: config.maxQueuedBytes) }
+    }
+
+    /// Sends what the connection has queued, as much as the socket takes.
+    @inline(__always)
+    public func flush(_ fd: Int32) {
+        let c = conns + Int(fd)
+        c.pointee.wrote = false
+        guard c.pointee.outputCount > 0, c.pointee.state == Connection.open else { return }
+        flushQueue(fd)
     }
 
     /// Bytes the connection has waiting for its socket.

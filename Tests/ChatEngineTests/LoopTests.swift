@@ -148,6 +148,36 @@ import Testing
         close(slow); close(pub)
     }
 
+    /// The first write since a flush goes out; later ones wait for the flush and go out
+    /// together, in order (a member's frames of one tick: two sends, not one each).
+    @Test func writesAfterTheFirstWaitForTheFlush() {
+        let h = Harness()
+        let client = subscribers(h, 1, room: "w")[0]
+        guard let server = (0..<Int32(h.loop.capacity)).first(where: { h.loop.conns[Int($0)].state == Connection.open }) else {
+            Issue.record("no open connection on the loop")
+            return
+        }
+        func write(_ bytes: [UInt8]) { bytes.withUnsafeBytes { h.loop.writeOncePerFlush(server, $0.baseAddress!, $0.count) } }
+        func received() -> [UInt8] {
+            usleep(20_000)
+            var buffer = [UInt8](repeating: 0, count: 256)
+            let r = buffer.withUnsafeMutableBytes { recv(client, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
+            return r > 0 ? Array(buffer[..<r]) : []
+        }
+        write([1, 2, 3])
+        write([4, 5])
+        write([6])
+        #expect(h.loop.queuedBytes(server) == 3)
+        #expect(received() == [1, 2, 3])
+        h.loop.flush(server)
+        #expect(h.loop.queuedBytes(server) == 0)
+        #expect(received() == [4, 5, 6])
+        write([7])
+        #expect(h.loop.queuedBytes(server) == 0, "after a flush the first write goes straight out again")
+        #expect(received() == [7])
+        close(client)
+    }
+
     /// One that never reads is dropped once its queue passes the limit.
     @Test func slowConsumerDropped() {
         var config = LoopConfig()

@@ -484,8 +484,9 @@ final class SessionHandler: ChannelInboundHandler {
 
     func flush() {
         output?.flush()
-        if case .engine(let fd) = transport, worker.engine!.isHolding(fd), !rooms.isJoining {
-            worker.engine!.joinsAnswered(fd)
+        if case .engine(let fd) = transport {
+            worker.engine!.flush(fd)
+            if worker.engine!.isHolding(fd), !rooms.isJoining { worker.engine!.joinsAnswered(fd) }
         }
         checkBacklog()
     }
