@@ -303,13 +303,7 @@ struct JSONReader {
         guard bytes.count - position >= 4 else { throw Malformed() }
         var unit: UInt16 = 0
         for byte in bytes[position..<(position + 4)] {
-            let digit: UInt8
-            switch byte {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): digit = byte - UInt8(ascii: "0")
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = byte - UInt8(ascii: "a") + 10
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): digit = byte - UInt8(ascii: "A") + 10
-            default: throw Malformed()
-            }
+            guard let digit = HexDigit.value(byte) else { throw Malformed() }
             unit = unit << 4 | UInt16(digit)
         }
         position += 4

@@ -173,19 +173,19 @@ final class Worker: BusDelegate {
     /// end of this tick, together with the tick's other joins of the room from the same
     /// resume point (`MemberRequests`).
     func join(room: String, since: Int?, epoch: String?, history: Int, answer: @escaping MemberRequests.Answer) {
-        let first = memberRequests.isEmpty
-        memberRequests.join(.init(room: room, since: since, epoch: epoch, history: history), answer: answer)
-        if first { sendMemberRequestsAtEndOfTick() }
+        gatherMemberRequest { $0.join(.init(room: room, since: since, epoch: epoch, history: history), answer: answer) }
     }
 
     /// Tells the bus, at the end of this tick, that `room` has one member fewer here.
     func leave(_ room: String) {
-        let first = memberRequests.isEmpty
-        memberRequests.leave(room, members: 1)
-        if first { sendMemberRequestsAtEndOfTick() }
+        gatherMemberRequest { $0.leave(room, members: 1) }
     }
 
-    private func sendMemberRequestsAtEndOfTick() {
+    /// Adds a request to this tick's gathering; the first of a tick schedules the sending.
+    private func gatherMemberRequest(_ add: (inout MemberRequests) -> Void) {
+        let first = memberRequests.isEmpty
+        add(&memberRequests)
+        guard first else { return }
         eventLoop.assumeIsolated().execute { [self] in
             let gathered = memberRequests.take()
             // Joins first: a room left and joined again in one tick never shows the bus an

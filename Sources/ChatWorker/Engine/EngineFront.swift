@@ -183,7 +183,7 @@ final class EngineFront: LoopApplication {
 
     /// A 101 that waits for the answers to the joins in the request's URL: its head, and the
     /// frames the session wrote since (hello, then what the answers brought), all sent in
-    /// one write when the last join is answered (`joinsAnswered`). A bus that is slow to
+    /// one write when the last join is answered (`flush(_:awaitingJoins:)`). A bus that is slow to
     /// answer does not hold it past `holdLimit`; one that is down is not waited for at all.
     private struct HeldUpgrade {
         var head: [UInt8]
@@ -215,15 +215,6 @@ final class EngineFront: LoopApplication {
         }
     }
 
-    /// A held session wrote and none of its joins waits for the bus any more.
-    func joinsAnswered(_ fd: Int32) {
-        guard fd != starting else { return }
-        release(fd)
-    }
-
-    func isHolding(_ fd: Int32) -> Bool {
-        !held.isEmpty && held[fd] != nil
-    }
 
     private func opened(_ fd: Int32, kind: UInt8) {
         loop.conns[Int(fd)].kind = kind
@@ -342,9 +333,12 @@ final class EngineFront: LoopApplication {
     }
 
     /// The session's flush (once per tick at most for a room's members): what its writes
-    /// queued goes out in one `send`.
-    func flush(_ fd: Int32) {
+    /// queued goes out in one `send`. A held 101 goes out, with everything behind it, once
+    /// none of the session's joins waits for the bus any more.
+    func flush(_ fd: Int32, awaitingJoins: @autoclosure () -> Bool) {
         loop.flush(fd)
+        guard !held.isEmpty, held[fd] != nil, fd != starting, !awaitingJoins() else { return }
+        release(fd)
     }
 
     /// More is waiting for the socket than the outbound limit: a slow consumer.
@@ -359,7 +353,7 @@ final class EngineFront: LoopApplication {
     func ping(_ fd: Int32) {
         var frame: (UInt8, UInt8) = (0x80 | Opcode.ping, 0)
         withUnsafeBytes(of: &frame) { loop.write(fd, $0.baseAddress!, 2) }
-        flush(fd)
+        loop.flush(fd)
     }
 
     /// Starts the close handshake (after `bye`, if given): the connection closes when the
@@ -369,7 +363,7 @@ final class EngineFront: LoopApplication {
         guard loop.conns[Int(fd)].state == Connection.open, loop.conns[Int(fd)].group == Self.open else { return }
         if let bye { write(bye, to: fd) }
         loop.sendClose(fd, code)
-        flush(fd)
+        loop.flush(fd)
         loop.conns[Int(fd)].group = Self.closeSent
         let generation = generations[Int(fd)]
         eventLoop.assumeIsolated().scheduleTask(in: WebSocketHandler.closeHandshakeTimeout) { [self] in

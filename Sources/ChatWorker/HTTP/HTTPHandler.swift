@@ -296,8 +296,8 @@ extension Substring {
             let byte = source[at]
             if byte == UInt8(ascii: "+") {
                 bytes.append(UInt8(ascii: " "))
-            } else if byte == UInt8(ascii: "%"), at + 2 < source.count, let high = Self.hexValue(source[at + 1]),
-                      let low = Self.hexValue(source[at + 2]) {
+            } else if byte == UInt8(ascii: "%"), at + 2 < source.count, let high = HexDigit.value(source[at + 1]),
+                      let low = HexDigit.value(source[at + 2]) {
                 bytes.append(high << 4 | low)
                 at += 2
             } else {
@@ -306,14 +306,5 @@ extension Substring {
             at += 1
         }
         return Substring(String(decoding: bytes, as: UTF8.self))
-    }
-
-    private static func hexValue(_ byte: UInt8) -> UInt8? {
-        switch byte {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): byte - UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): byte - UInt8(ascii: "a") + 10
-        case UInt8(ascii: "A")...UInt8(ascii: "F"): byte - UInt8(ascii: "A") + 10
-        default: nil
-        }
     }
 }

@@ -485,8 +485,7 @@ final class SessionHandler: ChannelInboundHandler {
     func flush() {
         output?.flush()
         if case .engine(let fd) = transport {
-            worker.engine!.flush(fd)
-            if worker.engine!.isHolding(fd), !rooms.isJoining { worker.engine!.joinsAnswered(fd) }
+            worker.engine!.flush(fd, awaitingJoins: awaitsJoins)
         }
         checkBacklog()
     }
