@@ -193,7 +193,8 @@ final class Worker: BusDelegate {
             for (key, answers) in gathered.joins {
                 counters.busJoins += 1
                 bus.join(room: key.room, since: key.since, epoch: key.epoch, history: key.history, members: answers.count) { result in
-                    for answer in answers { answer(result) }
+                    let shared = SharedJoinFrames()
+                    for answer in answers { answer(result, shared) }
                 }
             }
             for (room, members) in gathered.leaves {

@@ -11,25 +11,25 @@ import Testing
         var requests = MemberRequests()
         var answered: [Int] = []
         for member in 0..<3 {
-            requests.join(key("live"), answer: { _ in answered.append(member) })
+            requests.join(key("live"), answer: { _, _ in answered.append(member) })
         }
         let taken = requests.take()
         #expect(taken.joins.count == 1)
         #expect(taken.joins.first?.key == key("live"))
         let snapshot = RoomSnapshot(name: "live", epoch: "e", seq: 7, members: 3)
-        for answer in taken.joins[0].answers { answer(.success(JoinResult(room: snapshot, replay: [], gap: nil))) }
+        for answer in taken.joins[0].answers { answer(.success(JoinResult(room: snapshot, replay: [], gap: nil)), SharedJoinFrames()) }
         #expect(answered == [0, 1, 2])
         #expect(requests.isEmpty)
     }
 
     @Test func joinsThatAskForDifferentThingsStayApartInTheOrderFirstAsked() {
         var requests = MemberRequests()
-        requests.join(key("b"), answer: { _ in })
-        requests.join(key("a", since: 5, epoch: "e"), answer: { _ in })
-        requests.join(key("a"), answer: { _ in })
-        requests.join(key("a", history: 10), answer: { _ in })
-        requests.join(key("b"), answer: { _ in })
-        requests.join(key("a", since: 5, epoch: "e"), answer: { _ in })
+        requests.join(key("b"), answer: { _, _ in })
+        requests.join(key("a", since: 5, epoch: "e"), answer: { _, _ in })
+        requests.join(key("a"), answer: { _, _ in })
+        requests.join(key("a", history: 10), answer: { _, _ in })
+        requests.join(key("b"), answer: { _, _ in })
+        requests.join(key("a", since: 5, epoch: "e"), answer: { _, _ in })
         let taken = requests.take()
         #expect(taken.joins.map(\.key) == [key("b"), key("a", since: 5, epoch: "e"), key("a"), key("a", history: 10)])
         #expect(taken.joins.map(\.answers.count) == [2, 2, 1, 1])

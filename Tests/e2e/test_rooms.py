@@ -38,6 +38,7 @@ from chatgw_e2e.ws import (
     open_many,
     ping_ok,
     recv_json,
+    recv_until,
     run_async,
     send_json,
     send_message,
@@ -608,15 +609,25 @@ def test_a_burst_of_joins_of_one_room_goes_to_the_bus_as_one_request(make_gatewa
     """Joins of one room that reach a worker in one loop tick (here: sent while the worker
     is stopped, so they are all readable when it goes on) reach the bus as one request.
     Every joiner gets that answer: the same seq and epoch, and a count that includes them
-    all; then every message, and leaving still lowers the count."""
+    all, with its own ref or none, then the same history (the group's frames are encoded
+    once and shared); then every message, and leaving still lowers the count."""
     gw = make_gateway(workers=1, env=FAST, metrics=True)
     room, n = "storm", 30
+    earlier = ["before-1", "before-2", "before-3"]
 
     def counted(name: str) -> float:
         return scrape(gw).sum(name, role="worker")
 
     async def main():
         await wait_bus_ready(gw)
+        pub, _ = await connect_hello(gw, "storm-pub")
+        try:
+            await join_room(pub, room)
+            await send_many(pub, room, earlier, "e")
+            await send_json(pub, {"type": "leave", "room": room})
+            await recv_until(pub, lambda m: m.get("type") == "left", 5)
+        finally:
+            await close_all([pub])
         # The probe's join, once the worker reported it (stats come with its heartbeat).
         deadline = time.monotonic() + 10
         while counted("chatgw_joins_total") < 1 and time.monotonic() < deadline:
@@ -631,14 +642,21 @@ def test_a_burst_of_joins_of_one_room_goes_to_the_bus_as_one_request(make_gatewa
             os.kill(worker, signal.SIGSTOP)
             try:
                 await wait_stopped(worker)
-                await asyncio.gather(*(send_json(ws, {"type": "join", "room": room}) for ws in conns))
+                # Every other joiner names a ref: the group's `joined` is shared only by those without.
+                await asyncio.gather(*(send_json(ws, {"type": "join", "room": room, "history": len(earlier),
+                                                      **({"ref": f"storm-{i}"} if i % 2 else {})})
+                                       for i, ws in enumerate(conns)))
                 await asyncio.sleep(0.3)
             finally:
                 os.kill(worker, signal.SIGCONT)
             answers = [await recv_json(ws, 10) for ws in conns]
             assert all(a.get("type") == "joined" for a in answers), answers
+            assert [a.get("ref") for a in answers] == [f"storm-{i}" if i % 2 else None for i in range(n)], answers
             assert {(a["seq"], a["epoch"]) for a in answers} == {(answers[0]["seq"], answers[0]["epoch"])}, answers
             assert {a["members"] for a in answers} == {n}, f"members in the answers: {sorted(a['members'] for a in answers)}"
+            for ws in conns:
+                history = [await recv_json(ws, 5) for _ in earlier]
+                assert [(m.get("type"), m.get("text")) for m in history] == [("message", t) for t in earlier], history
 
             deadline = time.monotonic() + 10
             while counted("chatgw_joins_total") < joins_before + n and time.monotonic() < deadline:

@@ -19,7 +19,8 @@ struct MemberRequests {
         var history: Int
     }
 
-    typealias Answer = (Result<JoinResult, BusError>) -> Void
+    /// A member's answer, with the frames its group shares (`SharedJoinFrames`).
+    typealias Answer = (Result<JoinResult, BusError>, SharedJoinFrames) -> Void
 
     private var order: [JoinKey] = []
     private var joins: [JoinKey: [Answer]] = [:]

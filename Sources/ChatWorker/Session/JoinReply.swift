@@ -47,8 +47,17 @@ struct JoinReply {
     /// The frames to write, given what the archive gave (`archived`: messages of the
     /// answer's gap range, oldest first; anything outside it is ignored).
     func messages(olderEpochTail: [RoomMessage] = [], archived: [RoomMessage] = []) -> [ServerMessage] {
-        var out: [ServerMessage] = [.joined(room: room, seq: answer.room.seq, epoch: answer.room.epoch, members: answer.room.members, ref: ref)]
-        out += olderEpochTail.map { .message($0) }
+        [joined] + following(olderEpochTail: olderEpochTail, archived: archived)
+    }
+
+    var joined: ServerMessage {
+        .joined(room: room, seq: answer.room.seq, epoch: answer.room.epoch, members: answer.room.members, ref: ref)
+    }
+
+    /// What follows `joined`: the same for every member whose join asked the same (`ref`
+    /// aside), given the same archive reads.
+    func following(olderEpochTail: [RoomMessage] = [], archived: [RoomMessage] = []) -> [ServerMessage] {
+        var out: [ServerMessage] = olderEpochTail.map { .message($0) }
         if let gap = answer.gap {
             if gap.from == 0 {
                 // The epoch changed; `to` says how much of the new one is lost (0: none).

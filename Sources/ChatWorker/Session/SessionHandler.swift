@@ -274,13 +274,13 @@ final class SessionHandler: ChannelInboundHandler {
             case .askBus:
                 break
             }
-            worker.join(room: room, since: request.since, epoch: request.epoch, history: request.history) { [self] result in
-                answered(request, result)
+            worker.join(room: room, since: request.since, epoch: request.epoch, history: request.history) { [self] result, shared in
+                answered(request, result, sharing: shared)
             }
         }
     }
 
-    private func answered(_ request: JoinRequest, _ result: Result<JoinResult, BusError>) {
+    private func answered(_ request: JoinRequest, _ result: Result<JoinResult, BusError>, sharing shared: SharedJoinFrames) {
         let room = request.room
         let answer = try? result.get()
         let reads = answer.flatMap { JoinReply.reads(for: $0, since: request.since, epoch: request.epoch) }
@@ -298,7 +298,7 @@ final class SessionHandler: ChannelInboundHandler {
             flush()
         case .joined:
             worker.rooms.add(self, to: room, snapshot: answer!.room)
-            sendJoin(JoinReply(room: room, answer: answer!, ref: request.ref).messages())
+            writeJoin(JoinReply(room: room, answer: answer!, ref: request.ref), sharing: shared)
             flush()
         case .fill:
             worker.rooms.add(self, to: room, snapshot: answer!.room, filling: true)
@@ -324,6 +324,17 @@ final class SessionHandler: ChannelInboundHandler {
                 worker.counters.deliveries += live.count
                 flush()
             }
+    }
+
+    /// A join's reply as the frames its group's first WebSocket member encoded; an event
+    /// stream's events carry this stream's own ids.
+    private func writeJoin(_ reply: JoinReply, sharing shared: SharedJoinFrames) {
+        if case .eventStream = transport { return sendJoin(reply.messages()) }
+        write(shared.joined(reply, allocator: Self.allocator))
+        let following = shared.following(reply, allocator: Self.allocator)
+        guard following.frames > 0 else { return }
+        worker.counters.deliveries += following.messages
+        write(following.bytes, frames: following.frames)
     }
 
     private func sendJoin(_ reply: [ServerMessage]) {
