@@ -168,8 +168,7 @@ public struct EventStreamRequest: Sendable, Equatable {
             }
         }
         var names: [String] = []
-        for name in (rooms ?? "").split(separator: ",") {
-            let room = String(name)
+        for room in roomNames(rooms ?? "") {
             guard Names.isValidRoom(room) else {
                 requests.append(.failure(ProtocolError(.badRoom, "room names are \(Names.roomRule)", room: String(room.prefix(64)))))
                 continue
@@ -182,6 +181,14 @@ public struct EventStreamRequest: Sendable, Equatable {
             requests.append(.success(.join(room: room, since: mark?.seq, epoch: mark?.epoch, history: mark == nil ? historyCount : 0, ref: nil)))
         }
         return EventStreamRequest(requests: requests)
+    }
+
+    /// The comma-separated names, empty ones skipped. ASCII is split by bytes (breaking it
+    /// into Characters was most of a URL join's reading); anything else by Characters, where
+    /// a `,` followed by a combining mark is one Character and no separator.
+    private static func roomNames(_ list: Substring) -> [String] {
+        guard list.utf8.allSatisfy({ $0 < 0x80 }) else { return list.split(separator: ",").map(String.init) }
+        return list.utf8.split(separator: UInt8(ascii: ",")).map { String(Substring($0)) }
     }
 }
 

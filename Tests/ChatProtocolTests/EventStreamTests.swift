@@ -107,6 +107,22 @@ import Testing
         #expect(request.requests[2] == .success(.join(room: "b", since: nil, epoch: nil, history: 0, ref: nil)))
     }
 
+    @Test func namesAreSplitAtCommasAsCharactersAre() {
+        let joined = { (rooms: Substring) in
+            EventStreamRequest.decode(rooms: rooms, lastEventID: nil, history: nil).requests.map { request in
+                switch request {
+                case .success(.join(let room, _, _, _, _)): room
+                case .failure(let error): "bad \(error.room ?? "")"
+                default: "other"
+                }
+            }
+        }
+        #expect(joined(",a,,b,") == ["a", "b"])
+        #expect(joined("a,é,b") == ["bad é", "a", "b"])
+        // A comma and a combining mark are one Character: no separator, one bad name.
+        #expect(joined("a,\u{301}b") == ["bad a,\u{301}b"])
+    }
+
     @Test func badIDIsReportedAndTheRoomsJoinAsWithoutOne() {
         let request = EventStreamRequest.decode(rooms: "a", lastEventID: "a/e/zz", history: nil)
         guard case .failure(let error) = request.requests.first else {

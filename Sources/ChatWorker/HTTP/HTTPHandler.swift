@@ -256,7 +256,8 @@ struct RequestTarget {
             return table
         }
 
-        private func forEachPair(_ body: (Substring, Substring) -> Void) {
+        /// Every `key=value` pair in order, the value as it is in the URL (not decoded).
+        func forEachPair(_ body: (Substring, Substring) -> Void) {
             var rest = raw
             while !rest.isEmpty {
                 let end = rest.utf8.firstIndex(of: UInt8(ascii: "&")) ?? rest.endIndex
@@ -278,8 +279,21 @@ extension RequestTarget {
     /// asked for in its URL, read as `GET /sse` reads its own (docs/PROTOCOL.md "Joining in
     /// the URL"), and handled right after `hello` as if the client had sent them.
     var openingJoins: [Result<ClientMessage, ProtocolError>] {
-        guard query["rooms"] != nil || query["resume"] != nil else { return [] }
-        return EventStreamRequest.decode(rooms: query["rooms"], lastEventID: query["resume"], history: query["history"], resumeField: "resume").requests
+        // One pass for the three (every handshake asks), the last of a repeated key winning
+        // as in `query[key]`.
+        var rooms: Substring?, resume: Substring?, history: Substring?
+        query.forEachPair { key, value in
+            if key.utf8.elementsEqual("rooms".utf8) {
+                rooms = value
+            } else if key.utf8.elementsEqual("resume".utf8) {
+                resume = value
+            } else if key.utf8.elementsEqual("history".utf8) {
+                history = value
+            }
+        }
+        guard rooms != nil || resume != nil else { return [] }
+        return EventStreamRequest.decode(rooms: rooms?.removingPercentEncoding, lastEventID: resume?.removingPercentEncoding,
+                                         history: history?.removingPercentEncoding, resumeField: "resume").requests
     }
 }
 
