@@ -1,0 +1,141 @@
+"""Issue 18's bar (the lean worker) for scripts/bench: lean_bar judges chatgw's scenarios
+against the peer's (nginx+nchan) from one run's chatbench JSON, a line of the bar each.
+
+scripts/bench's report (the python in scripts/bench) imports it; Tests/e2e/test_bench_rounds.py
+tests it without a run.
+"""
+
+def g(d, *keys):
+    for k in keys:
+        if isinstance(d, dict) and k in d: d = d[k]
+        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d): d = d[k]
+        else: return None
+    return d
+
+def best_step(sc):
+    """Line 2's best passing step of fanout-18k-100rooms in scenarios sc (most deliveries/s), or {}."""
+    passing = [st for st in (g(sc, "fanout-18k-100rooms", "steps") or []) if st.get("pass")]
+    return max(passing, key=lambda st: st["deliveries_per_s"]) if passing else {}
+
+def fmt(v):
+    """A table cell: '-' for nothing, text as it is, 2 decimals below 100, else a whole number."""
+    if v is None: return "-"
+    if isinstance(v, str): return v
+    if isinstance(v, float) and abs(v) < 100: return f"{v:,.2f}"
+    return f"{round(v):,}"
+
+# Issue 18's bar (the lean worker), judged from chatgw's scenarios against the peer's in the
+# same run (C100K and the load generator's share from chatgw's alone).
+C100K, C100K_KB = 100_000, 2.0
+def lean_bar(ours, peer_scenarios, peer):
+    """[(verdict, text)], a line of the bar each, with its measured values, ratio and threshold.
+    PASS or FAIL; '-' where a figure is missing (the scenario did not run: the text says which);
+    'info' for what is shown and not judged. A line made of several checks (3, 5, 9) is a
+    heading with its verdict, then its checks indented under it."""
+    def check(rule, a, b, limit, higher, sources, unit="", at=("", "")):
+        """rule: the line as the bar says it; a / b (chatgw's / the other figure) >= or <=
+        limit; sources: where a and b come from, named when missing; at: notes after each."""
+        gone = list(dict.fromkeys(src for src, v in zip(sources, (a, b)) if v is None))
+        if gone:
+            return "-", f"{rule}: not run (no {' and no '.join(gone)})"
+        ratio = a / b if b else None
+        ok = (ratio >= limit if higher else ratio <= limit) if ratio is not None else higher and a > 0
+        return ("PASS" if ok else "FAIL",
+                f"{rule}: {fmt(a)}{unit}{at[0]} vs {fmt(b)}{unit}{at[1]} = " + ("-" if ratio is None else f"{ratio:.2f}x"))
+    def all_of(verdicts):
+        return "FAIL" if "FAIL" in verdicts else "-" if "-" in verdicts else "PASS"
+    def any_of(verdicts):
+        return "PASS" if "PASS" in verdicts else "-" if "-" in verdicts else "FAIL"
+    def heading(rule, subs, combine):
+        """A line of several checks: its verdict from theirs (an 'info' one counts for nothing)."""
+        return [(combine([v for v, _ in subs if v != "info"]), rule)] + [(v, "    " + t) for v, t in subs]
+    ran = lambda sc, name: "steps" in (sc.get(name) or {})
+    out = []
+
+    # 1, 2: the handshake.
+    v, t = check(f"1. handshakes/s >= 1.2x {peer}, 0 failed", g(ours, "connect", "handshakes_per_s"),
+                 g(peer_scenarios, "connect", "handshakes_per_s"), 1.2, True, ("chatgw connect", f"{peer} connect"))
+    if v != "-":
+        failed = g(ours, "connect", "failed")
+        v, t = ("FAIL" if failed != 0 else v), f"{t}, {failed} failed"
+    out.append((v, t))
+    out.append(check(f"2. server CPU per handshake <= 0.75x {peer}", g(ours, "connect", "server_cpu_us_per_handshake"),
+                     g(peer_scenarios, "connect", "server_cpu_us_per_handshake"), 0.75, False,
+                     ("chatgw connect", f"{peer} connect"), " µs"))
+
+    # 3: connect + join against the peer's bare handshake (nchan's room is in its URL). idle runs
+    # with chatbench's default --concurrency, 256, the same in-flight count as connect's
+    # --concurrency 256 (compared_scenarios), so the two rates are of the same load: no option needed.
+    rule = f"connect + join per second >= 1.0x {peer}'s handshakes/s"
+    peer_hs = g(peer_scenarios, "connect", "handshakes_per_s")
+    joins = [("idle (connect, hello, join)", "idle")]
+    if "connect-join-url" in ours:
+        joins.append(("connect-join-url (the room in the URL)", "connect-join-url"))
+    subs = [check(what, g(ours, name, "setups_per_s"), peer_hs, 1.0, True, (f"chatgw {name}", f"{peer} connect"))
+            for what, name in joins]
+    if len(subs) == 1:
+        out.append((subs[0][0], f"3. {rule}, {subs[0][1]}"))
+    else:
+        out += heading(f"3. {rule}, either way of joining", subs, any_of)
+
+    # 4: one room of 18,000 at 2 msg/s (2,000 with --quick: the members as the run had them).
+    room = f'one room of {g(ours, "fanout-18k-1room", "params", "members") or 18000:,}, 2 msg/s'
+    out.append(check(f"4. {room}: p99 <= 0.8x {peer}", g(ours, "fanout-18k-1room", "steps", 0, "latency", "p99_ms"),
+                     g(peer_scenarios, "fanout-18k-1room", "steps", 0, "latency", "p99_ms"), 0.8, False,
+                     ("chatgw fanout-18k-1room", f"{peer} fanout-18k-1room"), " ms"))
+
+    # 5: CPU per delivery, in one room and in 100 rooms at the same rate; at each one's best
+    # step for information (a server that passes higher rates coalesces more there).
+    where = ("chatgw fanout-18k-100rooms", f"{peer} fanout-18k-100rooms")
+    one = check(room, g(ours, "fanout-18k-1room", "steps", 0, "server_cpu_us_per_delivery"),
+                g(peer_scenarios, "fanout-18k-1room", "steps", 0, "server_cpu_us_per_delivery"), 0.7, False,
+                ("chatgw fanout-18k-1room", f"{peer} fanout-18k-1room"), " µs")
+    ba, bb = best_step(ours), best_step(peer_scenarios)
+    rate = lambda st: f' ({st["rate_msgs_per_s"]:g} msg/s)' if st else ""
+    best = check("(a) 100 rooms at each one's best passing step (not judged: the rates differ)", ba.get("server_cpu_us_per_delivery"),
+                 bb.get("server_cpu_us_per_delivery"), 0.7, False, tuple(w + " passing step" for w in where), " µs", (rate(ba), rate(bb)))
+    best = ("info", best[1])
+    passed = lambda sc: {st["rate_msgs_per_s"]: st for st in (g(sc, "fanout-18k-100rooms", "steps") or []) if st.get("pass")}
+    pa, pb = passed(ours), passed(peer_scenarios)
+    both = max(set(pa) & set(pb), default=None)
+    rule = "(b) 100 rooms at the highest rate both passed"
+    if both is not None or not (ran(ours, "fanout-18k-100rooms") and ran(peer_scenarios, "fanout-18k-100rooms")):
+        same = check(rule + ("" if both is None else f", {both:g} msg/s"), g(pa.get(both), "server_cpu_us_per_delivery"),
+                     g(pb.get(both), "server_cpu_us_per_delivery"), 0.7, False, where, " µs")
+    else:
+        same = ("FAIL", f"{rule}: no rate that both passed (chatgw passed {sorted(pa) or 'none'}, {peer} {sorted(pb) or 'none'})")
+    out += heading(f"5. server CPU per delivery <= 0.7x {peer}, in one room and in 100 rooms (b)", [one, best, same], all_of)
+
+    # 6: 100 rooms, best passing deliveries/s (0 where a server ran and passed nothing).
+    out.append(check(f"6. 100 rooms: best passing deliveries/s (p99 <= 50 ms, nothing lost) >= 1.5x {peer}",
+                     ba.get("deliveries_per_s", 0 if ran(ours, "fanout-18k-100rooms") else None),
+                     bb.get("deliveries_per_s", 0 if ran(peer_scenarios, "fanout-18k-100rooms") else None),
+                     1.5, True, where, "", (rate(ba), rate(bb))))
+
+    # 7: idle memory.
+    out.append(check(f"7. idle memory per connection (PSS) <= 0.2x {peer}", g(ours, "idle", "server_pss_kb_per_connection"),
+                     g(peer_scenarios, "idle", "server_pss_kb_per_connection"), 0.2, False,
+                     ("chatgw idle", f"{peer} idle"), " KB"))
+
+    # 8: C100K, chatgw alone (read as BENCHMARKS.md's table reads it: joined, hold, PSS).
+    rule = f"8. C100K: {C100K:,} joined, 0 failed, nothing closed in the hold, PSS <= {C100K_KB:g} KB per connection"
+    c = ours.get("c100k")
+    if not c:
+        out.append(("-", f"{rule}: not run (no chatgw c100k)"))
+    else:
+        held = c.get("hold") or {}
+        joined, failed, pss = c.get("joined"), c.get("failed"), c.get("server_pss_kb_per_connection")
+        ok = (joined == C100K and failed == 0 and held.get("open_after") == joined and held.get("closed_by_server") == 0
+              and pss is not None and pss <= C100K_KB)
+        out.append(("PASS" if ok else "FAIL",
+                    f'{rule}: {fmt(joined)} joined, {fmt(failed)} failed, {fmt(held.get("open_after"))} open after {fmt(held.get("seconds"))} s '
+                    f'({fmt(held.get("closed_by_server"))} closed by the server), {fmt(pss)} KB'))
+
+    # 9: the load generator's own CPU against the server's, both from chatgw's run.
+    subs = [check("per handshake", g(ours, "connect", "client_cpu_us_per_handshake"),
+                  g(ours, "connect", "server_cpu_us_per_handshake"), 1 / 3, False, ("chatgw connect",) * 2, " µs"),
+            check(f"per message received against the server's per delivery, at the 100-room best step{rate(ba)}",
+                  ba.get("client_cpu_us_per_message"), ba.get("server_cpu_us_per_delivery"), 1 / 3, False,
+                  (where[0] + " passing step",) * 2, " µs")]
+    out += heading("9. the load generator's own CPU <= 1/3 (0.33x) of the server's, in chatgw's run", subs, all_of)
+    return out
