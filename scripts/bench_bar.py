@@ -227,7 +227,13 @@ def combine_rounds(rounds):
         a = [x["a"] for x in figs if x and x["a"] is not None]
         b = [x["b"] for x in figs if x and x["b"] is not None]
         shown = "-" if not math.isfinite(med) else f"{med:.2f}x"
-        text = (f"{indent}{rule}: median {fmt(median(a)) if a else '-'}{f['unit']} vs {fmt(median(b)) if b else '-'}{f['unit']}"
+        def raw(xs):
+            """The median of a figure, whole where its figures are (as one round prints them)."""
+            if not xs:
+                return "-"
+            m = median(xs)
+            return fmt(int(m) if all(isinstance(x, int) for x in xs) and m == int(m) else m)
+        text = (f"{indent}{rule}: median {raw(a)}{f['unit']} vs {raw(b)}{f['unit']}"
                 f" = median {shown} of {' '.join(ratio_text(x) for x in figs)}")
         if "failed" in f or any(x and "failed" in x for x in figs):
             failed = [x.get("failed") if x and x["value"] is not None else None for x in figs]
