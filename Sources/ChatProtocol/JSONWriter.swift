@@ -22,7 +22,7 @@ public struct JSONWriter {
         needsComma = true
     }
 
-    public mutating func beginArray(_ key: String) {
+    public mutating func beginArray(_ key: StaticString) {
         self.key(key)
         buffer.writeInteger(UInt8(ascii: "["))
         needsComma = false
@@ -33,40 +33,59 @@ public struct JSONWriter {
         needsComma = true
     }
 
-    public mutating func field(_ key: String, _ value: String) {
+    public mutating func field(_ key: StaticString, _ value: String) {
         self.key(key)
         writeString(value)
     }
 
-    public mutating func field(_ key: String, _ value: Int) {
+    public mutating func field(_ key: StaticString, _ value: Int) {
         self.key(key)
         buffer.writeString(String(value))
         needsComma = true
     }
 
-    public mutating func field(_ key: String, _ value: Bool) {
+    public mutating func field(_ key: StaticString, _ value: Bool) {
         self.key(key)
         buffer.writeString(value ? "true" : "false")
         needsComma = true
     }
 
     /// Writes a field only when the value is present (optional protocol fields are omitted, not null).
-    public mutating func field(_ key: String, ifPresent value: String?) {
+    public mutating func field(_ key: StaticString, ifPresent value: String?) {
         if let value { field(key, value) }
     }
 
     /// Writes `key` with raw bytes that are already valid JSON (a pre-encoded string).
-    public mutating func field(_ key: String, rawJSON: ByteBuffer) {
+    public mutating func field(_ key: StaticString, rawJSON: ByteBuffer) {
         self.key(key)
         var copy = rawJSON
         buffer.writeBuffer(&copy)
         needsComma = true
     }
 
-    private mutating func key(_ key: String) {
-        separate()
-        writeString(key)
-        buffer.writeInteger(UInt8(ascii: ":"))
+    /// Keys are literals, the protocol's field names: one with nothing to escape (all of
+    /// them) is written as it is, with its comma, quotes and colon, in one write.
+    private mutating func key(_ key: StaticString) {
+        let comma = needsComma
+        needsComma = false
+        key.withUTF8Buffer { name in
+            guard !name.isEmpty, !name.contains(where: Self.needsEscape) else {
+                if comma { buffer.writeInteger(UInt8(ascii: ",")) }
+                writeString(key.description)
+                buffer.writeInteger(UInt8(ascii: ":"))
+                return
+            }
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: name.count + 4) { out in
+                var at = 0
+                if comma { out[at] = UInt8(ascii: ","); at += 1 }
+                out[at] = UInt8(ascii: "\"")
+                UnsafeMutableRawBufferPointer(rebasing: out[(at + 1)...]).copyMemory(from: UnsafeRawBufferPointer(name))
+                at += 1 + name.count
+                out[at] = UInt8(ascii: "\"")
+                out[at + 1] = UInt8(ascii: ":")
+                return at + 2
+            }
+        }
         needsComma = false
     }
 
@@ -74,34 +93,69 @@ public struct JSONWriter {
         if needsComma { buffer.writeInteger(UInt8(ascii: ",")) }
     }
 
+    /// A quoted, escaped string, in one write of the length it will have (each write to a
+    /// ByteBuffer costs a uniqueness and an exclusivity check).
     private mutating func writeString(_ value: String) {
-        buffer.writeInteger(UInt8(ascii: "\""))
         var value = value
         value.withUTF8 { bytes in
-            var runStart = 0
-            for (index, byte) in bytes.enumerated() where byte < 0x20 || byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\") {
-                buffer.writeBytes(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(bytes)[runStart..<index]))
-                writeEscape(byte)
-                runStart = index + 1
+            var escapes = 0
+            for byte in bytes where Self.needsEscape(byte) { escapes += Self.escapeLength(byte) - 1 }
+            let length = bytes.count + escapes + 2
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { out in
+                out[0] = UInt8(ascii: "\"")
+                var at = 1
+                if escapes == 0 {
+                    UnsafeMutableRawBufferPointer(rebasing: out[1...]).copyMemory(from: UnsafeRawBufferPointer(bytes))
+                    at += bytes.count
+                } else {
+                    for byte in bytes {
+                        if Self.needsEscape(byte) {
+                            at = Self.writeEscape(byte, into: out, at: at)
+                        } else {
+                            out[at] = byte
+                            at += 1
+                        }
+                    }
+                }
+                out[at] = UInt8(ascii: "\"")
+                return length
             }
-            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(bytes)[runStart...]))
         }
-        buffer.writeInteger(UInt8(ascii: "\""))
         needsComma = true
     }
 
-    private mutating func writeEscape(_ byte: UInt8) {
+    private static func needsEscape(_ byte: UInt8) -> Bool {
+        byte < 0x20 || byte == UInt8(ascii: "\"") || byte == UInt8(ascii: "\\")
+    }
+
+    private static func escapeLength(_ byte: UInt8) -> Int {
         switch byte {
-        case UInt8(ascii: "\""): buffer.writeString("\\\"")
-        case UInt8(ascii: "\\"): buffer.writeString("\\\\")
-        case UInt8(ascii: "\n"): buffer.writeString("\\n")
-        case UInt8(ascii: "\r"): buffer.writeString("\\r")
-        case UInt8(ascii: "\t"): buffer.writeString("\\t")
-        default:
-            let hex: [UInt8] = Array("0123456789abcdef".utf8)
-            buffer.writeString("\\u00")
-            buffer.writeInteger(hex[Int(byte >> 4)])
-            buffer.writeInteger(hex[Int(byte & 0x0f)])
+        case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "\n"), UInt8(ascii: "\r"), UInt8(ascii: "\t"): 2
+        default: 6  // \u00XX
         }
+    }
+
+    /// Writes `byte`'s escape at `at`; answers where the next byte goes.
+    private static func writeEscape(_ byte: UInt8, into out: UnsafeMutableRawBufferPointer, at: Int) -> Int {
+        out[at] = UInt8(ascii: "\\")
+        let short: UInt8? = switch byte {
+        case UInt8(ascii: "\""): UInt8(ascii: "\"")
+        case UInt8(ascii: "\\"): UInt8(ascii: "\\")
+        case UInt8(ascii: "\n"): UInt8(ascii: "n")
+        case UInt8(ascii: "\r"): UInt8(ascii: "r")
+        case UInt8(ascii: "\t"): UInt8(ascii: "t")
+        default: nil
+        }
+        if let short {
+            out[at + 1] = short
+            return at + 2
+        }
+        let hex: StaticString = "0123456789abcdef"
+        out[at + 1] = UInt8(ascii: "u")
+        out[at + 2] = UInt8(ascii: "0")
+        out[at + 3] = UInt8(ascii: "0")
+        out[at + 4] = hex.utf8Start[Int(byte >> 4)]
+        out[at + 5] = hex.utf8Start[Int(byte & 0x0f)]
+        return at + 6
     }
 }
