@@ -11,6 +11,7 @@ public enum HistoryRules {
     ///   `gap {since+1, firstHeld-1}` when the history no longer reaches back that far.
     /// - `since` with another epoch: the current epoch from its start as far as held, and
     ///   a gap in the current epoch (`{0,0}` when nothing of it is missing).
+    @inlinable
     public static func replay<Held: RandomAccessCollection<RoomMessage>>(
         held: Held, epoch current: String, seq: Int, since: Int?, epoch: String?, history: Int
     ) -> (replay: [RoomMessage], gap: Gap?) {
@@ -33,6 +34,7 @@ public enum HistoryRules {
 
     /// Up to `limit` held messages before `before` (default: the newest), oldest first,
     /// and whether older ones are held. Another epoch's messages are not held any more.
+    @inlinable
     public static func page<Held: RandomAccessCollection<RoomMessage>>(
         held: Held, epoch current: String, before: HistoryPosition?, limit: Int
     ) -> (messages: [RoomMessage], more: Bool) {
