@@ -5,47 +5,57 @@
 public enum SHA1 {
     /// The 20-byte digest of `bytes`, written to `out` (20 bytes).
     public static func digest(_ bytes: UnsafeRawBufferPointer, into out: UnsafeMutableRawPointer) {
-        var h0: UInt32 = 0x6745_2301, h1: UInt32 = 0xEFCD_AB89, h2: UInt32 = 0x98BA_DCFE
-        var h3: UInt32 = 0x1032_5476, h4: UInt32 = 0xC3D2_E1F0
+        var state: (UInt32, UInt32, UInt32, UInt32, UInt32) = (0x6745_2301, 0xEFCD_AB89, 0x98BA_DCFE, 0x1032_5476, 0xC3D2_E1F0)
         let n = bytes.count
-        let bitLength = UInt64(n) &* 8
-        // The padded message: n bytes, 0x80, zeros, the 64-bit length; a multiple of 64 bytes.
-        let blocks = (n + 8) / 64 + 1
-        withUnsafeTemporaryAllocation(of: UInt32.self, capacity: 80) { w in
-            withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 64) { block in
-                for b in 0..<blocks {
-                    for i in 0..<64 {
-                        let at = b * 64 + i
-                        if at < n { block[i] = bytes[at] }
-                        else if at == n { block[i] = 0x80 }
-                        else if b == blocks - 1 && i >= 56 { block[i] = UInt8(truncatingIfNeeded: bitLength >> UInt64((63 - i) * 8)) }
-                        else { block[i] = 0 }
-                    }
-                    for i in 0..<16 {
-                        w[i] = UInt32(block[4 * i]) << 24 | UInt32(block[4 * i + 1]) << 16 | UInt32(block[4 * i + 2]) << 8 | UInt32(block[4 * i + 3])
-                    }
-                    for i in 16..<80 { w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1) }
-                    var a = h0, bb = h1, c = h2, d = h3, e = h4
-                    for i in 0..<80 {
-                        let f: UInt32, k: UInt32
-                        switch i {
-                        case 0..<20: f = (bb & c) | (~bb & d); k = 0x5A82_7999
-                        case 20..<40: f = bb ^ c ^ d; k = 0x6ED9_EBA1
-                        case 40..<60: f = (bb & c) | (bb & d) | (c & d); k = 0x8F1B_BCDC
-                        default: f = bb ^ c ^ d; k = 0xCA62_C1D6
-                        }
-                        let t = rotl(a, 5) &+ f &+ e &+ k &+ w[i]
-                        e = d; d = c; c = rotl(bb, 30); bb = a; a = t
-                    }
-                    h0 = h0 &+ a; h1 = h1 &+ bb; h2 = h2 &+ c; h3 = h3 &+ d; h4 = h4 &+ e
-                }
-            }
+        let whole = n / 64
+        for b in 0..<whole {
+            compress(&state, UnsafeRawPointer(bytes.baseAddress!) + b * 64)
         }
-        out.storeBytes(of: h0.bigEndian, toByteOffset: 0, as: UInt32.self)
-        out.storeBytes(of: h1.bigEndian, toByteOffset: 4, as: UInt32.self)
-        out.storeBytes(of: h2.bigEndian, toByteOffset: 8, as: UInt32.self)
-        out.storeBytes(of: h3.bigEndian, toByteOffset: 12, as: UInt32.self)
-        out.storeBytes(of: h4.bigEndian, toByteOffset: 16, as: UInt32.self)
+        // The tail: the rest, 0x80, zeros and the 64-bit bit length, in one or two blocks.
+        withUnsafeTemporaryAllocation(byteCount: 128, alignment: 8) { tail in
+            let base = tail.baseAddress!
+            base.initializeMemory(as: UInt8.self, repeating: 0, count: 128)
+            let rest = n - whole * 64
+            if rest > 0 { base.copyMemory(from: bytes.baseAddress! + whole * 64, byteCount: rest) }
+            base.storeBytes(of: 0x80, toByteOffset: rest, as: UInt8.self)
+            let length = rest + 1 + 8 <= 64 ? 64 : 128
+            base.storeBytes(of: (UInt64(n) &* 8).bigEndian, toByteOffset: length - 8, as: UInt64.self)
+            compress(&state, UnsafeRawPointer(base))
+            if length == 128 { compress(&state, UnsafeRawPointer(base + 64)) }
+        }
+        out.storeBytes(of: state.0.bigEndian, toByteOffset: 0, as: UInt32.self)
+        out.storeBytes(of: state.1.bigEndian, toByteOffset: 4, as: UInt32.self)
+        out.storeBytes(of: state.2.bigEndian, toByteOffset: 8, as: UInt32.self)
+        out.storeBytes(of: state.3.bigEndian, toByteOffset: 12, as: UInt32.self)
+        out.storeBytes(of: state.4.bigEndian, toByteOffset: 16, as: UInt32.self)
+    }
+
+    /// One 64-byte block into the state. The four kinds of round are four loops (a switch
+    /// in one loop of 80 cost a branch a round).
+    @inline(__always)
+    private static func compress(_ state: inout (UInt32, UInt32, UInt32, UInt32, UInt32), _ block: UnsafeRawPointer) {
+        withUnsafeTemporaryAllocation(of: UInt32.self, capacity: 80) { w in
+            for i in 0..<16 { w[i] = UInt32(bigEndian: block.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)) }
+            for i in 16..<80 { w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1) }
+            var (a, b, c, d, e) = state
+            for i in 0..<20 {
+                let t = rotl(a, 5) &+ ((b & c) | (~b & d)) &+ e &+ 0x5A82_7999 &+ w[i]
+                e = d; d = c; c = rotl(b, 30); b = a; a = t
+            }
+            for i in 20..<40 {
+                let t = rotl(a, 5) &+ (b ^ c ^ d) &+ e &+ 0x6ED9_EBA1 &+ w[i]
+                e = d; d = c; c = rotl(b, 30); b = a; a = t
+            }
+            for i in 40..<60 {
+                let t = rotl(a, 5) &+ ((b & c) | (b & d) | (c & d)) &+ e &+ 0x8F1B_BCDC &+ w[i]
+                e = d; d = c; c = rotl(b, 30); b = a; a = t
+            }
+            for i in 60..<80 {
+                let t = rotl(a, 5) &+ (b ^ c ^ d) &+ e &+ 0xCA62_C1D6 &+ w[i]
+                e = d; d = c; c = rotl(b, 30); b = a; a = t
+            }
+            state = (state.0 &+ a, state.1 &+ b, state.2 &+ c, state.3 &+ d, state.4 &+ e)
+        }
     }
 
     @inline(__always) static func rotl(_ x: UInt32, _ n: UInt32) -> UInt32 { x << n | x >> (32 - n) }

@@ -68,6 +68,18 @@ let good = "GET /sub?room=r1&x=2 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nCo
         #expect(sha1Hex(String(repeating: "a", count: 1000)) == "291e9a6c66994949b57ba5e650361e98fc36b1ba")
     }
 
+    /// Lengths around the block edges: the padding and the length fit in the last block or
+    /// need one more (hashlib's answers).
+    @Test(arguments: [
+        (55, "c1c8bbdc22796e28c0e15163d20899b65621d65a"), (56, "c2db330f6083854c99d4b5bfb6e8f29f201be699"),
+        (63, "03f09f5b158a7a8cdad920bddc29b81c18a551f5"), (64, "0098ba824b5c16427bd7a1122a5a442a25ec644d"),
+        (119, "ee971065aaa017e0632a8ca6c77bb3bf8b1dfc56"), (120, "f34c1488385346a55709ba056ddd08280dd4c6d6"),
+        (128, "ad5b3fdbcb526778c2839d2f151ea753995e26a0"),
+    ])
+    func sha1AtBlockEdges(_ length: Int, _ hex: String) {
+        #expect(sha1Hex(String(repeating: "a", count: length)) == hex)
+    }
+
     /// RFC 6455 §1.3's example.
     @Test func rfc6455Example() {
         var out = [UInt8](repeating: 0, count: 28)
