@@ -38,12 +38,20 @@ public final class PostgresArchive: ArchiveStore {
     public func insert(_ messages: [RoomMessage]) async throws {
         guard !messages.isEmpty else { return }
         let rooms = messages.map(\.room), epochs = messages.map(\.epoch), seqs = messages.map { Int64($0.seq) }
-        let senders = messages.map(\.from), bodies = messages.map(\.text), times = messages.map { Int64($0.ts) }
+        let senders = messages.map(\.from), bodies = messages.map { Self.storable($0.text) }, times = messages.map { Int64($0.ts) }
         try await client.query("""
             INSERT INTO chat_messages (room, epoch, seq, sender, body, ts)
             SELECT * FROM UNNEST(\(rooms)::text[], \(epochs)::text[], \(seqs)::bigint[], \(senders)::text[], \(bodies)::text[], \(times)::bigint[])
             ON CONFLICT DO NOTHING
             """)
+    }
+
+    /// PostgreSQL's TEXT cannot hold U+0000, a valid character in a message: the archive keeps
+    /// U+FFFD in its place. Refused, one such message failed its whole batch again and again,
+    /// and the archive stopped for every room.
+    static func storable(_ text: String) -> String {
+        guard text.utf8.contains(0) else { return text }
+        return String(String.UnicodeScalarView(text.unicodeScalars.map { $0 == "\u{0}" ? "\u{FFFD}" : $0 }))
     }
 
     public func tips() async throws -> [ArchivedTip] {

@@ -229,6 +229,9 @@ private struct Writer: Sendable {
                     backlog.putBack(batch)
                     databaseUp = false
                     logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
+                    // Not at once: a write that fails while the database answers would
+                    // otherwise spin (reconnect, catch up, fail) as fast as it can.
+                    try? await Task.sleep(nanoseconds: 1_000_000_000)
                     continue
                 }
             }

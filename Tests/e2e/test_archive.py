@@ -118,6 +118,21 @@ def pg_messages(db: PgDatabase, rooms: list[str]) -> dict[tuple[str, str, int], 
     return {(r, e, int(s)): (f, b) for r, e, s, f, b in rows}
 
 
+async def joined_members(gw, room: str, *users: str) -> list:
+    """A connection per user, each joined to room (closed again if one fails)."""
+    conns = []
+    try:
+        for user in users:
+            ws, _ = await connect_hello(gw, user)
+            conns.append(ws)
+            r, _ = await join_room(ws, room)
+            assert r.get("type") == "joined", r
+    except BaseException:
+        await close_all(conns)
+        raise
+    return conns
+
+
 def wait_value(fn, want, timeout: float, what: str, interval: float = 0.05):
     """Poll fn() until it returns want; returns seconds waited, else fails with the last value."""
     t0 = time.monotonic()
@@ -636,12 +651,8 @@ def test_postgres_outage_under_traffic(make_gateway, pg_db):
 
     async def main():
         await wait_bus_ready(gw)
-        member, _ = await connect_hello(gw, "member")
-        sender, _ = await connect_hello(gw, "sender")
+        member, sender = await joined_members(gw, room, "member", "sender")
         try:
-            for ws in (member, sender):
-                r, _ = await join_room(ws, room)
-                assert r.get("type") == "joined", r
             mbox, sbox = Inbox(member, "member"), Inbox(sender, "sender")
             loop = asyncio.get_running_loop()
             sent: dict[str, float] = {}
@@ -681,6 +692,33 @@ def test_postgres_outage_under_traffic(make_gateway, pg_db):
     noticed = gw.find_log("archive write failed") + gw.find_log("archive database unreachable")
     print(f"\n[archive] {n} sent ({n_during} while PostgreSQL was down {down_s}s), max ack {max_lat * 1000:.0f} ms; "
           f"archive complete {waited:.2f}s after the tests saw it back; archiver logged {len(noticed)} db errors")
+
+
+def test_a_message_with_nul_is_archived_by_postgres_and_the_archive_goes_on(make_gateway, pg_db):
+    """U+0000 is a valid character in a message, and PostgreSQL's TEXT cannot hold it: the
+    archive keeps that message with U+FFFD in its place, members get it as it was sent, and
+    the messages after it are archived too (refused, it stopped the archive for everyone)."""
+    env = archive_env(CHATGW_ARCHIVE_KIND="postgres", CHATGW_ARCHIVE_POSTGRES_URL=pg_db.url)
+    gw = make_gateway(workers=1, env=env, ready_roles=WITH_ARCHIVER)
+    room = "nul"
+    texts = ["before", "a\x00b\x00", "after"]
+    wait_value(lambda: pg_db.cluster.table_exists(pg_db.name), True, 10, "chat_messages created by the archiver")
+
+    async def main():
+        await wait_bus_ready(gw)
+        member, sender = await joined_members(gw, room, "member", "sender")
+        try:
+            await send_many(sender, room, texts, "n")
+            got = [await recv_until(member, lambda m: m.get("type") == "message", 5) for _ in texts]
+            assert [m["text"] for m, _ in got] == texts
+        finally:
+            await close_all([member, sender])
+
+    run_async(main(), 30)
+    wait_value(lambda: pg_counts(pg_db, [room]), (3, 3), 10, "all three messages archived")
+    bodies = [b for _, (_, b) in sorted((s, v) for (_, _, s), v in pg_messages(pg_db, [room]).items())]
+    assert bodies == ["before", "a\ufffdb\ufffd", "after"]
+    assert not gw.find_log("archive write failed"), gw.find_log("archive write failed")[:2]
 
 
 # 6 ---------------------------------------------------------------------------
