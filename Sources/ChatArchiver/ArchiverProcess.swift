@@ -22,6 +22,15 @@ final class ArchiveBacklog: Sendable {
         var received = 0
         var written = 0
         var lost = 0
+        /// Messages the database refused, so that one that comes again (live and from a
+        /// catch-up) is counted and logged once.
+        var refused: Set<MessageKey> = []
+    }
+
+    private struct MessageKey: Hashable {
+        var room: String
+        var epoch: String
+        var seq: Int
     }
 
     private let state = NIOLockedValueBox(State())
@@ -60,6 +69,16 @@ final class ArchiveBacklog: Sendable {
 
     func recordWritten(_ count: Int) { state.withLockedValue { $0.written += count } }
     func recordLost(_ count: Int) { state.withLockedValue { $0.lost += count } }
+
+    /// Counts a message the database refused as lost; false when it was refused before.
+    func recordRefused(_ message: RoomMessage) -> Bool {
+        state.withLockedValue { state in
+            if state.refused.count >= 10_000 { state.refused.removeAll() }  // bounded; a repeat counts again
+            guard state.refused.insert(MessageKey(room: message.room, epoch: message.epoch, seq: message.seq)).inserted else { return false }
+            state.lost += 1
+            return true
+        }
+    }
 
     /// Messages dropped from memory since the last call (to be caught up).
     func takeDropped() -> Int {
@@ -226,13 +245,12 @@ private struct Writer: Sendable {
                     try await store.insert(batch)
                     backlog.recordWritten(batch.count)
                 } catch {
-                    backlog.putBack(batch)
-                    databaseUp = false
-                    logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
-                    // Not at once: a write that fails while the database answers would
-                    // otherwise spin (reconnect, catch up, fail) as fast as it can.
-                    try? await Task.sleep(nanoseconds: 1_000_000_000)
-                    continue
+                    guard await writeAlone(batch, refused: error) else {
+                        databaseUp = false
+                        // Not at once: the database may be back before it can take writes.
+                        try? await Task.sleep(nanoseconds: 1_000_000_000)
+                        continue
+                    }
                 }
             }
             if stop && backlog.count == 0 { return }
@@ -245,6 +263,39 @@ private struct Writer: Sendable {
                 try? await Task.sleep(nanoseconds: pause)
             }
         }
+    }
+
+    /// A batch refused while the database still answers is written a message at a time, so
+    /// that a message it cannot take (about its data, not the database: no retry would help)
+    /// costs the archive that message alone, logged and counted as lost, and not every
+    /// room's messages behind it. Answers false when the database does not answer: the
+    /// batch's unwritten messages went back to the backlog.
+    private func writeAlone(_ batch: [RoomMessage], refused: any Error) async -> Bool {
+        func down(_ rest: ArraySlice<RoomMessage>, _ error: any Error) -> Bool {
+            backlog.putBack(Array(rest))
+            logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
+            return false
+        }
+        do { try await store.prepare() } catch { return down(batch[...], refused) }
+        for (index, message) in batch.enumerated() {
+            do {
+                try await store.insert([message])
+                backlog.recordWritten(1)
+                continue
+            } catch {
+                // Once more, in case its connection was replaced meanwhile; then ask again
+                // whether the database answers at all.
+                if (try? await store.insert([message])) != nil {
+                    backlog.recordWritten(1)
+                    continue
+                }
+                do { try await store.prepare() } catch { return down(batch[index...], error) }
+                guard backlog.recordRefused(message) else { continue }
+                logger.error("the archive refused a message; it is not archived", metadata: [
+                    "room": "\(message.room)", "epoch": "\(message.epoch)", "seq": "\(message.seq)", "error": "\(error)"])
+            }
+        }
+        return true
     }
 
     /// Fills the archive from the bus's history: per room, everything after the newest

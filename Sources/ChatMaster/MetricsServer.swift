@@ -56,7 +56,7 @@ final class MetricsBook {
         add("bytes_out", "Bytes of frames sent to clients", stats.bytesOut, before.bytesOut)
         add("slow_consumer_disconnects", "Connections closed for falling behind", stats.slowConsumerDisconnects, before.slowConsumerDisconnects)
         add("flood_disconnects", "Connections closed for flooding", stats.floodDisconnects, before.floodDisconnects)
-        add("archive_lost", "Messages the archiver could no longer get from the bus history", stats.archiveLost, before.archiveLost)
+        add("archive_lost", "Messages lost to the archive: no longer in the bus history when caught up, or refused by the database", stats.archiveLost, before.archiveLost)
         add("coalesced_deliveries", "Room messages written to members in busy rooms' gathering windows (coalesced delivery)", stats.gatheredDeliveries, before.gatheredDeliveries)
         add("coalesced_writes", "Member writes that ended busy rooms' gathering windows (deliveries per write: frames per write)",
             stats.gatheredWrites, before.gatheredWrites)

@@ -29,7 +29,7 @@ import pytest
 
 from chatgw_e2e import pg, redis
 from chatgw_e2e.gateway import DEFAULT_CONFIG, run_chatgw_once
-from chatgw_e2e.ops import chatctl_bin
+from chatgw_e2e.ops import chatctl_bin, scrape
 from chatgw_e2e.pg import PgDatabase
 from chatgw_e2e.placement import wait_bus_ready
 from chatgw_e2e.procs import free_port, pid_alive, wait_pids_dead
@@ -719,6 +719,33 @@ def test_a_message_with_nul_is_archived_by_postgres_and_the_archive_goes_on(make
     bodies = [b for _, (_, b) in sorted((s, v) for (_, _, s), v in pg_messages(pg_db, [room]).items())]
     assert bodies == ["before", "a\ufffdb\ufffd", "after"]
     assert not gw.find_log("archive write failed"), gw.find_log("archive write failed")[:2]
+
+
+def test_a_message_the_database_refuses_costs_the_archive_that_message_alone(make_gateway, pg_db):
+    """A message the database will not take, whatever the retry (here a CHECK constraint
+    refuses its text), is logged, counted in chatgw_archive_lost_total and not archived;
+    the rest of its batch and everything after it are archived."""
+    env = archive_env(CHATGW_ARCHIVE_KIND="postgres", CHATGW_ARCHIVE_POSTGRES_URL=pg_db.url)
+    gw = make_gateway(workers=1, env=env, ready_roles=WITH_ARCHIVER, metrics=True)
+    room = "refused"
+    wait_value(lambda: pg_db.cluster.table_exists(pg_db.name), True, 10, "chat_messages created by the archiver")
+    pg_db.psql("ALTER TABLE chat_messages ADD CONSTRAINT no_poison CHECK (body <> 'poison')")
+    texts = ["before", "poison", "after", "later-1", "later-2"]
+
+    async def main():
+        await wait_bus_ready(gw)
+        (sender,) = await joined_members(gw, room, "sender")
+        try:
+            await send_many(sender, room, texts, "p")
+        finally:
+            await close_all([sender])
+
+    run_async(main(), 30)
+    wait_value(lambda: pg_counts(pg_db, [room]), (4, 4), 15, "every message but the refused one archived")
+    bodies = [b for _, (_, b) in sorted((s, v) for (_, _, s), v in pg_messages(pg_db, [room]).items())]
+    assert bodies == ["before", "after", "later-1", "later-2"]
+    assert gw.find_log("the archive refused a message"), "the refused message was not logged"
+    wait_value(lambda: scrape(gw).sum("chatgw_archive_lost_total"), 1.0, 10, "chatgw_archive_lost_total")
 
 
 # 6 ---------------------------------------------------------------------------
