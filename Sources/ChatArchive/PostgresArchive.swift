@@ -26,20 +26,20 @@ public final class PostgresArchive: ArchiveStore {
     }
 
     public func prepare() async throws {
-        try await client.query("""
+        try await query("""
             CREATE TABLE IF NOT EXISTS chat_messages (
                 room TEXT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL,
                 sender TEXT NOT NULL, body TEXT NOT NULL, ts BIGINT NOT NULL,
                 PRIMARY KEY (room, epoch, seq))
             """)
-        try await client.query("CREATE INDEX IF NOT EXISTS chat_messages_time ON chat_messages (room, ts, epoch, seq)")
+        try await query("CREATE INDEX IF NOT EXISTS chat_messages_time ON chat_messages (room, ts, epoch, seq)")
     }
 
     public func insert(_ messages: [RoomMessage]) async throws {
         guard !messages.isEmpty else { return }
         let rooms = messages.map(\.room), epochs = messages.map(\.epoch), seqs = messages.map { Int64($0.seq) }
         let senders = messages.map(\.from), bodies = messages.map { Self.storable($0.text) }, times = messages.map { Int64($0.ts) }
-        try await client.query("""
+        try await query("""
             INSERT INTO chat_messages (room, epoch, seq, sender, body, ts)
             SELECT * FROM UNNEST(\(rooms)::text[], \(epochs)::text[], \(seqs)::bigint[], \(senders)::text[], \(bodies)::text[], \(times)::bigint[])
             ON CONFLICT DO NOTHING
@@ -55,7 +55,7 @@ public final class PostgresArchive: ArchiveStore {
     }
 
     public func tips() async throws -> [ArchivedTip] {
-        let rows = try await client.query("""
+        let rows = try await query("""
             SELECT DISTINCT ON (room) room, epoch, seq FROM chat_messages ORDER BY room, ts DESC, seq DESC
             """)
         var tips: [ArchivedTip] = []
@@ -71,19 +71,19 @@ public final class PostgresArchive: ArchiveStore {
         if let before {
             let epoch = before.epoch, seq = Int64(before.seq)
             var anchor = Int64.max
-            for try await (ts,) in try await client.query("""
+            for try await (ts,) in try await query("""
                 SELECT COALESCE(
                   (SELECT ts FROM chat_messages WHERE room = \(room) AND epoch = \(epoch) AND seq = \(seq)),
                   (SELECT MIN(ts) FROM chat_messages WHERE room = \(room) AND epoch = \(epoch) AND seq > \(seq)),
                   9223372036854775807)
                 """).decode((Int64,).self) { anchor = ts }
-            rows = try await client.query("""
+            rows = try await query("""
                 SELECT room, epoch, seq, sender, body, ts FROM chat_messages WHERE room = \(room)
                   AND (ts < \(anchor) OR (ts = \(anchor) AND (epoch < \(epoch) OR (epoch = \(epoch) AND seq < \(seq)))))
                 ORDER BY ts DESC, epoch DESC, seq DESC LIMIT \(fetch)
                 """)
         } else {
-            rows = try await client.query("""
+            rows = try await query("""
                 SELECT room, epoch, seq, sender, body, ts FROM chat_messages WHERE room = \(room)
                 ORDER BY ts DESC, epoch DESC, seq DESC LIMIT \(fetch)
                 """)
@@ -96,7 +96,7 @@ public final class PostgresArchive: ArchiveStore {
 
     public func range(room: String, epoch: String, from: Int, to: Int) async throws -> [RoomMessage] {
         let low = Int64(from), high = Int64(to)
-        return try await Self.messages(try await client.query("""
+        return try await Self.messages(try await query("""
             SELECT room, epoch, seq, sender, body, ts FROM chat_messages
             WHERE room = \(room) AND epoch = \(epoch) AND seq BETWEEN \(low) AND \(high) ORDER BY seq
             """))
@@ -105,11 +105,11 @@ public final class PostgresArchive: ArchiveStore {
     public func applyRetention(nowMs: Int, maxAgeMs: Int, maxPerRoom: Int) async throws -> Int {
         if maxAgeMs > 0 {
             let cutoff = Int64(nowMs - maxAgeMs)
-            try await client.query("DELETE FROM chat_messages WHERE ts < \(cutoff)")
+            try await query("DELETE FROM chat_messages WHERE ts < \(cutoff)")
         }
         if maxPerRoom > 0 {
             let keep = Int64(maxPerRoom)
-            try await client.query("""
+            try await query("""
                 DELETE FROM chat_messages m USING (
                   SELECT room, epoch, seq FROM (
                     SELECT room, epoch, seq, ROW_NUMBER() OVER (PARTITION BY room ORDER BY ts DESC, epoch DESC, seq DESC) AS n
@@ -122,6 +122,30 @@ public final class PostgresArchive: ArchiveStore {
 
     public func close() async {
         runner.cancel()
+    }
+
+    /// A query whose error can be logged. Printed, PostgresNIO's errors say only "Generic
+    /// description to prevent accidental leakage of sensitive data" (they guard against
+    /// showing them to end users); the archive's go to the operator's log, with the
+    /// server's message and SQLSTATE, or what the connection met. Not the server's DETAIL,
+    /// which may quote a row: someone's message.
+    @discardableResult
+    private func query(_ query: PostgresQuery) async throws -> PostgresRowSequence {
+        do {
+            return try await client.query(query)
+        } catch let error as PSQLError {
+            throw ArchiveError(Self.explain(error))
+        }
+    }
+
+    static func explain(_ error: PSQLError) -> String {
+        if let server = error.serverInfo {
+            return "PostgreSQL: \(server[.message] ?? "error")" + (server[.sqlState].map { " (SQLSTATE \($0))" } ?? "")
+        }
+        if let underlying = error.underlying {
+            return "PostgreSQL \(error.code): \(underlying)"
+        }
+        return "PostgreSQL \(error.code)"
     }
 
     private static func messages(_ rows: PostgresRowSequence) async throws -> [RoomMessage] {

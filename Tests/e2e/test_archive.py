@@ -744,7 +744,12 @@ def test_a_message_the_database_refuses_costs_the_archive_that_message_alone(mak
     wait_value(lambda: pg_counts(pg_db, [room]), (4, 4), 15, "every message but the refused one archived")
     bodies = [b for _, (_, b) in sorted((s, v) for (_, _, s), v in pg_messages(pg_db, [room]).items())]
     assert bodies == ["before", "after", "later-1", "later-2"]
-    assert gw.find_log("the archive refused a message"), "the refused message was not logged"
+    refusals = gw.find_log("the archive refused a message")
+    assert refusals, "the refused message was not logged"
+    # The server's reason, for the operator; not its DETAIL, which quotes the row (the text).
+    reason = refusals[0].fields.get("error", "")
+    assert 'violates check constraint "no_poison"' in reason and "SQLSTATE 23514" in reason, refusals[0].raw
+    assert "Failing row" not in refusals[0].raw and "poison)" not in refusals[0].raw, refusals[0].raw
     wait_value(lambda: scrape(gw).sum("chatgw_archive_lost_total"), 1.0, 10, "chatgw_archive_lost_total")
 
 
