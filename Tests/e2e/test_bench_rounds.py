@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +123,14 @@ def test_kept_runs_one_round_and_identical_rounds_judge_as_lean_bar():
         for n in (1, 2, 3):
             assert [v for v, _ in bench_bar.combine_rounds([lines] * n)] == [v for v, _ in one]
         assert all(math.isfinite(f["value"]) or f["value"] == math.inf for _, _, f in lines if f.get("value") is not None)
+
+
+def test_bad_options_are_refused_before_anything_runs():
+    """An option without its value, or with one it cannot take, exits 2 with a line that
+    names it (an option given last without its value used to exit 1 without a word)."""
+    for args, says in [(["--peer"], "--peer needs a value"), (["--only"], "--only needs a value"),
+                       (["--repeat"], "--repeat needs a value"), (["--repeat", "0"], "--repeat 0: needs a whole number"),
+                       (["--peer", "foo"], "only nchan is known"), (["--only", "nope"], "--only nope: not a scenario"),
+                       (["--repeat", "2"], "--repeat 2 needs --peer nchan"), (["--what"], "unknown argument: --what")]:
+        r = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "bench"), *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
