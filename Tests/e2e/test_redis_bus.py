@@ -188,6 +188,46 @@ def test_resume_on_another_gateway(redis_server, make_gateway):
     print(f"resume across gateways: since {since} epoch {epoch}: 30 replayed + 1 live on both workers of B")
 
 
+AWKWARD_TEXTS = [
+    "nul \u0000 inside", "\n", "lines\nand\n\nmore\n", "tab\t, cr\r\n, quote \" and backslash \\",
+    "emoji \U0001F600, rtl \u202e, é, 中文", "1\n2\n3\n4\n5", "", "\u0000",
+]
+
+
+def test_awkward_texts_cross_the_redis_bus_exactly(redis_server, make_gateway):
+    """Texts with NUL, newlines (the bus's PUBLISH payload separates its fields with them),
+    quotes, emoji and an empty one reach a member on another gateway exactly, live and as
+    history replayed from the Redis stream."""
+    a = _gateway(make_gateway, redis_server.url, workers=1)
+    b = _gateway(make_gateway, redis_server.url, workers=1)
+    room = "awkward"
+
+    async def main():
+        await wait_bus_ready(a)
+        await wait_bus_ready(b)
+        sender, _ = await connect_hello(a, "sender")
+        member, _ = await connect_hello(b, "member")
+        conns = [sender, member]
+        try:
+            for ws in conns:
+                j, _ = await join_room(ws, room)
+                assert j.get("type") == "joined", j
+            await send_many(sender, room, AWKWARD_TEXTS, "w")
+            live = [m for m in await read_frames(member, len(AWKWARD_TEXTS), timeout=10)]
+            assert [m.get("text") for m in live] == AWKWARD_TEXTS, live
+            late, _ = await connect_hello(b, "late")
+            conns.append(late)
+            await send_json(late, {"type": "join", "room": room, "history": len(AWKWARD_TEXTS), "ref": "h"})
+            frames = await read_frames(late, 1 + len(AWKWARD_TEXTS), timeout=10)
+            assert frames[0].get("type") == "joined", frames[0]
+            assert [m.get("text") for m in frames[1:]] == AWKWARD_TEXTS, frames[1:]
+            assert [m.get("seq") for m in frames[1:]] == [m["seq"] for m in live]
+        finally:
+            await close_all(conns)
+
+    run_async(main(), 30)
+
+
 # 3 ---------------------------------------------------------------------------
 
 
