@@ -46,6 +46,7 @@ from chatgw_e2e.ws import (
     app_ping,
     close_all,
     connect_hello,
+    connect_joined,
     join_room,
     next_ref,
     recv_until,
@@ -116,21 +117,6 @@ def pg_messages(db: PgDatabase, rooms: list[str]) -> dict[tuple[str, str, int], 
     names = ",".join("'" + r.replace("'", "''") + "'" for r in rooms)
     rows = db.psql(f"SELECT room, epoch, seq, sender, body FROM chat_messages WHERE room IN ({names})")
     return {(r, e, int(s)): (f, b) for r, e, s, f, b in rows}
-
-
-async def joined_members(gw, room: str, *users: str) -> list:
-    """A connection per user, each joined to room (closed again if one fails)."""
-    conns = []
-    try:
-        for user in users:
-            ws, _ = await connect_hello(gw, user)
-            conns.append(ws)
-            r, _ = await join_room(ws, room)
-            assert r.get("type") == "joined", r
-    except BaseException:
-        await close_all(conns)
-        raise
-    return conns
 
 
 def wait_value(fn, want, timeout: float, what: str, interval: float = 0.05):
@@ -651,7 +637,7 @@ def test_postgres_outage_under_traffic(make_gateway, pg_db):
 
     async def main():
         await wait_bus_ready(gw)
-        member, sender = await joined_members(gw, room, "member", "sender")
+        member, sender = await connect_joined(room, (gw, "member"), (gw, "sender"))
         try:
             mbox, sbox = Inbox(member, "member"), Inbox(sender, "sender")
             loop = asyncio.get_running_loop()
@@ -706,7 +692,7 @@ def test_a_message_with_nul_is_archived_by_postgres_and_the_archive_goes_on(make
 
     async def main():
         await wait_bus_ready(gw)
-        member, sender = await joined_members(gw, room, "member", "sender")
+        member, sender = await connect_joined(room, (gw, "member"), (gw, "sender"))
         try:
             await send_many(sender, room, texts, "n")
             got = [await recv_until(member, lambda m: m.get("type") == "message", 5) for _ in texts]
@@ -734,7 +720,7 @@ def test_a_message_the_database_refuses_costs_the_archive_that_message_alone(mak
 
     async def main():
         await wait_bus_ready(gw)
-        (sender,) = await joined_members(gw, room, "sender")
+        (sender,) = await connect_joined(room, (gw, "sender"))
         try:
             await send_many(sender, room, texts, "p")
         finally:

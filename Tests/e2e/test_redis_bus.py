@@ -39,6 +39,7 @@ from chatgw_e2e.ws import (
     close_all,
     conn_slot,
     connect_hello,
+    connect_joined,
     join_room,
     open_many,
     recv_json,
@@ -134,13 +135,9 @@ def test_resume_on_another_gateway(redis_server, make_gateway):
     async def main():
         await wait_bus_ready(a)
         await wait_bus_ready(b)
-        sb, _ = await connect_hello(b, "bob")
-        sa, _ = await connect_hello(a, "amy")
-        conns = [sb, sa]
+        conns = await connect_joined(room, (b, "bob"), (a, "amy"))
+        sb, sa = conns
         try:
-            for ws in (sb, sa):
-                j, _ = await join_room(ws, room)
-                assert j.get("type") == "joined", j
             await send_many(sb, room, [f"pre{i}" for i in range(3)], "p")
             # two clients on A (one per worker) join and record where they are
             placed = await one_per_slot(a, [0, 1], user_prefix="carl")
@@ -205,13 +202,9 @@ def test_awkward_texts_cross_the_redis_bus_exactly(redis_server, make_gateway):
     async def main():
         await wait_bus_ready(a)
         await wait_bus_ready(b)
-        sender, _ = await connect_hello(a, "sender")
-        member, _ = await connect_hello(b, "member")
-        conns = [sender, member]
+        conns = await connect_joined(room, (a, "sender"), (b, "member"))
+        sender, member = conns
         try:
-            for ws in conns:
-                j, _ = await join_room(ws, room)
-                assert j.get("type") == "joined", j
             await send_many(sender, room, AWKWARD_TEXTS, "w")
             live = [m for m in await read_frames(member, len(AWKWARD_TEXTS), timeout=10)]
             assert [m.get("text") for m in live] == AWKWARD_TEXTS, live

@@ -247,6 +247,22 @@ async def join_room(ws, room: str, timeout: float = 5.0, **fields) -> tuple[dict
     )
 
 
+async def connect_joined(room: str, *members: tuple[Gateway, str]) -> list:
+    """A connection per (gateway, user), in order, each joined to room (all closed again if
+    one fails)."""
+    conns = []
+    try:
+        for gw, user in members:
+            ws, _ = await connect_hello(gw, user)
+            conns.append(ws)
+            reply, _ = await join_room(ws, room)
+            assert reply.get("type") == "joined", reply
+    except BaseException:
+        await close_all(conns)
+        raise
+    return conns
+
+
 async def send_message(ws, room: str, text: str, ref: str | None = None, wait_ack: bool = True,
                        timeout: float = 5.0) -> dict | None:
     """Send `send`; with wait_ack, return the `ack` (or `error`) for its ref."""
