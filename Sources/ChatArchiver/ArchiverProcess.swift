@@ -281,7 +281,6 @@ private struct Writer: Sendable {
             do {
                 try await store.insert([message])
                 backlog.recordWritten(1)
-                continue
             } catch {
                 // Once more, in case its connection was replaced meanwhile; then ask again
                 // whether the database answers at all.

@@ -73,6 +73,7 @@ public struct JSONWriter {
                 if comma { buffer.writeInteger(UInt8(ascii: ",")) }
                 writeString(key.description)
                 buffer.writeInteger(UInt8(ascii: ":"))
+                needsComma = false
                 return
             }
             buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: name.count + 4) { out in
@@ -86,7 +87,6 @@ public struct JSONWriter {
                 return at + 2
             }
         }
-        needsComma = false
     }
 
     private mutating func separate() {

@@ -215,7 +215,6 @@ final class EngineFront: LoopApplication {
         }
     }
 
-
     private func opened(_ fd: Int32, kind: UInt8) {
         loop.conns[Int(fd)].kind = kind
         loop.conns[Int(fd)].group = Self.open
