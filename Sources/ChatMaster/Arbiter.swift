@@ -490,7 +490,7 @@ public final class Arbiter {
     private func nextWakeup() -> Double {
         var wake = 0.5
         let now = monotonicSeconds()
-        if let due = table.nextStartAt { wake = min(wake, max(0, due - now)) }
+        if let due = table.nextWake(after: now) { wake = min(wake, max(0, due - now)) }
         for due in [control.acceptResumesAt, metrics?.acceptResumesAt].compactMap({ $0 }) {
             wake = min(wake, max(0, due - now))
         }

@@ -163,8 +163,25 @@ struct SlotTable {
     /// Stopping, and every child is gone: the master may exit.
     var isFinished: Bool { isStopping && children.isEmpty }
 
-    /// The earliest time a slot waits for; the loop must wake up then.
-    var nextStartAt: Double? { slots.values.compactMap(\.state.startsAt).min() }
+    /// The next time the table has something to do by the clock: a start falling due, or
+    /// the stop's deadline while it is ahead. A start held back until a predecessor exits
+    /// is not one (the exit wakes the loop through SIGCHLD), and neither is a start while
+    /// stopping (none comes) nor a deadline passed (its kills are sent): counting those,
+    /// already due, made the loop poll without sleeping.
+    func nextWake(after now: Double) -> Double? {
+        switch phase {
+        case .stopping(_, let deadline):
+            return deadline > now ? deadline : nil
+        case .running:
+            return slots.filter { !waitsForPredecessor($0.key) }.compactMap(\.value.state.startsAt).min()
+        }
+    }
+
+    /// One relay (archiver) at a time: a replaced one must let go of its socket, journal or
+    /// database before its successor starts.
+    private func waitsForPredecessor(_ id: SlotID) -> Bool {
+        id.role != .worker && children.values.contains { $0.slot == id }
+    }
 
     // MARK: the children's lives
 
@@ -282,9 +299,7 @@ struct SlotTable {
             return actions
         }
         return slots.sorted(by: { Self.order($0.key, $1.key) }).compactMap { id, slot in
-            guard let due = slot.state.startsAt, due <= now else { return nil }
-            // One relay (archiver) at a time: a replaced one must let go of its socket, journal or database first.
-            if id.role != .worker && children.values.contains(where: { $0.slot == id }) { return nil }
+            guard let due = slot.state.startsAt, due <= now, !waitsForPredecessor(id) else { return nil }
             let socket: ChildSocket = id.role != .worker ? .none : slot.socket.map { .slot($0) } ?? .bindFirst
             return .start(id, generation: slot.generation, socket: socket)
         }

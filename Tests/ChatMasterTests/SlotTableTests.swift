@@ -87,12 +87,12 @@ private let archiver = SlotID(role: .archiver, index: 0)
         let exit = h.exit(worker(0))
         #expect(exit == SlotTable.Exit(uptime: 1, verdict: .restart(after: 0.1), actions: []))
         #expect(h.table.slots[worker(0)]?.state == .waiting(until: 1.1))
-        #expect(h.table.nextStartAt == 1.1)
+        #expect(h.table.nextWake(after: h.now) == 1.1)
         h.now = 1.05
         #expect(h.converge() == [])
         h.now = 1.1
         #expect(h.converge() == [.start(worker(0), generation: 1, socket: .slot(10))])
-        #expect(h.table.nextStartAt == nil)
+        #expect(h.table.nextWake(after: h.now) == nil)
         #expect(h.pid(worker(1)) == survivor)
     }
 
@@ -225,6 +225,7 @@ private let archiver = SlotID(role: .archiver, index: 0)
         ])
         #expect(h.table.slots[archiver] == nil)
         #expect(h.converge() == [.start(worker(0), generation: 2, socket: .slot(10))], "a second relay started")
+        #expect(h.table.nextWake(after: h.now) == nil, "the relay's start, held back, counted as due: a busy poll")
         #expect(h.table.childExited(oldRelay, at: 1.2)?.verdict == .retired)
         #expect(h.table.childExited(oldArchiver, at: 1.2)?.verdict == .retired)
         h.now = 1.2
@@ -296,6 +297,17 @@ private let archiver = SlotID(role: .archiver, index: 0)
         _ = h.table.childExited(a, at: 15)
         _ = h.table.childExited(r, at: 15)
         #expect(h.table.isFinished)
+    }
+
+    @Test func aStopWakesTheLoopOnlyForItsDeadline() {
+        var h = Harness(workers: 2)
+        h.now = 1
+        #expect(h.exit(worker(0))?.verdict == .restart(after: 0.1))
+        _ = h.table.beginStop(.drain, at: 1.5)
+        // The crashed slot's restart would have been due at 1.1; no restart comes while stopping.
+        #expect(h.table.nextWake(after: 2) == 11.5)
+        #expect(h.table.converge(at: 2) == [])
+        #expect(h.table.nextWake(after: 11.5) == nil, "the kills at the deadline are sent once it passes")
     }
 
     @Test func aChildDyingWhileTheMasterStopsIsNotReplaced() {

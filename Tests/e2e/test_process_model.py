@@ -348,6 +348,34 @@ def test_sigquit_drains_over_window_and_exits_clean(make_gateway):
     )
 
 
+def test_master_sleeps_through_a_drain_begun_while_a_crashed_worker_waits_to_restart(make_gateway):
+    """A worker dies and the master is told to drain before the worker's restart is due.
+    No restart comes while the master stops, and the master must not wait for one by
+    polling: it used to spin at a whole core until the drain ended."""
+    gw = make_gateway(workers=2, env={"CHATGW_SUPERVISOR_DRAIN_TIMEOUT_S": "3",
+                                      "CHATGW_SUPERVISOR_RESTART_BACKOFF_INITIAL_MS": "1000"})
+
+    async def main():
+        res = await open_many(gw, 40, timeout=15)
+        try:
+            assert not res.errors, f"{len(res.errors)} of 40 failed:\n{first_lines(res.errors)}"
+            crashed = gw.workers_by_slot()[0]
+            os.kill(crashed, signal.SIGKILL)
+            await asyncio.to_thread(gw.wait_for_log, "child restarting", 5)
+            gw.signal(signal.SIGQUIT)
+            cpu_before, t0 = cpu_seconds(gw.master_pid), time.monotonic()
+            # Past the restart's due time (1 s), inside the drain (3 s): the survivor still says goodbye.
+            await asyncio.sleep(2.0)
+            busy = (cpu_seconds(gw.master_pid) - cpu_before) / (time.monotonic() - t0)
+            assert busy < 0.2, f"the master used {busy:.0%} of a core while draining (polling for a restart)"
+            assert 0 not in gw.workers_by_slot(), "the crashed worker was restarted while the master stopped"
+        finally:
+            await close_all(res.conns)
+
+    run_async(main(), 40)
+    assert gw.wait_exit(10) == 0
+
+
 # 10 --------------------------------------------------------------------------
 
 
