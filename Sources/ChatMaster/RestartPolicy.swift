@@ -16,7 +16,8 @@ public struct RestartPolicy: Sendable, Equatable {
         }
     }
 
-    public let settings: Settings
+    /// Replaced on a reload; the slot's history (failures in a row, restarts) stays.
+    public var settings: Settings
     /// Exits in a row, each before the child had been up `stableAfter` seconds.
     public private(set) var consecutiveFailures = 0
     /// Restarts so far over the slot's whole life, for status displays.

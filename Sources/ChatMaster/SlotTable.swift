@@ -316,6 +316,7 @@ struct SlotTable {
         guard phase == .running else { return [] }
         generation += 1
         self.rules = rules
+        for id in slots.keys { slots[id]?.policy.settings = rules.restart }
         var actions: [Action] = []
         if sockets != nil {
             actions += closeSockets()

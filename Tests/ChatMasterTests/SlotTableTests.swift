@@ -185,6 +185,19 @@ private let archiver = SlotID(role: .archiver, index: 0)
         #expect(h.pid(relay) == oldRelay)
     }
 
+    @Test func reloadAppliesNewRestartSettingsToEverySlotKeepingItsHistory() {
+        var h = Harness(workers: 1, relay: true)
+        #expect(h.crash(worker(0), after: 1)?.verdict == .restart(after: 0.1))
+        var slower = Harness.rules
+        slower.restart.initialDelay = 1
+        slower.restart.maximumDelay = 60
+        _ = h.table.reload(rules: slower, workers: 1, replacing: [:], sockets: nil, at: h.now)
+        h.converge()
+        // The slot's second exit in a row: twice the new initial delay.
+        #expect(h.crash(worker(0), after: 1)?.verdict == .restart(after: 2))
+        #expect(h.crash(relay, after: 1)?.verdict == .restart(after: 1), "the kept relay's slot had the old settings")
+    }
+
     @Test func aNewGenerationThatKeepsCrashingBacksOffWhileTheOldOneServes() {
         var h = Harness(workers: 1)
         let old = h.pid(worker(0))
