@@ -86,7 +86,7 @@ let package = Package(
         .testTarget(name: "ChatBusTests", dependencies: ["ChatBus"]),
         .testTarget(name: "ChatRelayTests", dependencies: ["ChatRelay", "ChatBus"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
-        .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive"]),
+        .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "ChatEngineTests", dependencies: ["ChatEngine"]),
         .testTarget(name: "ChatWorkerTests", dependencies: ["ChatWorker"] + nio),
     ],

@@ -47,5 +47,13 @@ public enum Archive {
 
 public struct ArchiveError: Error, CustomStringConvertible, Sendable {
     public var description: String
-    public init(_ description: String) { self.description = description }
+    /// The database refused the data itself (a constraint, a value it cannot hold): the same
+    /// write fails again, whenever it is tried. Otherwise it did not take the write now (a
+    /// lock, a full disk, a lost connection), and the write waits to be tried again.
+    public var refusesTheData: Bool
+
+    public init(_ description: String, refusesTheData: Bool = false) {
+        self.description = description
+        self.refusesTheData = refusesTheData
+    }
 }

@@ -134,8 +134,16 @@ public final class PostgresArchive: ArchiveStore {
         do {
             return try await client.query(query)
         } catch let error as PSQLError {
-            throw ArchiveError(Self.explain(error))
+            throw ArchiveError(Self.explain(error), refusesTheData: Self.refusesTheData(error))
         }
+    }
+
+    /// SQLSTATE classes about the row itself: 22 data exception, 23 integrity constraint
+    /// violation, 54 program limit exceeded (an index row too large, say). A full disk
+    /// (53100), a lock or a serialization failure, a dropped connection: none of them.
+    static func refusesTheData(_ error: PSQLError) -> Bool {
+        guard let state = error.serverInfo?[.sqlState] else { return false }
+        return ["22", "23", "54"].contains(state.prefix(2))
     }
 
     static func explain(_ error: PSQLError) -> String {

@@ -7,10 +7,11 @@ public final class SQLiteArchive: ArchiveStore {
     private let pool: DatabasePool
 
     /// Opens (and, unless read-only, creates) the file. Throws with a one-line reason.
-    public init(path: String, readOnly: Bool) throws {
+    /// `busyTimeout`: how long a write waits for another connection's lock.
+    public init(path: String, readOnly: Bool, busyTimeout: Double = 5) throws {
         var configuration = Configuration()
         configuration.readonly = readOnly
-        configuration.busyMode = .timeout(5)
+        configuration.busyMode = .timeout(busyTimeout)
         do {
             if !readOnly {
                 let directory = (path as NSString).deletingLastPathComponent
@@ -62,6 +63,20 @@ public final class SQLiteArchive: ArchiveStore {
 
     public func insert(_ messages: [RoomMessage]) async throws {
         guard !messages.isEmpty else { return }
+        do {
+            try await write(messages)
+        } catch let error as DatabaseError {
+            throw ArchiveError("SQLite: \(Self.reason(error))", refusesTheData: Self.refusesTheData(error))
+        }
+    }
+
+    /// A constraint (say, a CHECK added by an operator), a value too big for the file, a
+    /// type mismatch. A full disk, a lock held past the busy timeout, an I/O error: none of them.
+    static func refusesTheData(_ error: DatabaseError) -> Bool {
+        [ResultCode.SQLITE_CONSTRAINT, .SQLITE_TOOBIG, .SQLITE_MISMATCH].contains(error.resultCode.primaryResultCode)
+    }
+
+    private func write(_ messages: [RoomMessage]) async throws {
         try await pool.write { db in
             // The text goes in as bytes, stored as TEXT: GRDB binds (and reads) a String as a
             // C string, which ends at the first U+0000, a valid character in a chat message.

@@ -245,9 +245,13 @@ private struct Writer: Sendable {
                     try await store.insert(batch)
                     backlog.recordWritten(batch.count)
                 } catch {
-                    guard await writeAlone(batch, refused: error) else {
-                        databaseUp = false
-                        // Not at once: the database may be back before it can take writes.
+                    let unwritten = await writeAlone(batch, failure: error)
+                    if !unwritten.isEmpty {
+                        backlog.putBack(unwritten)
+                        logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
+                        // Connect again (and catch up) only when the database does not answer:
+                        // one that answers but takes no writes (a full disk, a lock) is waited for.
+                        if (try? await store.prepare()) == nil { databaseUp = false }
                         try? await Task.sleep(nanoseconds: 1_000_000_000)
                         continue
                     }
@@ -265,36 +269,29 @@ private struct Writer: Sendable {
         }
     }
 
-    /// A batch refused while the database still answers is written a message at a time, so
-    /// that a message it cannot take (about its data, not the database: no retry would help)
-    /// costs the archive that message alone, logged and counted as lost, and not every
-    /// room's messages behind it. Answers false when the database does not answer: the
-    /// batch's unwritten messages went back to the backlog.
-    private func writeAlone(_ batch: [RoomMessage], refused: any Error) async -> Bool {
-        func down(_ rest: ArraySlice<RoomMessage>, _ error: any Error) -> Bool {
-            backlog.putBack(Array(rest))
-            logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
-            return false
-        }
-        do { try await store.prepare() } catch { return down(batch[...], refused) }
+    /// A batch whose data the database refused is written a message at a time, so that a
+    /// message it cannot take (no retry would help) costs the archive that message alone,
+    /// logged and counted as lost, and not every room's messages behind it. Anything else
+    /// the database said (a full disk, a lock, a lost connection) costs nothing: answers the
+    /// messages not written, to be tried again.
+    private func writeAlone(_ batch: [RoomMessage], failure: any Error) async -> [RoomMessage] {
+        guard Self.refusesTheData(failure) else { return batch }
         for (index, message) in batch.enumerated() {
             do {
                 try await store.insert([message])
                 backlog.recordWritten(1)
             } catch {
-                // Once more, in case its connection was replaced meanwhile; then ask again
-                // whether the database answers at all.
-                if (try? await store.insert([message])) != nil {
-                    backlog.recordWritten(1)
-                    continue
-                }
-                do { try await store.prepare() } catch { return down(batch[index...], error) }
+                guard Self.refusesTheData(error) else { return Array(batch[index...]) }
                 guard backlog.recordRefused(message) else { continue }
                 logger.error("the archive refused a message; it is not archived", metadata: [
                     "room": "\(message.room)", "epoch": "\(message.epoch)", "seq": "\(message.seq)", "error": "\(error)"])
             }
         }
-        return true
+        return []
+    }
+
+    private static func refusesTheData(_ error: any Error) -> Bool {
+        (error as? ArchiveError)?.refusesTheData ?? false
     }
 
     /// Fills the archive from the bus's history: per room, everything after the newest

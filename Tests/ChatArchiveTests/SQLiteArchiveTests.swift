@@ -1,6 +1,7 @@
 import ChatArchive
 import ChatProtocol
 import Foundation
+import GRDB
 import Testing
 
 private func temporaryPath() -> String {
@@ -39,6 +40,32 @@ private func message(_ room: String, _ epoch: String, _ seq: Int, ts: Int) -> Ro
         try await archive.insert([sent])
         #expect(try await archive.range(room: "r", epoch: "e1", from: 1, to: 1).map(\.text) == [text])
         #expect(try await archive.page(room: "r", before: nil, limit: 1).messages.map(\.text) == [text])
+    }
+
+    @Test func aWriteRefusedForItsDataSaysSoAndOneNotTakenNowDoesNot() async throws {
+        let path = temporaryPath()
+        let archive = try SQLiteArchive(path: path, readOnly: false, busyTimeout: 0.2)
+        try await archive.prepare()
+        var poison = message("r", "e1", 1, ts: 1)
+        poison.text = "poison"
+        var other = Configuration()
+        other.allowsUnsafeTransactions = true
+        let operatorsConnection = try DatabaseQueue(path: path, configuration: other)
+        try await operatorsConnection.write { db in
+            try db.execute(sql: """
+                CREATE TRIGGER no_poison BEFORE INSERT ON chat_messages WHEN NEW.body = 'poison'
+                BEGIN SELECT RAISE(ABORT, 'no poison'); END
+                """)
+        }
+        let refused = await #expect(throws: ArchiveError.self) { try await archive.insert([poison]) }
+        #expect(refused?.refusesTheData == true)
+        // Another connection holds the write lock past the busy timeout: not about the data.
+        try operatorsConnection.inDatabase { db in try db.execute(sql: "BEGIN IMMEDIATE") }
+        let locked = await #expect(throws: ArchiveError.self) { try await archive.insert([message("r", "e1", 2, ts: 2)]) }
+        #expect(locked?.refusesTheData == false)
+        try operatorsConnection.inDatabase { db in try db.execute(sql: "COMMIT") }
+        try await archive.insert([message("r", "e1", 2, ts: 2)])
+        #expect(try await archive.range(room: "r", epoch: "e1", from: 1, to: 2).map(\.seq) == [2])
     }
 
     @Test func tipsAreTheNewestEpochsHighestSeq() async throws {
