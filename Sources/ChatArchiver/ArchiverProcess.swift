@@ -12,13 +12,20 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
+/// Where a room's catch-up starts: after `seq` of `epoch`.
+struct CatchUpPoint: Sendable, Equatable {
+    var epoch: String
+    var seq: Int
+}
+
 /// Messages received from the bus, waiting to be written: bounded, so a long database
 /// outage costs memory up to `archive.backlog_messages`, then the oldest are dropped
 /// (and fetched again from the bus's history by the next catch-up, if it still has them).
 final class ArchiveBacklog: Sendable {
     private struct State {
         var messages: [RoomMessage] = []
-        var dropped = 0
+        /// Per room, where the messages dropped since the last catch-up begin.
+        var dropped: [String: CatchUpPoint] = [:]
         var received = 0
         var written = 0
         var lost = 0
@@ -46,8 +53,10 @@ final class ArchiveBacklog: Sendable {
             state.received += messages.count
             if state.messages.count > capacity {
                 let excess = state.messages.count - capacity
+                for message in state.messages.prefix(excess) {
+                    state.dropped[message.room] = Self.earlier(state.dropped[message.room], message)
+                }
                 state.messages.removeFirst(excess)
-                state.dropped += excess
             }
         }
     }
@@ -68,6 +77,8 @@ final class ArchiveBacklog: Sendable {
     }
 
     func recordWritten(_ count: Int) { state.withLockedValue { $0.written += count } }
+    /// Messages a catch-up fetched and wrote without holding them here.
+    func recordReceived(_ count: Int) { state.withLockedValue { $0.received += count } }
     func recordLost(_ count: Int) { state.withLockedValue { $0.lost += count } }
 
     /// Counts a message the database refused as lost; false when it was refused before.
@@ -80,12 +91,31 @@ final class ArchiveBacklog: Sendable {
         }
     }
 
-    /// Messages dropped from memory since the last call (to be caught up).
-    func takeDropped() -> Int {
+    /// Where the messages dropped from memory since the last call begin, per room (to be
+    /// caught up from there).
+    func takeDropped() -> [String: CatchUpPoint] {
         state.withLockedValue { state in
-            defer { state.dropped = 0 }
+            defer { state.dropped = [:] }
             return state.dropped
         }
+    }
+
+    /// Drops that a failed catch-up did not fetch, back for the next one.
+    func restoreDropped(_ points: [String: CatchUpPoint]) {
+        state.withLockedValue { state in
+            state.dropped.merge(points) { current, restored in
+                current.epoch == restored.epoch && current.seq > restored.seq ? restored : current
+            }
+        }
+    }
+
+    /// The point before `message`, unless `point` is earlier in the same epoch (or in
+    /// another epoch: the first one dropped, which is the older as the bus sends them).
+    private static func earlier(_ point: CatchUpPoint?, _ message: RoomMessage) -> CatchUpPoint {
+        guard let point, point.epoch != message.epoch || point.seq < message.seq else {
+            return CatchUpPoint(epoch: message.epoch, seq: message.seq - 1)
+        }
+        return point
     }
 
     var stats: ChildStats {
@@ -214,6 +244,9 @@ private struct Writer: Sendable {
     func run(until stopping: NIOLockedValueBox<Bool>) async {
         var databaseUp = false
         var caughtUpWhileConnected = false
+        // The last write failed, whether or not the database answers (a full disk, a lock).
+        var writesFailing = false
+        var catchUpRetryAt = 0.0
         var lastRetention = 0.0
         let batchSize = config.archive.batchMessages
         let pause = UInt64(config.archive.batchMilliseconds) * 1_000_000
@@ -233,19 +266,27 @@ private struct Writer: Sendable {
                     continue
                 }
             }
-            // Catch up once per bus connection (and after anything was dropped).
+            // Catch up once per bus connection (and after anything was dropped), but not
+            // while writes fail: its own writes would fail too. A failed one waits a second.
             let busUp = connected.withLockedValue { $0 }
             if !busUp { caughtUpWhileConnected = false }
-            if busUp && (!caughtUpWhileConnected || backlog.takeDropped() > 0) && !stop {
-                caughtUpWhileConnected = await catchUp()
+            if busUp && !writesFailing && !stop && monotonicSeconds() >= catchUpRetryAt {
+                let dropped = backlog.takeDropped()
+                if !caughtUpWhileConnected || !dropped.isEmpty {
+                    caughtUpWhileConnected = await catchUp(from: dropped)
+                    if !caughtUpWhileConnected { catchUpRetryAt = monotonicSeconds() + 1 }
+                }
             }
             let batch = backlog.take(batchSize)
+            if batch.isEmpty { writesFailing = false }
             if !batch.isEmpty {
                 do {
                     try await store.insert(batch)
                     backlog.recordWritten(batch.count)
+                    writesFailing = false
                 } catch {
                     let unwritten = await writeAlone(batch, failure: error)
+                    writesFailing = !unwritten.isEmpty
                     if !unwritten.isEmpty {
                         backlog.putBack(unwritten)
                         logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
@@ -295,22 +336,35 @@ private struct Writer: Sendable {
     }
 
     /// Fills the archive from the bus's history: per room, everything after the newest
-    /// archived message. What the history no longer holds is lost to the archive; it is
-    /// logged and counted.
-    private func catchUp() async -> Bool {
-        guard let tips = try? await store.tips() else { return false }
-        let byRoom = Dictionary(tips.map { ($0.room, $0) }, uniquingKeysWith: { first, _ in first })
-        guard case .success(let rooms) = await onLoop({ bus, done in bus.listRooms(completion: done) }) else { return false }
+    /// archived message, or after the point where messages were dropped from memory. What
+    /// it fetches is written at once, in batches, not through the backlog, which it could
+    /// overflow again. What the history no longer holds is lost to the archive; it is
+    /// logged and counted. False (the drops kept for the next one) when the bus or the
+    /// database failed it.
+    private func catchUp(from dropped: [String: CatchUpPoint]) async -> Bool {
+        guard let tips = try? await store.tips() else {
+            backlog.restoreDropped(dropped)
+            return false
+        }
+        let byRoom = Dictionary(tips.map { ($0.room, CatchUpPoint(epoch: $0.epoch, seq: $0.seq)) }, uniquingKeysWith: { first, _ in first })
+        guard case .success(let listed) = await onLoop({ bus, done in bus.listRooms(completion: done) }) else {
+            backlog.restoreDropped(dropped)
+            return false
+        }
+        let rooms = Set(listed).union(byRoom.keys).union(dropped.keys)
         var fetched = 0
         var missing = 0
-        for room in Set(rooms).union(byRoom.keys) {
-            let tip = byRoom[room]
+        for room in rooms {
+            let from = dropped[room] ?? byRoom[room]
             let answer: Result<JoinResult, BusError> = await onLoop { bus, done in
-                bus.join(room: room, since: tip?.seq ?? 0, epoch: tip?.epoch, history: 0, members: 0, completion: done)
+                bus.join(room: room, since: from?.seq ?? 0, epoch: from?.epoch, history: 0, members: 0, completion: done)
             }
-            guard case .success(let result) = answer else { return false }
-            backlog.append(result.replay)
+            guard case .success(let result) = answer, await writeAll(result.replay) else {
+                backlog.restoreDropped(dropped)
+                return false
+            }
             fetched += result.replay.count
+            backlog.recordReceived(result.replay.count)
             if let gap = result.gap, gap.to >= gap.from, gap.from > 0 {
                 missing += gap.to - gap.from + 1
                 logger.warning("archive is missing messages the bus no longer holds", metadata: [
@@ -318,7 +372,24 @@ private struct Writer: Sendable {
             }
         }
         backlog.recordLost(missing)
-        logger.info("archive caught up from the bus", metadata: ["rooms": "\(Set(rooms).union(byRoom.keys).count)", "messages": "\(fetched)", "lost": "\(missing)"])
+        logger.info("archive caught up from the bus", metadata: ["rooms": "\(rooms.count)", "messages": "\(fetched)", "lost": "\(missing)"])
+        return true
+    }
+
+    /// Writes a catch-up's messages in batches; false at the first batch not written.
+    private func writeAll(_ messages: [RoomMessage]) async -> Bool {
+        for start in stride(from: 0, to: messages.count, by: config.archive.batchMessages) {
+            let batch = Array(messages[start..<min(start + config.archive.batchMessages, messages.count)])
+            do {
+                try await store.insert(batch)
+                backlog.recordWritten(batch.count)
+            } catch {
+                guard await writeAlone(batch, failure: error).isEmpty else {
+                    logger.error("archive write failed during a catch-up; will retry", metadata: ["error": "\(error)"])
+                    return false
+                }
+            }
+        }
         return true
     }
 

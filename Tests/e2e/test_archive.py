@@ -739,40 +739,60 @@ def test_a_message_the_database_refuses_costs_the_archive_that_message_alone(mak
     wait_value(lambda: scrape(gw).sum("chatgw_archive_lost_total"), 1.0, 10, "chatgw_archive_lost_total")
 
 
-def test_a_database_that_takes_no_writes_for_a_while_costs_the_archive_nothing(make_gateway, pg_db):
-    """A database that answers but takes no writes (here a trigger raises SQLSTATE 53100,
-    disk full, for every insert) refuses nothing about the messages: they wait and are all
-    archived once it takes writes again, and none is counted lost. (Taken for refusals, they
-    were skipped one by one, each counted in chatgw_archive_lost_total.)"""
-    env = archive_env(CHATGW_ARCHIVE_KIND="postgres", CHATGW_ARCHIVE_POSTGRES_URL=pg_db.url)
+@pytest.mark.parametrize("outage", ["disk_full", "server_stopped"])
+def test_an_outage_longer_than_the_backlog_costs_the_archive_nothing(make_gateway, pg_db, outage):
+    """1,400 messages while the database takes no writes, for a backlog of 1,000: the oldest
+    are dropped from memory and fetched again from the bus (which holds 1,000 per room) once
+    writes resume; every message is archived and none counted lost. (They were lost without
+    a count: the catch-up started after the newest archived message, which the backlog's
+    newer messages had moved past.)
+    disk_full: the database answers but a trigger raises SQLSTATE 53100 for every insert.
+    That refuses nothing about the messages (taken for refusals, they were skipped one by
+    one, each counted in chatgw_archive_lost_total), and they are not fetched again after
+    every failed write. server_stopped: PostgreSQL is stopped."""
+    env = archive_env(CHATGW_ARCHIVE_KIND="postgres", CHATGW_ARCHIVE_POSTGRES_URL=pg_db.url,
+                      CHATGW_ARCHIVE_BACKLOG_MESSAGES="1000", CHATGW_HISTORY_MESSAGES="1000")
     gw = make_gateway(workers=1, env=env, ready_roles=WITH_ARCHIVER, metrics=True)
-    room = "full"
+    rooms = ["full-a", "full-b"]
+    texts = [f"f-{i}" for i in range(700)]
     wait_value(lambda: pg_db.cluster.table_exists(pg_db.name), True, 10, "chat_messages created by the archiver")
-    pg_db.psql("CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-               "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '53100'; END $$")
-    pg_db.psql("CREATE TRIGGER disk_full BEFORE INSERT ON chat_messages FOR EACH ROW EXECUTE FUNCTION disk_full()")
-    texts = [f"f-{i}" for i in range(12)]
+    gw.wait_for_log("archive caught up from the bus", timeout=10)
+    if outage == "disk_full":
+        pg_db.psql("CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '53100'; END $$")
+        pg_db.psql("CREATE TRIGGER disk_full BEFORE INSERT ON chat_messages FOR EACH ROW EXECUTE FUNCTION disk_full()")
+    else:
+        pg_db.cluster.stop("fast")
 
     async def main():
         await wait_bus_ready(gw)
-        member, sender = await connect_joined(room, (gw, "member"), (gw, "sender"))
+        member, sender = await connect_joined(rooms[0], (gw, "member"), (gw, "sender"))
         try:
-            await send_many(sender, room, texts, "f")
-            got = [await recv_until(member, lambda m: m.get("type") == "message", 5) for _ in texts]
-            assert [m["text"] for m, _ in got] == texts, "members did not get every message while the disk was full"
+            assert (await join_room(sender, rooms[1]))[0].get("type") == "joined"
+            for room in rooms:
+                await send_many(sender, room, texts, room)
+            got = [await recv_until(member, lambda m: m.get("type") == "message", 5) for _ in range(3)]
+            assert [m["text"] for m, _ in got] == texts[:3], "a member did not get its messages while the disk was full"
         finally:
             await close_all([member, sender])
 
-    run_async(main(), 30)
-    gw.wait_for_log("archive write failed; will retry", timeout=10)
-    time.sleep(2.5)  # a few retries against the full disk
-    assert pg_counts(pg_db, [room]) == (0, 0)
-    pg_db.psql("DROP TRIGGER disk_full ON chat_messages")
-    wait_value(lambda: pg_counts(pg_db, [room]), (12, 12), 15, "every message archived once the disk had room")
-    bodies = [b for _, (_, b) in sorted((s, v) for (_, _, s), v in pg_messages(pg_db, [room]).items())]
-    assert bodies == texts
+    run_async(main(), 60)
+    if outage == "disk_full":
+        gw.wait_for_log("archive write failed; will retry", timeout=10)
+    time.sleep(3.5)  # a few retries against the outage (a stopped server's write waits for a connection)
+    assert len(gw.find_log("archive caught up from the bus")) == 1, "caught up again while writes failed"
+    if outage == "disk_full":
+        assert pg_counts(pg_db, rooms) == (0, 0)
+        pg_db.psql("DROP TRIGGER disk_full ON chat_messages")
+    else:
+        pg_db.cluster.start()
+    wait_value(lambda: pg_counts(pg_db, rooms), (1400, 1400), 20, "every message archived once writes resumed")
+    for room in rooms:
+        bodies = [b for _, (_, b) in sorted((s, v) for (_, _, s), v in pg_messages(pg_db, [room]).items())]
+        assert bodies == texts, room
     assert not gw.find_log("the archive refused a message"), gw.find_log("the archive refused a message")[:2]
     assert scrape(gw).sum("chatgw_archive_lost_total") == 0.0
+    assert len(gw.find_log("archive caught up from the bus")) == 2, "the dropped were not caught up once"
 
 
 # 6 ---------------------------------------------------------------------------
