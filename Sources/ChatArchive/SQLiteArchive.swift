@@ -80,7 +80,11 @@ public final class SQLiteArchive: ArchiveStore {
         try await pool.write { db in
             // The text goes in as bytes, stored as TEXT: GRDB binds (and reads) a String as a
             // C string, which ends at the first U+0000, a valid character in a chat message.
-            let statement = try db.cachedStatement(sql: "INSERT OR IGNORE INTO chat_messages VALUES (?, ?, ?, ?, CAST(? AS TEXT), ?)")
+            // A message stored already is skipped; any other constraint (OR IGNORE would skip
+            // those rows too, silently) refuses the write.
+            let statement = try db.cachedStatement(sql: """
+                INSERT INTO chat_messages VALUES (?, ?, ?, ?, CAST(? AS TEXT), ?) ON CONFLICT (room, epoch, seq) DO NOTHING
+                """)
             for message in messages {
                 try statement.execute(arguments: [message.room, message.epoch, message.seq, message.from, Data(message.text.utf8), message.ts])
             }

@@ -68,6 +68,30 @@ private func message(_ room: String, _ epoch: String, _ seq: Int, ts: Int) -> Ro
         #expect(try await archive.range(room: "r", epoch: "e1", from: 1, to: 2).map(\.seq) == [2])
     }
 
+    @Test func aCheckConstraintRefusesTheWriteInsteadOfSkippingTheRow() async throws {
+        let path = temporaryPath()
+        // An operator's table, made before the archive's own CREATE TABLE IF NOT EXISTS.
+        let operatorsConnection = try DatabaseQueue(path: path)
+        try await operatorsConnection.write { db in
+            try db.execute(sql: """
+                CREATE TABLE chat_messages (
+                    room TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL,
+                    sender TEXT NOT NULL, body TEXT NOT NULL CHECK (body <> 'poison'), ts INTEGER NOT NULL,
+                    PRIMARY KEY (room, epoch, seq)) WITHOUT ROWID
+                """)
+        }
+        try operatorsConnection.close()
+        let archive = try SQLiteArchive(path: path, readOnly: false)
+        try await archive.prepare()
+        var poison = message("r", "e1", 1, ts: 1)
+        poison.text = "poison"
+        let refused = await #expect(throws: ArchiveError.self) { try await archive.insert([poison]) }
+        #expect(refused?.refusesTheData == true)
+        try await archive.insert([message("r", "e1", 2, ts: 2)])
+        try await archive.insert([message("r", "e1", 2, ts: 2)])  // stored already: skipped, no error
+        #expect(try await archive.range(room: "r", epoch: "e1", from: 1, to: 2).map(\.seq) == [2])
+    }
+
     @Test func tipsAreTheNewestEpochsHighestSeq() async throws {
         let archive = try SQLiteArchive(path: temporaryPath(), readOnly: false)
         try await archive.prepare()
