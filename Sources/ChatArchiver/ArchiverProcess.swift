@@ -342,26 +342,29 @@ private struct Writer: Sendable {
     /// logged and counted. False (the drops kept for the next one) when the bus or the
     /// database failed it.
     private func catchUp(from dropped: [String: CatchUpPoint]) async -> Bool {
-        guard let tips = try? await store.tips() else {
+        func failed() -> Bool {
             backlog.restoreDropped(dropped)
             return false
         }
+        guard let tips = try? await store.tips() else { return failed() }
         let byRoom = Dictionary(tips.map { ($0.room, CatchUpPoint(epoch: $0.epoch, seq: $0.seq)) }, uniquingKeysWith: { first, _ in first })
-        guard case .success(let listed) = await onLoop({ bus, done in bus.listRooms(completion: done) }) else {
-            backlog.restoreDropped(dropped)
-            return false
-        }
+        guard case .success(let listed) = await onLoop({ bus, done in bus.listRooms(completion: done) }) else { return failed() }
         let rooms = Set(listed).union(byRoom.keys).union(dropped.keys)
         var fetched = 0
         var missing = 0
+        // Rooms' messages gathered into full batches: one transaction per room would cost
+        // a many-room archive a commit per room at every start.
+        var unwritten: [RoomMessage] = []
         for room in rooms {
             let from = dropped[room] ?? byRoom[room]
             let answer: Result<JoinResult, BusError> = await onLoop { bus, done in
                 bus.join(room: room, since: from?.seq ?? 0, epoch: from?.epoch, history: 0, members: 0, completion: done)
             }
-            guard case .success(let result) = answer, await writeAll(result.replay) else {
-                backlog.restoreDropped(dropped)
-                return false
+            guard case .success(let result) = answer else { return failed() }
+            unwritten += result.replay
+            if unwritten.count >= config.archive.batchMessages {
+                guard await writeAll(unwritten) else { return failed() }
+                unwritten.removeAll(keepingCapacity: true)
             }
             fetched += result.replay.count
             backlog.recordReceived(result.replay.count)
@@ -371,6 +374,7 @@ private struct Writer: Sendable {
                     "room": "\(room)", "epoch": "\(gap.epoch)", "from": "\(gap.from)", "to": "\(gap.to)"])
             }
         }
+        guard await writeAll(unwritten) else { return failed() }
         backlog.recordLost(missing)
         logger.info("archive caught up from the bus", metadata: ["rooms": "\(rooms.count)", "messages": "\(fetched)", "lost": "\(missing)"])
         return true
