@@ -64,7 +64,7 @@ enum Table {
         }
         lines.append("watchdog kills: \(status.watchdogKills)")
         if let archiver = status.children.first(where: { $0.role == "archiver" }) {
-            lines.append("archive: \(archiver.archiveBacklog ?? 0) messages waiting to be written, \(archiver.archiveLost ?? 0) lost (no longer in the bus history)")
+            lines.append("archive: \(archiver.archiveBacklog ?? 0) messages waiting to be written, \(archiver.archiveLost ?? 0) lost (no longer in the bus history, or refused by the database)")
         }
         return lines.joined(separator: "\n")
     }
