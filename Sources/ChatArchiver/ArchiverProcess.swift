@@ -278,25 +278,16 @@ private struct Writer: Sendable {
                 }
             }
             let batch = backlog.take(batchSize)
-            if batch.isEmpty { writesFailing = false }
-            if !batch.isEmpty {
-                do {
-                    try await store.insert(batch)
-                    backlog.recordWritten(batch.count)
-                    writesFailing = false
-                } catch {
-                    let unwritten = await writeAlone(batch, failure: error)
-                    writesFailing = !unwritten.isEmpty
-                    if !unwritten.isEmpty {
-                        backlog.putBack(unwritten)
-                        logger.error("archive write failed; will retry", metadata: ["error": "\(error)", "backlog": "\(backlog.count)"])
-                        // Connect again (and catch up) only when the database does not answer:
-                        // one that answers but takes no writes (a full disk, a lock) is waited for.
-                        if (try? await store.prepare()) == nil { databaseUp = false }
-                        try? await Task.sleep(nanoseconds: 1_000_000_000)
-                        continue
-                    }
-                }
+            let (unwritten, failure) = await write(batch)
+            writesFailing = !unwritten.isEmpty
+            if let failure, writesFailing {
+                backlog.putBack(unwritten)
+                logger.error("archive write failed; will retry", metadata: ["error": "\(failure)", "backlog": "\(backlog.count)"])
+                // Connect again (and catch up) only when the database does not answer:
+                // one that answers but takes no writes (a full disk, a lock) is waited for.
+                if (try? await store.prepare()) == nil { databaseUp = false }
+                try? await Task.sleep(nanoseconds: 1_000_000_000)
+                continue
             }
             if stop && backlog.count == 0 { return }
             let now = monotonicSeconds()
@@ -310,25 +301,32 @@ private struct Writer: Sendable {
         }
     }
 
-    /// A batch whose data the database refused is written a message at a time, so that a
-    /// message it cannot take (no retry would help) costs the archive that message alone,
-    /// logged and counted as lost, and not every room's messages behind it. Anything else
-    /// the database said (a full disk, a lock, a lost connection) costs nothing: answers the
-    /// messages not written, to be tried again.
-    private func writeAlone(_ batch: [RoomMessage], failure: any Error) async -> [RoomMessage] {
-        guard Self.refusesTheData(failure) else { return batch }
+    /// Writes a batch. One whose data the database refused is written a message at a time,
+    /// so that a message it cannot take (no retry would help) costs the archive that message
+    /// alone, logged and counted as lost, and not every room's messages behind it. Anything
+    /// else the database said (a full disk, a lock, a lost connection) costs nothing:
+    /// answers the messages not written, to be tried again, and why.
+    private func write(_ batch: [RoomMessage]) async -> (unwritten: [RoomMessage], failure: (any Error)?) {
+        guard !batch.isEmpty else { return ([], nil) }
+        do {
+            try await store.insert(batch)
+            backlog.recordWritten(batch.count)
+            return ([], nil)
+        } catch {
+            guard Self.refusesTheData(error) else { return (batch, error) }
+        }
         for (index, message) in batch.enumerated() {
             do {
                 try await store.insert([message])
                 backlog.recordWritten(1)
             } catch {
-                guard Self.refusesTheData(error) else { return Array(batch[index...]) }
+                guard Self.refusesTheData(error) else { return (Array(batch[index...]), error) }
                 guard backlog.recordRefused(message) else { continue }
                 logger.error("the archive refused a message; it is not archived", metadata: [
                     "room": "\(message.room)", "epoch": "\(message.epoch)", "seq": "\(message.seq)", "error": "\(error)"])
             }
         }
-        return []
+        return ([], nil)
     }
 
     private static func refusesTheData(_ error: any Error) -> Bool {
@@ -384,14 +382,9 @@ private struct Writer: Sendable {
     private func writeAll(_ messages: [RoomMessage]) async -> Bool {
         for start in stride(from: 0, to: messages.count, by: config.archive.batchMessages) {
             let batch = Array(messages[start..<min(start + config.archive.batchMessages, messages.count)])
-            do {
-                try await store.insert(batch)
-                backlog.recordWritten(batch.count)
-            } catch {
-                guard await writeAlone(batch, failure: error).isEmpty else {
-                    logger.error("archive write failed during a catch-up; will retry", metadata: ["error": "\(error)"])
-                    return false
-                }
+            if let failure = await write(batch).failure {
+                logger.error("archive write failed during a catch-up; will retry", metadata: ["error": "\(failure)"])
+                return false
             }
         }
         return true
