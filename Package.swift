@@ -87,8 +87,9 @@ let package = Package(
         .testTarget(name: "ChatRelayTests", dependencies: ["ChatRelay", "ChatBus"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
         .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive", .product(name: "GRDB", package: "GRDB.swift")]),
-        .testTarget(name: "ChatEngineTests", dependencies: ["ChatEngine"]),
-        .testTarget(name: "ChatWorkerTests", dependencies: ["ChatWorker"] + nio),
+        .target(name: "LoopbackSockets", path: "Tests/LoopbackSockets"),
+        .testTarget(name: "ChatEngineTests", dependencies: ["ChatEngine", "LoopbackSockets"]),
+        .testTarget(name: "ChatWorkerTests", dependencies: ["ChatWorker", "LoopbackSockets"] + nio),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,10 +1,17 @@
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/io_uring.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 #include "CChatEngine.h"
 
@@ -16,6 +23,7 @@ struct waker { int watch_fd; int signal_fd; };
 
 static void *waker_main(void *arg) {
     struct waker w = *(struct waker *)arg;
+    free(arg);
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, 0);  // signals are the owning thread's business
@@ -31,15 +39,91 @@ static void *waker_main(void *arg) {
 }
 
 int chatengine_start_waker(int watch_fd, int signal_fd) {
-    static struct waker w;
-    w.watch_fd = watch_fd;
-    w.signal_fd = signal_fd;
+    struct waker *w = malloc(sizeof *w);
+    if (!w) return ENOMEM;
+    w->watch_fd = watch_fd;
+    w->signal_fd = signal_fd;
     pthread_t thread;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 64 * 1024);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int r = pthread_create(&thread, &attr, waker_main, &w);
+    int r = pthread_create(&thread, &attr, waker_main, w);
     pthread_attr_destroy(&attr);
+    if (r != 0) free(w);
     return r;
+}
+
+struct chatengine_ring {
+    int fd, watched_fd;
+    unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail;
+    struct io_uring_sqe *sqes;
+};
+
+static int ring_setup(struct chatengine_ring *ring, int watched_fd, int event_fd) {
+    struct io_uring_params p = {0};
+    // Cooperative task running: a completion wakes the thread if it sleeps and never
+    // interrupts it with an IPI while it runs.
+    p.flags = IORING_SETUP_COOP_TASKRUN;
+    int fd = (int)syscall(__NR_io_uring_setup, 8, &p);
+    if (fd < 0) return errno;
+    if (!(p.features & IORING_FEAT_SINGLE_MMAP)) { close(fd); return ENOSYS; }
+    size_t sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    size_t size = sq_size > cq_size ? sq_size : cq_size;
+    char *rings = mmap(0, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    if (rings == MAP_FAILED) { int e = errno; close(fd); return e; }
+    void *sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    if (sqes == MAP_FAILED) { int e = errno; munmap(rings, size); close(fd); return e; }
+    if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD, &event_fd, 1) < 0) {
+        int e = errno;
+        munmap(sqes, p.sq_entries * sizeof(struct io_uring_sqe));
+        munmap(rings, size);
+        close(fd);
+        return e;
+    }
+    ring->fd = fd;
+    ring->watched_fd = watched_fd;
+    ring->sq_tail = (unsigned *)(rings + p.sq_off.tail);
+    ring->sq_mask = (unsigned *)(rings + p.sq_off.ring_mask);
+    ring->sq_array = (unsigned *)(rings + p.sq_off.array);
+    ring->cq_head = (unsigned *)(rings + p.cq_off.head);
+    ring->cq_tail = (unsigned *)(rings + p.cq_off.tail);
+    ring->sqes = sqes;
+    return 0;
+}
+
+struct chatengine_ring *chatengine_ring_start(int watched_fd, int *event_fd_out) {
+    struct chatengine_ring *ring = calloc(1, sizeof *ring);
+    if (!ring) { *event_fd_out = -ENOMEM; return 0; }
+    int event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int e = event_fd < 0 ? errno : ring_setup(ring, watched_fd, event_fd);
+    if (e != 0) {
+        if (event_fd >= 0) close(event_fd);
+        free(ring);
+        *event_fd_out = -e;
+        return 0;
+    }
+    *event_fd_out = event_fd;
+    return ring;
+}
+
+int chatengine_ring_arm(struct chatengine_ring *ring) {
+    // What completed since the last arm was only a signal (the eventfd carried it): drop it.
+    __atomic_store_n(ring->cq_head, __atomic_load_n(ring->cq_tail, __ATOMIC_ACQUIRE), __ATOMIC_RELEASE);
+    unsigned tail = *ring->sq_tail;
+    unsigned index = tail & *ring->sq_mask;
+    struct io_uring_sqe *sqe = &ring->sqes[index];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_POLL_ADD;
+    sqe->fd = ring->watched_fd;
+    sqe->poll32_events = POLLIN;
+    ring->sq_array[index] = index;
+    __atomic_store_n(ring->sq_tail, tail + 1, __ATOMIC_RELEASE);
+    for (;;) {
+        long r = syscall(__NR_io_uring_enter, ring->fd, 1, 0, 0, 0, 0);
+        if (r >= 0) return 0;
+        if (errno != EINTR) return errno;
+    }
 }

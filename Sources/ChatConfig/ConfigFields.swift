@@ -74,6 +74,7 @@ extension ConfigText where Self: RawRepresentable & CaseIterable, RawValue == St
 
 extension BusKind: ConfigText {}
 extension ClientEngine: ConfigText {}
+extension EngineWakeup: ConfigText {}
 extension AuthMode: ConfigText {}
 extension LogLevel: ConfigText {}
 extension LogFormat: ConfigText {}
@@ -146,6 +147,7 @@ struct ConfigField: Sendable {
         ConfigField("server.allowed_origins", \.server.allowedOrigins, "a comma-separated list of origins, or \"\" for any",
                     valid: { $0.split(separator: ",").allSatisfy { !$0.trimmingCharacters(in: .whitespaces).isEmpty } }),
         ConfigField("server.engine", \.server.engine, ClientEngine.allowed),
+        ConfigField("server.engine_wakeup", \.server.engineWakeup, EngineWakeup.allowed),
 
         .int("supervisor.restart_backoff_initial_ms", \.supervisor.restartBackoffInitialMs, 1...60000),
         // Also >= restart_backoff_initial_ms, and the heartbeat timeout must exceed the

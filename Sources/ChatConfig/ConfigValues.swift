@@ -125,6 +125,15 @@ public enum ClientEngine: String, Sendable, Codable, Equatable, CaseIterable {
     case epoll
 }
 
+/// How a worker's NIO thread learns that its epoll loop has events (`server.engine_wakeup`).
+public enum EngineWakeup: String, Sendable, Codable, Equatable, CaseIterable {
+    /// A one-shot io_uring poll on the loop's epoll descriptor, completed as the thread's
+    /// own task work; a worker where io_uring is missing or forbidden uses `thread`.
+    case ioUring = "io_uring"
+    /// A helper thread that waits on the loop's descriptor and writes to a pipe.
+    case thread
+}
+
 /// How clients authenticate.
 public enum AuthMode: String, Sendable, Codable, Equatable, CaseIterable {
     /// Anyone may connect.

@@ -60,6 +60,8 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public var allowedOrigins = ""
         /// `server.engine`: what holds the workers' client sockets.
         public var engine = ClientEngine.epoll
+        /// `server.engine_wakeup`: how the epoll loop's events wake the worker's thread.
+        public var engineWakeup = EngineWakeup.ioUring
         public init() {}
 
         /// `allowedOrigins` as a list; empty means any origin.

@@ -133,10 +133,17 @@ enum Listener {
                 let front = EngineFront(worker: worker, listenFD: fd, eventLoop: loop, logger: logger)
                 front.attach(to: engine)
                 worker.value.engine = front
-                let host = EngineHost(loop: engine, front: front, eventLoop: loop)
+                let host = EngineHost(loop: engine, application: front, eventLoop: loop)
                 engine.addListener(fd)
                 let bound = NIOLoopBound(host, eventLoop: loop)
-                return host.start().map { bound }
+                let wanted = config.server.engineWakeup
+                return host.start(allowRing: wanted == .ioUring).map { watch in
+                    if wanted == .ioUring && watch != .ring {
+                        logger.warning("io_uring is not available here; the epoll loop wakes this worker through a helper thread (server.engine_wakeup: thread)")
+                    }
+                    logger.debug("epoll loop wake-up: \(watch.rawValue)")
+                    return bound
+                }
             }.flatMap { $0 }.wait()
             return .engine(host)
         }

@@ -1,4 +1,5 @@
 import Glibc
+import LoopbackSockets
 import Testing
 @testable import ChatEngine
 

@@ -71,6 +71,39 @@ def test_rooms_work_as_soon_as_gateway_is_ready(make_gateway):
     run_async(main(), 20)
 
 
+@pytest.mark.parametrize("wakeup", ["io_uring", "thread"])
+def test_each_way_of_waking_the_epoll_loop_serves_a_room(make_gateway, wakeup):
+    """`server.engine_wakeup`: the epoll loop's events wake a worker through an io_uring
+    poll or a helper thread; with either, clients on two workers exchange messages, also
+    after the workers went idle between them."""
+    if os.environ.get("CHATGW_E2E_ENGINE", "epoll") != "epoll":
+        pytest.skip("the nio engine has no epoll loop to wake")
+    if wakeup == "io_uring" and open("/proc/sys/kernel/io_uring_disabled").read().strip() != "0":
+        pytest.skip("io_uring is disabled on this machine")
+    gw = make_gateway(workers=2, env={**FAST, "CHATGW_SERVER_ENGINE_WAKEUP": wakeup, "CHATGW_LOG_LEVEL": "debug"})
+
+    async def main():
+        await wait_bus_ready(gw)
+        a, _ = await connect_on_slot(gw, 0, "wa")
+        b, _ = await connect_on_slot(gw, 1, "wb")
+        try:
+            for ws in (a, b):
+                await join_room(ws, "wake")
+            for n in range(3):
+                await asyncio.sleep(0.2)  # both workers asleep again
+                sender, receiver = (a, b) if n % 2 == 0 else (b, a)
+                await send_message(sender, "wake", f"w{n}")
+                text = f"w{n}"
+                got, _ = await recv_until(receiver, lambda f: f.get("type") == "message" and f.get("text") == text, timeout=5)
+                assert got.get("room") == "wake", got
+        finally:
+            await close_all([a, b])
+
+    run_async(main(), 30)
+    woken = [l for l in gw.log_text().splitlines() if "epoll loop wake-up:" in l]
+    assert len(woken) == 2 and all(l.endswith(f"wake-up: {wakeup}") for l in woken), woken
+
+
 # 1 ---------------------------------------------------------------------------
 
 

@@ -10,8 +10,21 @@ int chatengine_accept(int listen_fd);
 
 /// Starts a thread that waits on `watch_fd` (an epoll descriptor holding another loop's
 /// epoll descriptor, EPOLLONESHOT) and writes a byte to `signal_fd` each time it reports,
-/// so that a loop which cannot watch that descriptor itself learns when to turn it. One
-/// per process. Returns pthread_create's result.
+/// so that a loop which cannot watch that descriptor itself learns when to turn it.
+/// Returns pthread_create's result.
 int chatengine_start_waker(int watch_fd, int signal_fd);
+
+struct chatengine_ring;
+
+/// An io_uring that watches `watched_fd` (another loop's epoll descriptor) for the thread
+/// that arms it: once armed, the descriptor's readiness completes a one-shot poll, which
+/// signals the eventfd put in `event_fd_out` (non-blocking; for that thread's own loop to
+/// read). The completion runs as the arming thread's task work, waking it if it sleeps: no
+/// thread of ours in between. NULL, with -errno in `event_fd_out`, where io_uring is
+/// missing or forbidden (as under some seccomp profiles).
+struct chatengine_ring *chatengine_ring_start(int watched_fd, int *event_fd_out);
+
+/// Arms the one-shot poll (after consuming what completed); returns 0 or the errno.
+int chatengine_ring_arm(struct chatengine_ring *ring);
 
 #endif

@@ -1,10 +1,10 @@
 import Glibc
 import Testing
 
-/// Real sockets on 127.0.0.1 for the loop's tests.
-enum LoopbackSockets {
+/// Real sockets on 127.0.0.1 for the tests of the epoll loop and of what turns it.
+public enum LoopbackSockets {
     /// A non-blocking listening socket on a free port.
-    static func listener() -> (fd: Int32, port: UInt16) {
+    public static func listener() -> (fd: Int32, port: UInt16) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
@@ -18,7 +18,7 @@ enum LoopbackSockets {
 
     /// A blocking client connected to `port`. `receiveBuffer`: a small SO_RCVBUF, set
     /// before connecting, makes the server's writes to this client hit EAGAIN early.
-    static func client(to port: UInt16, receiveBuffer: Int32 = 0) -> Int32 {
+    public static func client(to port: UInt16, receiveBuffer: Int32 = 0) -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var size = receiveBuffer
         if size > 0 { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4) }
@@ -31,7 +31,7 @@ enum LoopbackSockets {
         return fd
     }
 
-    static func send(_ fd: Int32, _ bytes: [UInt8]) {
+    public static func send(_ fd: Int32, _ bytes: [UInt8]) {
         #expect(bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress!, $0.count, 0) } == bytes.count)
     }
 }
