@@ -510,7 +510,7 @@ final class Engine {
     /// with bounded concurrency; waits until every setup ended or `timeout`.
     func setup(total: Int, mode: Mode, timeout: Double) -> PhaseReport {
         _ = onAll { $0.resetPhase(); $0.stopping = false }
-        let cpu0 = Proc.selfTicksSplit()
+        let cpu0 = Proc.selfCPUSplit()
         var parts = split(total)
         if spec.nchan && mode == .member {
             // The publishers' own connections, after the members (so every subscriber is there first).
@@ -543,7 +543,7 @@ final class Engine {
     func step(rate: Double, seconds: Double, drainMax: Double, abortP99Ms: Double = 0) -> PhaseReport {
         _ = onAll { $0.resetPhase() }
         if spec.stalledCount > 0 { _ = onAll { $0.stallMembers() } }
-        let cpu0 = Proc.selfTicksSplit()
+        let cpu0 = Proc.selfCPUSplit()
         let perPublisher = spec.publishers > 0 ? rate / Double(spec.publishers) : 0
         let start = monotonicNanos() + 2_000_000
         _ = onAll { $0.startPublishing(perPublisher: perPublisher, start: start) }
@@ -583,7 +583,7 @@ final class Engine {
     /// `seconds`, at most `spec.concurrency` in flight; then waits for the last cycles.
     func churn(rate: Double, seconds: Double) -> PhaseReport {
         _ = onAll { $0.resetPhase(); $0.stopping = false }
-        let cpu0 = Proc.selfTicksSplit()
+        let cpu0 = Proc.selfCPUSplit()
         let total = Int(rate * seconds)
         // Indices above the members' range: user names that cannot collide with theirs.
         let parts = split(total).map { $0.map { 50_000_000 + $0 } }

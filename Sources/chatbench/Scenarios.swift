@@ -24,7 +24,7 @@ struct Sample {
     var server: [String: Int] = [:]
     var serverSystem = 0
     var machine = Proc.machineTicks()
-    var client = Proc.selfTicks()
+    var client = Proc.selfCPUMicros()
 
     var serverTotal: Int { server.values.reduce(0, +) }
 }
@@ -36,7 +36,7 @@ final class Monitor {
     var phase = "starting"
     private var lastAt: UInt64 = 0
     private var lastCounters = Counters()
-    private var lastServerTicks = 0
+    private var lastServerMicros = 0
     private var lastMachine = (busy: 0, total: 0)
     private let started = monotonicNanos()
 
@@ -51,8 +51,8 @@ final class Monitor {
     func sample() -> Sample {
         server?.refresh()
         var s = Sample()
-        s.server = server?.cpuTicksByRole() ?? [:]
-        s.serverSystem = server?.systemTicks() ?? 0
+        s.server = server?.cpuMicrosByRole() ?? [:]
+        s.serverSystem = server?.systemMicros() ?? 0
         return s
     }
 
@@ -60,7 +60,7 @@ final class Monitor {
         self.phase = phase
         lastAt = monotonicNanos()
         lastCounters = Counters()
-        lastServerTicks = server?.cpuTicks() ?? 0
+        lastServerMicros = server?.cpuMicros() ?? 0
         lastMachine = Proc.machineTicks()
     }
 
@@ -69,7 +69,7 @@ final class Monitor {
         let now = monotonicNanos()
         let dt = max(0.001, Double(now - lastAt) / 1e9)
         let c = p.counters
-        let srv = server?.cpuTicks() ?? 0
+        let srv = server?.cpuMicros() ?? 0
         let machine = Proc.machineTicks()
         let machineBusy = machine.total > lastMachine.total
             ? 100.0 * Double(machine.busy - lastMachine.busy) / Double(machine.total - lastMachine.total) : 0
@@ -87,12 +87,12 @@ final class Monitor {
         if c.cycles > 0 { parts.append("cycles \(short(Double(c.cycles - lastCounters.cycles) / dt))/s") }
         let bad = c.holes + c.duplicates + c.orderViolations + c.unexpectedCloses + c.errors
         if bad > 0 { parts.append("holes \(c.holes) dup \(c.duplicates) order \(c.orderViolations) closed \(c.unexpectedCloses) errors \(c.errors)") }
-        if server != nil { parts.append("srv cpu \(fmt(100 * Double(srv - lastServerTicks) / Proc.ticksPerSecond / dt, 0))%") }
+        if server != nil { parts.append("srv cpu \(fmt(100 * Double(srv - lastServerMicros) / Proc.microsPerSecond / dt, 0))%") }
         parts.append("machine \(fmt(machineBusy, 0))%")
         log(parts.joined(separator: " "))
         lastAt = now
         lastCounters = c
-        lastServerTicks = srv
+        lastServerMicros = srv
         lastMachine = machine
     }
 }
@@ -104,49 +104,50 @@ func log(_ line: String) {
 /// CPU used between two samples.
 struct CPUUse {
     var seconds: Double
-    var serverTicks: Int
-    var serverSystemTicks: Int
+    var serverMicros: Int
+    var serverSystemMicros: Int
     var serverByRole: [String: Int]
     var machineBusyPercent: Double
-    var clientTicks: Int
-    var clientSystemTicks: Int
+    var clientMicros: Int
+    var clientSystemMicros: Int
 
     /// `client`: the load generator's own CPU in the phase, as its processes measured it.
     init(_ a: Sample, _ b: Sample, client: PhaseReport) {
         seconds = Double(b.at - a.at) / 1e9
-        serverTicks = b.serverTotal - a.serverTotal
-        serverSystemTicks = b.serverSystem - a.serverSystem
+        serverMicros = b.serverTotal - a.serverTotal
+        // stime counts in ticks: in a short phase one tick can exceed the exact total.
+        serverSystemMicros = min(b.serverSystem - a.serverSystem, serverMicros)
         var roles: [String: Int] = [:]
         for (role, t) in b.server { roles[role] = t - (a.server[role] ?? 0) }
         serverByRole = roles
         machineBusyPercent = b.machine.total > a.machine.total
             ? 100 * Double(b.machine.busy - a.machine.busy) / Double(b.machine.total - a.machine.total) : 0
-        clientTicks = client.clientCPUTicks
-        clientSystemTicks = client.clientSystemTicks
+        clientMicros = client.clientCPUMicros
+        clientSystemMicros = client.clientSystemMicros
     }
 
-    var serverSeconds: Double { Double(serverTicks) / Proc.ticksPerSecond }
-    var clientSeconds: Double { Double(clientTicks) / Proc.ticksPerSecond }
+    var serverSeconds: Double { Double(serverMicros) / Proc.microsPerSecond }
+    var clientSeconds: Double { Double(clientMicros) / Proc.microsPerSecond }
 
     /// Microseconds of server CPU per event.
     func serverMicros(per events: Int) -> Double { events > 0 ? round3(serverSeconds * 1e6 / Double(events)) : 0 }
     /// The kernel's part of `serverMicros` (stime).
     func serverSystemMicros(per events: Int) -> Double {
-        events > 0 ? round3(Double(serverSystemTicks) / Proc.ticksPerSecond * 1e6 / Double(events)) : 0
+        events > 0 ? round3(Double(serverSystemMicros) / Proc.microsPerSecond * 1e6 / Double(events)) : 0
     }
     func clientMicros(per events: Int) -> Double { events > 0 ? round3(clientSeconds * 1e6 / Double(events)) : 0 }
     /// The kernel's part of `clientMicros` (stime; on loopback it includes the server's TCP
     /// input for what the load generator sends, connect's SYN handling among it).
     func clientSystemMicros(per events: Int) -> Double {
-        events > 0 ? round3(Double(clientSystemTicks) / Proc.ticksPerSecond * 1e6 / Double(events)) : 0
+        events > 0 ? round3(Double(clientSystemMicros) / Proc.microsPerSecond * 1e6 / Double(events)) : 0
     }
 
     var json: JSON {
         [
             "seconds": round3(seconds),
             "server_cpu_percent": round3(100 * serverSeconds / max(seconds, 0.001)),
-            "server_sys_cpu_percent": round3(100 * Double(serverSystemTicks) / Proc.ticksPerSecond / max(seconds, 0.001)),
-            "server_cpu_percent_by_role": serverByRole.mapValues { round3(100 * Double($0) / Proc.ticksPerSecond / max(seconds, 0.001)) },
+            "server_sys_cpu_percent": round3(100 * Double(serverSystemMicros) / Proc.microsPerSecond / max(seconds, 0.001)),
+            "server_cpu_percent_by_role": serverByRole.mapValues { round3(100 * Double($0) / Proc.microsPerSecond / max(seconds, 0.001)) },
             "client_cpu_percent": round3(100 * clientSeconds / max(seconds, 0.001)),
             "machine_busy_percent": round3(machineBusyPercent),
         ]

@@ -108,9 +108,9 @@ struct PhaseReport: Codable {
     var drainNs: UInt64 = 0
     /// The step was cut short: its p99 passed the abort limit (`Engine.step`).
     var aborted = false
-    var clientCPUTicks = 0
-    /// The kernel's part of `clientCPUTicks` (stime).
-    var clientSystemTicks = 0
+    var clientCPUMicros = 0
+    /// The kernel's part of `clientCPUMicros` (stime).
+    var clientSystemMicros = 0
     var clientRSSKB = 0
     var errorKinds: [String: Int] = [:]
     var processes = 1
@@ -138,8 +138,8 @@ struct PhaseReport: Codable {
         elapsedNs = max(elapsedNs, o.elapsedNs)
         drainNs = max(drainNs, o.drainNs)
         aborted = aborted || o.aborted
-        clientCPUTicks += o.clientCPUTicks
-        clientSystemTicks += o.clientSystemTicks
+        clientCPUMicros += o.clientCPUMicros
+        clientSystemMicros += o.clientSystemMicros
         clientRSSKB += o.clientRSSKB
         for (k, v) in o.errorKinds { errorKinds[k, default: 0] += v }
         processes += o.processes
@@ -149,11 +149,11 @@ struct PhaseReport: Codable {
         for (k, v) in o.stalledKinds { stalledKinds[k, default: 0] += v }
     }
 
-    /// This process's CPU (utime + stime, and stime alone) since `start`.
-    mutating func noteClientCPU(since start: (user: Int, system: Int)) {
-        let now = Proc.selfTicksSplit()
-        clientCPUTicks = now.user + now.system - start.user - start.system
-        clientSystemTicks = now.system - start.system
+    /// This process's CPU (its CPU clock, and stime alone) since `start`.
+    mutating func noteClientCPU(since start: (total: Int, system: Int)) {
+        let now = Proc.selfCPUSplit()
+        clientCPUMicros = now.total - start.total
+        clientSystemMicros = min(now.system - start.system, clientCPUMicros)  // stime: ticks
     }
 
     static func merged(_ reports: [PhaseReport]) -> PhaseReport {
