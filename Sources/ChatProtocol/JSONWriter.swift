@@ -98,30 +98,41 @@ public struct JSONWriter {
     private mutating func writeString(_ value: String) {
         var value = value
         value.withUTF8 { bytes in
-            var escapes = 0
-            for byte in bytes where Self.needsEscape(byte) { escapes += Self.escapeLength(byte) - 1 }
-            let length = bytes.count + escapes + 2
+            let length = Self.quotedLength(bytes)
             buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { out in
-                out[0] = UInt8(ascii: "\"")
-                var at = 1
-                if escapes == 0 {
-                    UnsafeMutableRawBufferPointer(rebasing: out[1...]).copyMemory(from: UnsafeRawBufferPointer(bytes))
-                    at += bytes.count
-                } else {
-                    for byte in bytes {
-                        if Self.needsEscape(byte) {
-                            at = Self.writeEscape(byte, into: out, at: at)
-                        } else {
-                            out[at] = byte
-                            at += 1
-                        }
-                    }
-                }
-                out[at] = UInt8(ascii: "\"")
-                return length
+                Self.writeQuoted(bytes, length: length, into: out, at: 0)
             }
         }
         needsComma = true
+    }
+
+    /// The length of `bytes` as a JSON string: quoted, escaped.
+    static func quotedLength(_ bytes: UnsafeBufferPointer<UInt8>) -> Int {
+        var escapes = 0
+        for byte in bytes where needsEscape(byte) { escapes += escapeLength(byte) - 1 }
+        return bytes.count + escapes + 2
+    }
+
+    /// Writes `bytes` as a JSON string of `length` (`quotedLength`) at `out[at...]`;
+    /// answers where the next byte goes.
+    static func writeQuoted(_ bytes: UnsafeBufferPointer<UInt8>, length: Int, into out: UnsafeMutableRawBufferPointer, at start: Int) -> Int {
+        out[start] = UInt8(ascii: "\"")
+        var at = start + 1
+        if length == bytes.count + 2 {
+            UnsafeMutableRawBufferPointer(rebasing: out[at...]).copyMemory(from: UnsafeRawBufferPointer(bytes))
+            at += bytes.count
+        } else {
+            for byte in bytes {
+                if needsEscape(byte) {
+                    at = writeEscape(byte, into: out, at: at)
+                } else {
+                    out[at] = byte
+                    at += 1
+                }
+            }
+        }
+        out[at] = UInt8(ascii: "\"")
+        return at + 1
     }
 
     private static func needsEscape(_ byte: UInt8) -> Bool {

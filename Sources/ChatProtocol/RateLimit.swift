@@ -13,6 +13,13 @@ public struct TokenBucket: Sendable {
         self.updatedAt = now
     }
 
+    /// Full, with no reading of the clock: a full bucket stays full whatever time passed
+    /// (what it gains is capped at `burst`), so any past instant of the monotonic clock
+    /// (which starts at 0) will do. Every connection makes one.
+    public init(rate: Double, burst: Int) {
+        self.init(rate: rate, burst: burst, now: 0)
+    }
+
     /// Takes a token if there is one.
     public mutating func take(now: Double) -> Bool {
         tokens = min(burst, tokens + max(0, now - updatedAt) * rate)

@@ -29,7 +29,9 @@ final class Worker: BusDelegate {
     /// The epoll loop's front, when it holds the client sockets (`server.engine: epoll`).
     var engine: EngineFront?
     var counters = WorkerCounters()
-    private var sessions: [ObjectIdentifier: SessionHandler] = [:]
+    /// Every open session, each knowing its place (`registryIndex`): one append and one
+    /// swap-remove per connection, no hashing.
+    private var sessions: ContiguousArray<SessionHandler> = []
     /// The event stream sessions among them, for their heartbeat comments.
     private var eventStreams: [ObjectIdentifier: SessionHandler] = [:]
     private var heartbeats: Scheduled<Void>?
@@ -73,7 +75,9 @@ final class Worker: BusDelegate {
 
     /// A new session, of either transport.
     func register(_ session: SessionHandler) {
-        sessions[ObjectIdentifier(session)] = session
+        guard session.registryIndex < 0 else { return }
+        session.registryIndex = sessions.count
+        sessions.append(session)
         if session.isEventStream {
             eventStreams[ObjectIdentifier(session)] = session
             startHeartbeats()
@@ -103,7 +107,7 @@ final class Worker: BusDelegate {
 
     /// Closes every connection of `user` with `bye kicked`.
     func kick(user: String) -> Int {
-        let targets = sessions.values.filter { $0.user == user }
+        let targets = sessions.filter { $0.user == user }
         for session in targets { session.sayGoodbye(.kicked, retryMs: Int.random(in: 30_000...60_000)) }
         if !targets.isEmpty { logger.info("kicked", metadata: ["user": "\(user)", "connections": "\(targets.count)"]) }
         return targets.count
@@ -128,7 +132,14 @@ final class Worker: BusDelegate {
 
     /// A session is gone; `idleRow` is the row `register` gave it.
     func unregister(_ session: SessionHandler, idleRow: Int?) {
-        guard sessions.removeValue(forKey: ObjectIdentifier(session)) != nil else { return }
+        let index = session.registryIndex
+        guard index >= 0, index < sessions.count, sessions[index] === session else { return }
+        let last = sessions.removeLast()
+        if index < sessions.count {
+            sessions[index] = last
+            last.registryIndex = index
+        }
+        session.registryIndex = -1
         eventStreams[ObjectIdentifier(session)] = nil
         if let idleRow { idle.remove(idleRow) }
         if stopping && sessions.isEmpty { onDrained?() }
@@ -288,7 +299,7 @@ final class Worker: BusDelegate {
             return
         }
         let windowMs = max(0, Int(window.nanoseconds / 1_000_000))
-        let everyone = Array(sessions.values)
+        let everyone = Array(sessions)
         for (index, session) in everyone.enumerated() {
             // Reconnects spread over the window, so the new workers see no stampede.
             let retryMs = windowMs > 500 ? Int.random(in: 500...windowMs) : Int.random(in: 500...3_000)

@@ -50,6 +50,18 @@ func violations(_ detector: inout FloodDetector, at times: [Double]) -> [Bool] {
         #expect(got == [true, true, true, false, false])
     }
 
+    /// Made without the time: as a bucket made at the first attempt would be.
+    @Test func aBucketMadeWithoutTheTimeIsFull() {
+        for start in [0.0, 0.001, 5_000_000] {
+            var bucket = TokenBucket(rate: 2, burst: 3)
+            var timed = TokenBucket(rate: 2, burst: 3, now: start)
+            let times = [start, start, start, start, start + 0.5, start + 0.5]
+            #expect(attempts(&bucket, at: times) == attempts(&timed, at: times))
+        }
+        var still = TokenBucket(rate: 0, burst: 2)
+        #expect(attempts(&still, at: [7, 7, 7]) == [true, true, false])
+    }
+
     @Test func refillsAtTheRate() {
         var bucket = TokenBucket(rate: 2, burst: 1, now: 0)
         // 0.25 s is half a token; 0.5 s a whole one.

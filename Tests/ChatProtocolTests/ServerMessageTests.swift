@@ -12,6 +12,28 @@ import Testing
             == #"{"type":"hello","user":"alice","conn":"w1-7f3a","protocol":1,"heartbeat_s":30}"#)
     }
 
+    /// `hello` is written straight into memory (`HelloText`), not through JSONWriter: it
+    /// must come out as JSONWriter writes every other string and number.
+    @Test(arguments: [("alice", 30), ("", 1), ("q\"uo\\te\n\u{1}é😀", 3600), (String(repeating: "x", count: 300), 7)])
+    func helloIsWrittenAsJSONWriterWould(user: String, heartbeat: Int) throws {
+        var json = JSONWriter(buffer: ByteBuffer())
+        json.beginObject()
+        json.field("type", "hello")
+        json.field("user", user)
+        json.field("conn", "w0-\(heartbeat)")
+        json.field("protocol", 1)
+        json.field("heartbeat_s", heartbeat)
+        json.endObject()
+        let expected = String(buffer: json.buffer)
+        #expect(encoded(.hello(user: user, conn: "w0-\(heartbeat)", heartbeatSeconds: heartbeat)) == expected)
+        let text = HelloText(user: user, conn: "w0-\(heartbeat)", heartbeatSeconds: heartbeat)
+        #expect(text.length == expected.utf8.count)
+        let short = UnsafeMutableRawBufferPointer.allocate(byteCount: text.length - 1, alignment: 1)
+        defer { short.deallocate() }
+        #expect(text.write(into: short) == nil)
+        #expect(try JSONSerialization.jsonObject(with: Data(expected.utf8)) is [String: Any])
+    }
+
     @Test func joined() {
         #expect(encoded(.joined(room: "live:42", seq: 118, epoch: "e9c1", members: 5210, ref: nil))
             == #"{"type":"joined","room":"live:42","seq":118,"epoch":"e9c1","members":5210}"#)

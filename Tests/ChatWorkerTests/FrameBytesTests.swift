@@ -37,4 +37,17 @@ import Testing
             #expect(Array(FrameBytes.text(message, allocator: allocator).readableBytesView) == expected(message))
         }
     }
+
+    /// The engine writes `hello` behind the 101 from its own memory; the same frame.
+    @Test(arguments: [5, 120, 130, 400])
+    func helloWrittenIntoMemoryIsTheSameFrame(userBytes: Int) {
+        let user = String(repeating: "u", count: userBytes)
+        let message = ServerMessage.hello(user: user, conn: "w1-2a", heartbeatSeconds: 30)
+        let out = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { out.deallocate() }
+        let length = FrameBytes.writeHello(HelloText(user: user, conn: "w1-2a", heartbeatSeconds: 30), into: out)
+        #expect(length.map { Array(out[..<$0]) } == expected(message))
+        let short = UnsafeMutableRawBufferPointer(rebasing: out[..<(expected(message).count - 1)])
+        #expect(FrameBytes.writeHello(HelloText(user: user, conn: "w1-2a", heartbeatSeconds: 30), into: short) == nil)
+    }
 }

@@ -41,6 +41,9 @@ final class EngineFront: LoopApplication {
     private let chatRules: MessageRules
     private let echoRules: MessageRules?
     private let outboundLimit: Int
+    /// Where a session's `hello` is written on its way out behind the 101 (the loop copies
+    /// both into its answer buffer); a longer one takes a ByteBuffer.
+    private let helloScratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
 
     init(worker: NIOLoopBound<Worker>, listenFD: Int32, eventLoop: any EventLoop, logger: Logger) {
         self.bound = worker
@@ -141,15 +144,19 @@ final class EngineFront: LoopApplication {
     private func startSession(_ fd: Int32, user: AuthorizedUser, request: UpgradeRequest, in b: UnsafeRawBufferPointer,
                               opening: [Result<ClientMessage, ProtocolError>]) {
         let session = SessionHandler(user: user, connectionID: worker.makeConnectionID(), transport: .engine(fd), worker: worker)
-        let hello = session.helloFrame()
         let subprotocol = Self.subprotocol(request, b)
         guard !opening.isEmpty, worker.isBusReady else {
-            let upgraded = hello.withUnsafeReadableBytes { loop.upgrade(fd, request, in: b, subprotocol: subprotocol, followedBy: $0) }
+            let upgraded: Bool
+            if let length = session.writeHelloFrame(into: helloScratch) {
+                upgraded = loop.upgrade(fd, request, in: b, subprotocol: subprotocol, followedBy: UnsafeRawBufferPointer(rebasing: helloScratch[..<length]))
+            } else {
+                upgraded = session.helloFrame().withUnsafeReadableBytes { loop.upgrade(fd, request, in: b, subprotocol: subprotocol, followedBy: $0) }
+            }
             guard upgraded else { return }
             start(session, fd)
             return session.handleOpening(opening)
         }
-        held[fd] = HeldUpgrade(head: loop.upgradeHead(request, in: b, subprotocol: subprotocol), frames: hello)
+        held[fd] = HeldUpgrade(head: loop.upgradeHead(request, in: b, subprotocol: subprotocol), frames: session.helloFrame())
         starting = fd
         defer { starting = -1 }
         start(session, fd)

@@ -32,6 +32,8 @@ final class SessionHandler: ChannelInboundHandler {
     private let worker: Worker
     /// Set while this session waits in the room table's list of members to flush.
     var flushQueued = false
+    /// Its place in the worker's list of sessions while registered, else -1.
+    var registryIndex = -1
     private var context: ChannelHandlerContext?
     /// Where this session's frames enter the pipeline: the context next to the head (the
     /// frame decoder's; everything between it and here is inbound-only), so a write or a
@@ -54,7 +56,7 @@ final class SessionHandler: ChannelInboundHandler {
         self.connectionID = connectionID
         self.worker = worker
         let limits = worker.settings.limits
-        bucket = TokenBucket(rate: limits.ratePerSecond, burst: limits.burst, now: monotonicSeconds())
+        bucket = TokenBucket(rate: limits.ratePerSecond, burst: limits.burst)
         flood = FloodDetector(limit: limits.floodViolations)
     }
 
@@ -95,6 +97,15 @@ final class SessionHandler: ChannelInboundHandler {
         let frame = FrameBytes.text(hello, allocator: Self.allocator)
         countOut(frames: 1, bytes: frame.readableBytes)
         return frame
+    }
+
+    /// `helloFrame()` written at the start of `out` instead; its length, or nil (nothing
+    /// written or counted) if `out` is too short.
+    func writeHelloFrame(into out: UnsafeMutableRawBufferPointer) -> Int? {
+        let text = HelloText(user: user, conn: connectionID, heartbeatSeconds: worker.settings.heartbeatSeconds)
+        guard let length = FrameBytes.writeHello(text, into: out) else { return nil }
+        countOut(frames: 1, bytes: length)
+        return length
     }
 
     /// The start of a session on the engine, right after its 101 and `hello`; answers where

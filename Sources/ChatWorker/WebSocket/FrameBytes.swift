@@ -31,17 +31,38 @@ public enum FrameBytes {
     }
 
     private static func writeHeader(opcode: WebSocketOpcode, length: Int, into frame: inout ByteBuffer, at index: Int) {
-        frame.setInteger(UInt8(0x80) | UInt8(webSocketOpcode: opcode), at: index)
+        var header: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &header) { out in
+            let count = writeHeader(opcode: opcode, length: length, into: out)
+            frame.setBytes(UnsafeRawBufferPointer(rebasing: out[..<count]), at: index)
+        }
+    }
+
+    /// A frame's header at the start of `out` (room for `headerLength`); answers its length.
+    static func writeHeader(opcode: WebSocketOpcode, length: Int, into out: UnsafeMutableRawBufferPointer) -> Int {
+        out[0] = UInt8(0x80) | UInt8(webSocketOpcode: opcode)
         switch length {
         case ..<126:
-            frame.setInteger(UInt8(length), at: index + 1)
+            out[1] = UInt8(length)
+            return 2
         case ..<65_536:
-            frame.setInteger(UInt8(126), at: index + 1)
-            frame.setInteger(UInt16(length), at: index + 2)
+            out[1] = 126
+            out.storeBytes(of: UInt16(length).bigEndian, toByteOffset: 2, as: UInt16.self)
+            return 4
         default:
-            frame.setInteger(UInt8(127), at: index + 1)
-            frame.setInteger(UInt64(length), at: index + 2)
+            out[1] = 127
+            out.storeBytes(of: UInt64(length).bigEndian, toByteOffset: 2, as: UInt64.self)
+            return 10
         }
+    }
+
+    /// `hello` as a text frame at the start of `out`; answers its length, or nil if `out`
+    /// is too short.
+    static func writeHello(_ hello: HelloText, into out: UnsafeMutableRawBufferPointer) -> Int? {
+        let header = headerLength(hello.length)
+        guard out.count >= header + hello.length else { return nil }
+        _ = writeHeader(opcode: .text, length: hello.length, into: out)
+        return hello.write(into: UnsafeMutableRawBufferPointer(rebasing: out[header...])).map { header + $0 }
     }
 
     public static func binary(_ payload: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
