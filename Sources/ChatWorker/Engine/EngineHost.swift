@@ -21,7 +21,8 @@ import NIOPosix
 /// - `thread` (where io_uring is missing or forbidden): a small thread waits on an epoll
 ///   of its own holding the engine's descriptor one-shot (waiting there takes none of the
 ///   engine's events) and writes a byte to a pipe NIO reads. Two wake-ups a burst, the
-///   helper's and NIO's: measured at 1.5-2 µs per handshake on the 2-core machine.
+///   helper's and NIO's: about 1.25 µs more per handshake on the 2-core machine
+///   (BENCHMARKS.md's optimisation log).
 final class EngineHost {
     enum Watch: String, Sendable {
         case ring = "io_uring"
@@ -101,7 +102,11 @@ final class EngineHost {
         }
         switch watch {
         case .ring:
-            _ = chatengine_ring_arm(ring)
+            guard chatengine_ring_arm(ring) == 0 else {
+                // Not armed, nothing would wake the engine: look again shortly instead.
+                eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(1)) { [self] in turn() }
+                return
+            }
         case .thread:
             var event = epoll_event(events: EPOLLIN.rawValue | EPOLLONESHOT.rawValue, data: epoll_data_t(fd: loop.epfd))
             _ = epoll_ctl(helperEpoll, EPOLL_CTL_MOD, loop.epfd, &event)
