@@ -130,16 +130,16 @@ struct CPUUse {
     var clientSeconds: Double { Double(clientMicros) / Proc.microsPerSecond }
 
     /// Microseconds of server CPU per event.
-    func serverMicros(per events: Int) -> Double { events > 0 ? round3(serverSeconds * 1e6 / Double(events)) : 0 }
+    func serverMicros(per events: Int) -> Double { events > 0 ? round3(Double(serverMicros) / Double(events)) : 0 }
     /// The kernel's part of `serverMicros` (stime).
     func serverSystemMicros(per events: Int) -> Double {
-        events > 0 ? round3(Double(serverSystemMicros) / Proc.microsPerSecond * 1e6 / Double(events)) : 0
+        events > 0 ? round3(Double(serverSystemMicros) / Double(events)) : 0
     }
-    func clientMicros(per events: Int) -> Double { events > 0 ? round3(clientSeconds * 1e6 / Double(events)) : 0 }
+    func clientMicros(per events: Int) -> Double { events > 0 ? round3(Double(clientMicros) / Double(events)) : 0 }
     /// The kernel's part of `clientMicros` (stime; on loopback it includes the server's TCP
     /// input for what the load generator sends, connect's SYN handling among it).
     func clientSystemMicros(per events: Int) -> Double {
-        events > 0 ? round3(Double(clientSystemMicros) / Proc.microsPerSecond * 1e6 / Double(events)) : 0
+        events > 0 ? round3(Double(clientSystemMicros) / Double(events)) : 0
     }
 
     var json: JSON {

@@ -43,28 +43,27 @@ enum Proc {
         return text[text.index(after: close)...].split(separator: " ")
     }
 
-    /// A process's CPU time in µs, and the kernel's part of it; pid 0 is this process.
-    /// The total is the process's CPU clock (every thread, to the nanosecond, a running
-    /// one's to the moment). /proc's utime + stime count in clock ticks (10 ms): over a
-    /// phase of 0.6 s on two workers that was a step of 0.5 µs per handshake, 2.5 % of it.
-    /// The kernel's part is stime (field 15), still in ticks: it is shown, not judged.
-    static func cpuMicrosSplit(_ pid: Int32) -> (total: Int, system: Int)? {
-        guard let f = statFields(pid), f.count > 12, let system = Int(f[12]) else { return nil }
+    /// A process's CPU time in µs; pid 0 is this process. Its CPU clock: every thread, to
+    /// the nanosecond, a running one's to the moment. (/proc's utime + stime count in clock
+    /// ticks, 10 ms: over a phase of 0.6 s on two workers a step of 0.5 µs per handshake.)
+    static func cpuMicros(_ pid: Int32) -> Int? {
         var clock = CLOCK_PROCESS_CPUTIME_ID
         guard pid == 0 || clock_getcpuclockid(pid, &clock) == 0 else { return nil }
         var time = timespec()
         guard clock_gettime(clock, &time) == 0 else { return nil }
-        return (Int(time.tv_sec) * 1_000_000 + Int(time.tv_nsec) / 1000, system * microsPerTick)
+        return Int(time.tv_sec) * 1_000_000 + Int(time.tv_nsec) / 1000
     }
 
-    /// CPU time in µs; pid 0 is this process.
-    static func cpuMicros(_ pid: Int32) -> Int? {
-        cpuMicrosSplit(pid)?.total
+    /// The kernel's part of a process's CPU time in µs: stime (field 15), still in clock
+    /// ticks, so coarse; it is shown, not judged. pid 0 is this process.
+    static func systemMicros(_ pid: Int32) -> Int? {
+        guard let f = statFields(pid), f.count > 12, let system = Int(f[12]) else { return nil }
+        return system * microsPerTick
     }
 
     static func selfCPUMicros() -> Int { cpuMicros(0) ?? 0 }
 
-    static func selfCPUSplit() -> (total: Int, system: Int) { cpuMicrosSplit(0) ?? (0, 0) }
+    static func selfCPUSplit() -> (total: Int, system: Int) { (selfCPUMicros(), systemMicros(0) ?? 0) }
 
     static func parent(of pid: Int32) -> Int32? {
         guard let f = statFields(pid), f.count > 1 else { return nil }
@@ -167,7 +166,7 @@ struct ServerProcesses {
 
     /// stime alone: the kernel's share (on loopback, the receiving end's TCP input too).
     func systemMicros() -> Int {
-        members.reduce(0) { $0 + (Proc.cpuMicrosSplit($1.pid)?.system ?? 0) }
+        members.reduce(0) { $0 + (Proc.systemMicros($1.pid) ?? 0) }
     }
 
     func cpuMicrosByRole() -> [String: Int] {
