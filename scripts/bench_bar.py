@@ -11,8 +11,8 @@ import math
 import statistics
 
 # The scenarios judged by lean_bar that --repeat N runs N times (against both servers, but
-# connect-join-url, chatgw's alone); round k > 1 keeps them as NAME@k.
-REPEATED = ("connect", "idle", "connect-join-url", "fanout-18k-100rooms", "fanout-18k-1room")
+# connect-join and connect-join-url, chatgw's alone); round k > 1 keeps them as NAME@k.
+REPEATED = ("connect", "idle", "connect-join", "connect-join-url", "fanout-18k-100rooms", "fanout-18k-1room")
 
 
 def round_view(scenarios, k, repeated=REPEATED):
@@ -99,12 +99,14 @@ def lean_bar_lines(ours, peer_scenarios, peer):
                      g(peer_scenarios, "connect", "server_cpu_us_per_handshake"), 0.75, False,
                      ("chatgw connect", f"{peer} connect"), " µs"))
 
-    # 3: connect + join against the peer's bare handshake (nchan's room is in its URL). idle runs
-    # with chatbench's default --concurrency, 256, the same in-flight count as connect's
-    # --concurrency 256 (compared_scenarios), so the two rates are of the same load: no option needed.
+    # 3: connect + join against the peer's handshake (nchan's room is in its URL). connect-join
+    # and connect-join-url are idle runs as large as connect's (20,000) with chatbench's default
+    # --concurrency, 256, connect's in-flight count (compared_scenarios): the same load.
     rule = f"connect + join per second >= 1.0x {peer}'s handshakes/s"
     peer_hs = g(peer_scenarios, "connect", "handshakes_per_s")
-    joins = [("3.idle", "idle (connect, hello, join)", "idle")]
+    # Older results have no connect-join (and a connect-join-url of 10,000): idle's join by message.
+    joins = ([("3.frame", "connect-join (connect, hello, join)", "connect-join")] if "connect-join" in ours
+             else [("3.idle", "idle (connect, hello, join)", "idle")])
     if "connect-join-url" in ours:
         joins.append(("3.url", "connect-join-url (the room in the URL)", "connect-join-url"))
     subs = [check(key, what, g(ours, name, "setups_per_s"), peer_hs, 1.0, True, (f"chatgw {name}", f"{peer} connect"))
