@@ -52,8 +52,7 @@ let package = Package(
         // hiredis (Debian's libhiredis-dev): its RESP reader and command formatter.
         .systemLibrary(name: "CHiredis", providers: [.apt(["libhiredis-dev"])]),
         // The bus interface, the relay wire format and client, and the Redis client.
-        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem", "CHiredis",
-            .product(name: "NIOExtras", package: "swift-nio-extras")] + nio),
+        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem", "CHiredis"] + nio),
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
         .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),
         // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
@@ -83,7 +82,7 @@ let package = Package(
         .testTarget(name: "ChatProtocolTests", dependencies: ["ChatProtocol"]),
         .testTarget(name: "ChatMasterTests", dependencies: ["ChatMaster"]),
         .testTarget(name: "ChatLinkTests", dependencies: ["ChatLink", "ChatControl"]),
-        .testTarget(name: "ChatBusTests", dependencies: ["ChatBus"]),
+        .testTarget(name: "ChatBusTests", dependencies: ["ChatBus", .product(name: "NIOEmbedded", package: "swift-nio")]),
         .testTarget(name: "ChatRelayTests", dependencies: ["ChatRelay", "ChatBus"]),
         .testTarget(name: "ChatAuthTests", dependencies: ["ChatAuth"]),
         .testTarget(name: "ChatArchiveTests", dependencies: ["ChatArchive", .product(name: "GRDB", package: "GRDB.swift")]),

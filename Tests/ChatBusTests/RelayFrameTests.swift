@@ -89,10 +89,11 @@ let sampleFrames: [RelayFrame] = [
         #expect(buffer == copy)
     }
 
-    @Test func codecEncodesTheSameBytes() {
+    @Test func codecEncodesTheSameBytesBehindTheirLength() {
         let frame = sampleFrames[16]
         let buffer = RelayCodec.encode(frame, allocator: ByteBufferAllocator())
-        #expect(Array(buffer.readableBytesView) == encodedBytes(frame))
+        let body = encodedBytes(frame)
+        #expect(Array(buffer.readableBytesView) == be(UInt32(body.count)) + body)
     }
 
     // The wire layout itself, so both ends of a mixed-version deployment agree.
