@@ -12,7 +12,8 @@ final class Relay {
     private var book: RoomBook
     private var links: [LinkID: ChannelHandlerContext] = [:]
     private var nextLinkID: LinkID = 0
-    private var dirty: Set<LinkID> = []
+    /// Each link's frames of this tick, written and flushed together after it.
+    private var outgoing: [LinkID: ByteBuffer] = [:]
     /// Links that get every message of every room (the archiver).
     private var everything: Set<LinkID> = []
     private var flushScheduled = false
@@ -47,7 +48,7 @@ final class Relay {
 
     func detach(_ link: LinkID) {
         links[link] = nil
-        dirty.remove(link)
+        outgoing[link] = nil
         everything.remove(link)
         book.dropLink(link)
     }
@@ -66,6 +67,7 @@ final class Relay {
             messagesIn += 1
             let message = book.publish(room: room, from: from, text: text, nowMs: now)
             journal?.append(message)
+            // Encoded once; each link's buffer of this tick gets a copy of the bytes.
             let bytes = RelayCodec.encode(.message(message), allocator: links[link]?.channel.allocator ?? ByteBufferAllocator())
             for interested in book.interestedLinks(in: room) ?? [:].keys where !everything.contains(interested) {
                 write(bytes, to: interested)
@@ -109,22 +111,38 @@ final class Relay {
 
     private func send(_ frame: RelayFrame, to link: LinkID) {
         guard let context = links[link] else { return }
-        write(RelayCodec.encode(frame, allocator: context.channel.allocator), to: link)
+        if outgoing[link] != nil {
+            RelayCodec.append(frame, to: &outgoing[link]!)
+            return
+        }
+        var buffer = context.channel.allocator.buffer(capacity: 256)
+        RelayCodec.append(frame, to: &buffer)
+        queue(buffer, to: link, on: context)
     }
 
     private func write(_ bytes: ByteBuffer, to link: LinkID) {
         guard let context = links[link] else { return }
-        context.write(NIOAny(bytes), promise: nil)
-        dirty.insert(link)
+        if outgoing[link] != nil {
+            outgoing[link]!.writeImmutableBuffer(bytes)
+            return
+        }
+        var buffer = context.channel.allocator.buffer(capacity: max(256, bytes.readableBytes))
+        buffer.writeImmutableBuffer(bytes)
+        queue(buffer, to: link, on: context)
+    }
+
+    /// The link's first bytes of this tick; the first of any link schedules the writing.
+    private func queue(_ buffer: ByteBuffer, to link: LinkID, on context: ChannelHandlerContext) {
+        outgoing[link] = buffer
         guard !flushScheduled else { return }
         flushScheduled = true
-        // Runs after this tick's I/O events: one flush per link per tick.
+        // Runs after this tick's I/O events: one write and flush per link per tick.
         context.eventLoop.assumeIsolated().execute { [self] in
             flushScheduled = false
             journal?.flush()
             if journal?.needsCompaction == true { compactJournal() }
-            for link in dirty { links[link]?.flush() }
-            dirty.removeAll(keepingCapacity: true)
+            for (link, bytes) in outgoing { links[link]?.writeAndFlush(NIOAny(bytes), promise: nil) }
+            outgoing.removeAll(keepingCapacity: true)
         }
     }
 

@@ -21,7 +21,8 @@ public final class RelayBusClient: ArchiverBus {
     private var pending: [UInt32: Pending] = [:]
     private var nextRequest: UInt32 = 0
     private var backoff = ReconnectBackoff()
-    private var flushScheduled = false
+    /// This tick's frames, written and flushed together after it.
+    private var outgoing: ByteBuffer?
 
     public init(socketPath: String, workerName: String, eventLoop: any EventLoop, logger: Logger) {
         self.socketPath = socketPath
@@ -85,13 +86,18 @@ public final class RelayBusClient: ArchiverBus {
 
     private func send(_ frame: RelayFrame) {
         guard let channel else { return }
-        channel.write(RelayCodec.encode(frame, allocator: channel.allocator), promise: nil)
-        guard !flushScheduled else { return }
-        flushScheduled = true
-        // One flush per tick, after everything this tick wanted to send.
+        if outgoing != nil {
+            RelayCodec.append(frame, to: &outgoing!)
+            return
+        }
+        var buffer = channel.allocator.buffer(capacity: 256)
+        RelayCodec.append(frame, to: &buffer)
+        outgoing = buffer
+        // One write per tick, after everything this tick wanted to send.
         eventLoop.assumeIsolated().execute { [self] in
-            flushScheduled = false
-            self.channel?.flush()
+            guard let bytes = outgoing else { return }
+            outgoing = nil
+            self.channel?.writeAndFlush(bytes, promise: nil)
         }
     }
 
@@ -128,6 +134,7 @@ public final class RelayBusClient: ArchiverBus {
     fileprivate func disconnected() {
         guard channel != nil else { return }
         channel = nil
+        outgoing = nil
         logger.warning("relay link lost")
         let failed = pending
         pending.removeAll()

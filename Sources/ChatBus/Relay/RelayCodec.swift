@@ -20,10 +20,17 @@ public enum RelayCodec {
     /// many links.
     public static func encode(_ frame: RelayFrame, allocator: ByteBufferAllocator) -> ByteBuffer {
         var buffer = allocator.buffer(capacity: 64)
+        append(frame, to: &buffer)
+        return buffer
+    }
+
+    /// Appends a frame, length prefix included, to what a link will write at the end of its
+    /// tick: one buffer and one pipeline write per tick, not per frame.
+    public static func append(_ frame: RelayFrame, to buffer: inout ByteBuffer) {
+        let lengthIndex = buffer.writerIndex
         buffer.writeInteger(UInt32(0))
         frame.encode(into: &buffer)
-        buffer.setInteger(UInt32(buffer.readableBytes - 4), at: buffer.readerIndex)
-        return buffer
+        buffer.setInteger(UInt32(buffer.writerIndex - lengthIndex - 4), at: lengthIndex)
     }
 }
 
