@@ -5,8 +5,8 @@ import NIOCore
 //
 //     u32 length | u8 version | u8 type | body
 //
-// where `length` counts everything after itself (NIOExtras' length-field codecs add and
-// strip it). Strings are u32 length + UTF-8 bytes; integers are big-endian; an optional
+// where `length` counts everything after itself (RelayCodec writes and reads it with the
+// frame). Strings are u32 length + UTF-8 bytes; integers are big-endian; an optional
 // integer is -1 for "absent". The version byte lets a newer relay refuse an older worker
 // (or garbage) with a clear log line instead of misreading it.
 //
