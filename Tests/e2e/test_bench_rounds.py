@@ -134,3 +134,23 @@ def test_bad_options_are_refused_before_anything_runs():
                        (["--repeat", "2"], "--repeat 2 needs --peer nchan"), (["--what"], "unknown argument: --what")]:
         r = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "bench"), *args], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and says in r.stderr, (args, r.returncode, r.stderr)
+
+
+def test_line_3_judges_the_joins_of_connects_size_and_still_reads_older_results():
+    # connect-join and connect-join-url (as large as connect's run) are line 3's two ways;
+    # a result without connect-join (before 2026-12-05's change) judges idle's join, as then.
+    peer = connect(100, 20)
+    ours = dict(connect(100, 10), idle={"setups_per_s": 50},
+                **{"connect-join": {"setups_per_s": 70}, "connect-join-url": {"setups_per_s": 105}})
+    lines = [t for _, t in bench_bar.lean_bar(ours, peer, "nchan")]
+    assert "    connect-join (connect, hello, join): 70 vs 100 = 0.70x" in lines
+    assert "    connect-join-url (the room in the URL): 105 vs 100 = 1.05x" in lines
+    assert not any(t.startswith("    idle (connect, hello, join)") for t in lines)
+    verdicts = {t: v for v, t in bench_bar.lean_bar(ours, peer, "nchan")}
+    assert verdicts["3. connect + join per second >= 1.0x nchan's handshakes/s, either way of joining"] == "PASS"
+
+    older = dict(connect(100, 10), idle={"setups_per_s": 50}, **{"connect-join-url": {"setups_per_s": 90}})
+    lines = [t for _, t in bench_bar.lean_bar(older, peer, "nchan")]
+    assert "    idle (connect, hello, join): 50 vs 100 = 0.50x" in lines
+    assert {t: v for v, t in bench_bar.lean_bar(older, peer, "nchan")}[
+        "3. connect + join per second >= 1.0x nchan's handshakes/s, either way of joining"] == "FAIL"
