@@ -110,29 +110,20 @@ final class Relay {
     }
 
     private func send(_ frame: RelayFrame, to link: LinkID) {
-        guard let context = links[link] else { return }
-        if outgoing[link] != nil {
-            RelayCodec.append(frame, to: &outgoing[link]!)
-            return
-        }
-        var buffer = context.channel.allocator.buffer(capacity: 256)
-        RelayCodec.append(frame, to: &buffer)
-        queue(buffer, to: link, on: context)
+        append(to: link) { RelayCodec.append(frame, to: &$0) }
     }
 
     private func write(_ bytes: ByteBuffer, to link: LinkID) {
-        guard let context = links[link] else { return }
-        if outgoing[link] != nil {
-            outgoing[link]!.writeImmutableBuffer(bytes)
-            return
-        }
-        var buffer = context.channel.allocator.buffer(capacity: max(256, bytes.readableBytes))
-        buffer.writeImmutableBuffer(bytes)
-        queue(buffer, to: link, on: context)
+        append(to: link) { $0.writeImmutableBuffer(bytes) }
     }
 
-    /// The link's first bytes of this tick; the first of any link schedules the writing.
-    private func queue(_ buffer: ByteBuffer, to link: LinkID, on context: ChannelHandlerContext) {
+    /// Adds to the link's bytes of this tick; the first bytes of any link schedule the
+    /// writing.
+    private func append(to link: LinkID, _ add: (inout ByteBuffer) -> Void) {
+        guard let context = links[link] else { return }
+        if outgoing[link] != nil { return add(&outgoing[link]!) }
+        var buffer = context.channel.allocator.buffer(capacity: 256)
+        add(&buffer)
         outgoing[link] = buffer
         guard !flushScheduled else { return }
         flushScheduled = true
