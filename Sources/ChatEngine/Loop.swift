@@ -12,6 +12,9 @@ public struct Connection {
     var known = false
     /// Wrote since its last `flush` (`writeOncePerFlush`); in the padding before `group`.
     var wrote = false
+    /// Deciding, with its 101 held in `output` (`hold`): writes queue behind it until
+    /// `release`. In the padding too.
+    var holding = false
     /// The application's: where it lists the connection (say, a room and the place in its
     /// member list).
     public var group: Int32 = -1
@@ -183,7 +186,7 @@ public final class Loop {
             case Connection.listener:
                 acceptSome(fd)
             case Connection.http, Connection.open, Connection.deciding:
-                if flags & Self.OUT != 0 && conns[Int(fd)].outputCount > 0 { flushQueue(fd) }
+                if flags & Self.OUT != 0 && conns[Int(fd)].outputCount > 0 && !conns[Int(fd)].holding { flushQueue(fd) }
                 if flags & Self.IN != 0 { readable(fd) }
                 if flags & (Self.ERR | Self.HUP | Self.RDHUP) != 0 { doom(fd) }
             default:
@@ -336,19 +339,45 @@ public final class Loop {
         return sendOpening(fd, headLength: n, followedBy: first)
     }
 
-    /// The 101 `upgrade` would answer, for an answer that waits (`decideLater`) and is sent
-    /// with `open` once the frames that go with it are there.
-    public func upgradeHead(_ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil) -> [UInt8] {
+    /// Decides now but answers later: the 101 `upgrade` would send waits in the connection's
+    /// queue, the connection stays `deciding` (what the client sends waits unread), and
+    /// every `write` until `release` queues behind it, so that all of it leaves in one send.
+    public func hold(_ fd: Int32, _ request: UpgradeRequest, in bytes: UnsafeRawBufferPointer, subprotocol: StaticString? = nil) {
         let n = writeSwitchingHead(request, in: bytes, subprotocol: subprotocol)
-        return Array(UnsafeRawBufferPointer(start: response, count: n))
+        let c = conns + Int(fd)
+        c.pointee.state = Connection.deciding
+        c.pointee.holding = true
+        if c.pointee.output == nil {
+            // Room for the 101, hello and a joined or two: a small block, which malloc hands
+            // out from its per-thread cache (a queue's usual 4 KiB is not).
+            c.pointee.output = malloc(Self.heldCapacity)!
+            c.pointee.outputCapacity = Int32(Self.heldCapacity)
+        }
+        enqueue(fd, response, n, limit: config.maxQueuedBytes)
     }
 
-    /// Sends a deciding connection its `upgradeHead` and `first` in one write and opens it
-    /// (then `resumeInput`); false (and the connection doomed) as `upgrade`.
+    static let heldCapacity = 512
+
+    /// Whether `fd`'s 101 is held (`hold`) and not released yet.
+    @inline(__always)
+    public func isHolding(_ fd: Int32) -> Bool {
+        conns[Int(fd)].holding && conns[Int(fd)].state == Connection.deciding
+    }
+
+    /// Sends a held 101 with everything queued behind it and opens the connection (then
+    /// `resumeInput`, if input was kept); what the socket does not take now leaves on
+    /// EPOLLOUT. False if the send failed (the connection is doomed).
     @discardableResult
-    public func open(_ fd: Int32, head: UnsafeRawBufferPointer, followedBy first: UnsafeRawBufferPointer) -> Bool {
-        response.copyMemory(from: head.baseAddress!, byteCount: head.count)
-        return sendOpening(fd, headLength: head.count, followedBy: first)
+    public func release(_ fd: Int32) -> Bool {
+        guard isHolding(fd) else { return false }
+        let c = conns + Int(fd)
+        c.pointee.holding = false
+        c.pointee.wrote = false
+        c.pointee.state = Connection.open
+        counters.handshakes += 1
+        flushQueue(fd)
+        if c.pointee.outputCount > 0 { counters.queued += 1 }
+        return c.pointee.state == Connection.open
     }
 
     /// The 101 for `request` into `response`; its length.
@@ -450,7 +479,10 @@ public final class Loop {
     @inline(__always)
     public func write(_ fd: Int32, _ bytes: UnsafeRawPointer, _ length: Int) {
         let c = conns + Int(fd)
-        if c.pointee.state != Connection.open { return }
+        if c.pointee.state != Connection.open {
+            if isHolding(fd) { enqueue(fd, bytes, length, limit: config.maxQueuedBytes) }
+            return
+        }
         if c.pointee.outputCount > 0 {
             enqueue(fd, bytes, length, limit: config.maxQueuedBytes)
             return
@@ -474,7 +506,7 @@ public final class Loop {
             c.pointee.wrote = true
             return write(fd, bytes, length)
         }
-        if c.pointee.state == Connection.open { enqueue(fd, bytes, length, limit: config.maxQueuedBytes) }
+        if c.pointee.state == Connection.open || isHolding(fd) { enqueue(fd, bytes, length, limit: config.maxQueuedBytes) }
     }
 
     /// Sends what the connection has queued, as much as the socket takes.

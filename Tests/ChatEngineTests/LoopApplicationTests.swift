@@ -8,7 +8,7 @@ import Testing
 /// `input` once upgraded; the subprotocol is confirmed in the 101.
 @Suite struct LoopApplicationTests {
     final class Recorder: LoopApplication {
-        enum Plan { case handOff, decideLater, upgrade }
+        enum Plan { case handOff, decideLater, hold, upgrade }
         var plan = Plan.upgrade
         var handedOff: [(fd: Int32, bytes: [UInt8])] = []
         var deciding: [(fd: Int32, request: UpgradeRequest, head: [UInt8])] = []
@@ -27,6 +27,9 @@ import Testing
             case .decideLater:
                 deciding.append((fd, request, Array(bytes[..<request.headLength])))
                 loop.decideLater(fd)
+            case .hold:
+                deciding.append((fd, request, Array(bytes[..<request.headLength])))
+                loop.hold(fd, request, in: UnsafeRawBufferPointer(bytes))
             case .upgrade:
                 loop.upgrade(fd, request, in: UnsafeRawBufferPointer(bytes), subprotocol: "chatgw.v1")
             }
@@ -129,6 +132,39 @@ import Testing
         close(client)
         h.turn { !h.app.closed.isEmpty }
         #expect(h.app.closed == [pending.fd])
+    }
+
+    /// A held 101 (`hold`) waits in the connection's queue with every write behind it, none
+    /// of it sent, while the client's bytes wait unread; `release` sends all of it in one
+    /// write, and the connection is open.
+    @Test func aHeldUpgradeLeavesWithWhatWasWrittenBehindIt() {
+        let h = Harness(readOnAccept: true)
+        h.app.plan = .hold
+        let client = h.connect()
+        h.send(client, Array(Self.request.utf8) + [7])
+        h.turn { !h.app.deciding.isEmpty }
+        guard let pending = h.app.deciding.first else { Issue.record("not held"); return }
+        #expect(h.loop.isHolding(pending.fd))
+        h.loop.write(pending.fd, "hello", 5)
+        h.loop.writeOncePerFlush(pending.fd, "+joined", 7)
+        h.loop.flush(pending.fd)
+        h.send(client, [8])
+        h.turn { false }
+        #expect(h.receive(client) == "", "nothing leaves before release")
+        #expect(h.app.inputs.isEmpty)
+        #expect(Array(h.loop.keptInput(pending.fd)) == [7, 8])
+        #expect(h.loop.release(pending.fd))
+        #expect(!h.loop.isHolding(pending.fd))
+        h.loop.resumeInput(pending.fd)
+        #expect(h.app.inputs == [[7, 8]])
+        let answer = h.receive(client)
+        #expect(answer.hasPrefix("HTTP/1.1 101 "))
+        #expect(answer.hasSuffix("\r\n\r\nhello+joined"))
+        #expect(h.loop.counters.handshakes == 1)
+        h.loop.write(pending.fd, "live", 4)
+        #expect(h.receive(client) == "live", "open: a write goes straight out")
+        #expect(!h.loop.release(pending.fd), "released once")
+        close(client)
     }
 
     @Test func theSubprotocolIsConfirmed() {

@@ -18,7 +18,7 @@ import pytest
 
 from chatgw_e2e.ops import scrape
 from chatgw_e2e.placement import connect_on_slot, one_per_slot, wait_bus_ready
-from chatgw_e2e.raw import RawWS, upgrade_request
+from chatgw_e2e.raw import RawWS, upgrade_request, ws_frame
 from chatgw_e2e.rooms import (
     Inbox,
     assert_quiet_until_pong,
@@ -804,6 +804,35 @@ def test_rooms_in_the_url_come_with_the_101_on_the_epoll_engine(make_gateway):
         rest = rest[start + length:]
     assert [f.get("type") for f in frames] == ["hello", "joined", "message", "message"], f"the first read: {frames}"
     assert [f.get("text") for f in frames[2:]] == ["h2", "h3"], frames
+
+
+def test_what_a_client_sends_behind_a_held_101_is_answered_after_it(make_gateway):
+    """A client that sends a request right behind its upgrade (before its 101, which the
+    engine holds for the URL's join): the request waits unread, and is answered after
+    hello and joined, once the 101 has gone."""
+    if os.environ.get("CHATGW_E2E_ENGINE", "epoll") != "epoll":
+        pytest.skip("the nio engine answers the 101 at once")
+    gw = make_gateway(workers=1, env=FAST)
+    run_async(wait_bus_ready(gw), 30)
+    with socket.create_connection((gw.host, gw.port), timeout=5) as client:
+        early = ws_frame(0x1, json.dumps({"type": "ping", "ref": "early"}))
+        client.sendall(upgrade_request(gw, "/ws?user=eager&rooms=eager-room") + early)
+        data = b""
+        deadline = time.monotonic() + 5
+        while b'"early"' not in data and time.monotonic() < deadline:
+            chunk = client.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), data[:200]
+    frames = []
+    while len(rest) >= 2:
+        length, start = rest[1], 2
+        frames.append(json.loads(rest[start:start + length]))
+        rest = rest[start + length:]
+    assert [f.get("type") for f in frames] == ["hello", "joined", "pong"], frames
+    assert frames[1].get("room") == "eager-room" and frames[2].get("ref") == "early", frames
 
 
 def test_a_held_101_does_not_wait_for_a_bus_that_does_not_answer(make_gateway):

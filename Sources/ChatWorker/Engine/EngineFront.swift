@@ -156,26 +156,37 @@ final class EngineFront: LoopApplication {
             start(session, fd)
             return session.handleOpening(opening)
         }
-        held[fd] = HeldUpgrade(head: loop.upgradeHead(request, in: b, subprotocol: subprotocol), frames: session.helloFrame())
+        loop.hold(fd, request, in: b, subprotocol: subprotocol)
+        if let length = session.writeHelloFrame(into: helloScratch) {
+            loop.write(fd, helloScratch.baseAddress!, length)
+        } else {
+            session.helloFrame().withUnsafeReadableBytes { loop.write(fd, $0.baseAddress!, $0.count) }
+        }
         starting = fd
         defer { starting = -1 }
         start(session, fd)
         session.handleOpening(opening)
-        guard held[fd] != nil else { return }  // sent already (the session was closed meanwhile)
+        guard loop.isHolding(fd) else { return }  // sent already (the session was closed meanwhile)
         guard session.awaitsJoins else { return release(fd) }
-        loop.decideLater(fd)
-        held[fd]!.until = .now() + Self.holdLimit
+        held.append(HeldUpgrade(fd: fd, generation: generations[Int(fd)], until: .now() + Self.holdLimit))
         sweepHeldLater()
     }
 
     /// One timer for every held 101 rather than one per connection (each would re-arm the
     /// loop's timer): it lets go of those held past `holdLimit`, then waits for the next.
+    /// Every hold is as long, so the oldest is first; those released meanwhile (most, in
+    /// a storm of joins) are passed over, so the timer waits for one still held.
     private func sweepHeldLater() {
-        guard holdSweep == nil, let next = held.values.lazy.map(\.until).min() else { return }
+        let now = NIODeadline.now()
+        while let upgrade = held.first {
+            let stillHeld = generations[Int(upgrade.fd)] == upgrade.generation && loop.isHolding(upgrade.fd)
+            if stillHeld && upgrade.until > now { break }
+            held.removeFirst()
+            if stillHeld { release(upgrade.fd) }
+        }
+        guard holdSweep == nil, let next = held.first?.until else { return }
         holdSweep = eventLoop.assumeIsolated().scheduleTask(deadline: next) { [self] in
             holdSweep = nil
-            let now = NIODeadline.now()
-            for (fd, upgrade) in held where upgrade.until <= now { release(fd) }
             sweepHeldLater()
         }
     }
@@ -188,17 +199,19 @@ final class EngineFront: LoopApplication {
         loop.conns[Int(fd)].index = Int32(watched.row)
     }
 
-    /// A 101 that waits for the answers to the joins in the request's URL: its head, and the
-    /// frames the session wrote since (hello, then what the answers brought), all sent in
-    /// one write when the last join is answered (`flush(_:awaitingJoins:)`). A bus that is slow to
-    /// answer does not hold it past `holdLimit`; one that is down is not waited for at all.
+    /// A 101 that waits for the answers to the joins in the request's URL. Its head, and the
+    /// frames the session writes meanwhile (hello, then what the answers bring), wait in the
+    /// connection's queue (`Loop.hold`) and leave in one send when the last join is answered
+    /// (`flush(_:awaitingJoins:)`). A bus that is slow to answer does not hold it past
+    /// `holdLimit`; one that is down is not waited for at all. Here: when to let it go,
+    /// for the connection of that `generation` on `fd` (a later one is not held by this).
     private struct HeldUpgrade {
-        var head: [UInt8]
-        var frames: ByteBuffer
-        var until = NIODeadline.distantFuture
+        var fd: Int32
+        var generation: UInt32
+        var until: NIODeadline
     }
 
-    private var held: [Int32: HeldUpgrade] = [:]
+    private var held = CircularBuffer<HeldUpgrade>()
     private var holdSweep: Scheduled<Void>?
     /// The descriptor whose request is being answered right now (inside the loop's request
     /// call: its input is read on by the loop itself).
@@ -207,13 +220,9 @@ final class EngineFront: LoopApplication {
 
     /// Sends a held 101 with the frames gathered behind it; the connection is open.
     private func release(_ fd: Int32) {
-        guard !held.isEmpty, let upgrade = held.removeValue(forKey: fd) else { return }
-        let sent = upgrade.head.withUnsafeBytes { head in
-            upgrade.frames.withUnsafeReadableBytes { loop.open(fd, head: head, followedBy: $0) }
-        }
-        guard sent, fd != starting else { return }
+        guard loop.release(fd), fd != starting, !loop.keptInput(fd).isEmpty else { return }
         // Not from inside the session's call that let it go: what the client sent meanwhile
-        // (nothing, if it waited for the 101) is read on the loop's next turn.
+        // (usually nothing: it waits for the 101) is read on the loop's next turn.
         let generation = generations[Int(fd)]
         eventLoop.assumeIsolated().execute { [self] in
             guard generations[Int(fd)] == generation else { return }
@@ -317,7 +326,6 @@ final class EngineFront: LoopApplication {
         // Whatever waits for this connection (a token check, a close timer) is for it alone.
         generations[Int(fd)] &+= 1
         readers[Int(fd)].release()
-        held[fd] = nil
         guard let session = sessions[Int(fd)] else { return }
         sessions[Int(fd)] = nil
         session.departed()
@@ -331,10 +339,6 @@ final class EngineFront: LoopApplication {
     /// `send`s, not k: a room's first messages after a quiet spell come in bursts, and one
     /// `send` per frame per member then fell behind for seconds (the hot room at 20 msg/s).
     func write(_ bytes: ByteBuffer, to fd: Int32) {
-        if !held.isEmpty, held[fd] != nil {
-            held[fd]!.frames.writeImmutableBuffer(bytes)
-            return
-        }
         bytes.withUnsafeReadableBytes { loop.writeOncePerFlush(fd, $0.baseAddress!, $0.count) }
     }
 
@@ -343,13 +347,14 @@ final class EngineFront: LoopApplication {
     /// none of the session's joins waits for the bus any more.
     func flush(_ fd: Int32, awaitingJoins: @autoclosure () -> Bool) {
         loop.flush(fd)
-        guard !held.isEmpty, held[fd] != nil, fd != starting, !awaitingJoins() else { return }
+        guard loop.isHolding(fd), fd != starting, !awaitingJoins() else { return }
         release(fd)
     }
 
-    /// More is waiting for the socket than the outbound limit: a slow consumer.
+    /// More is waiting for the socket than the outbound limit: a slow consumer. Not while
+    /// its 101 is held: nothing was sent yet (a long replay gathers behind it).
     func isBehind(_ fd: Int32) -> Bool {
-        loop.queuedBytes(fd) > outboundLimit
+        loop.queuedBytes(fd) > outboundLimit && !loop.isHolding(fd)
     }
 
     func idleRow(_ fd: Int32) -> Int? {
