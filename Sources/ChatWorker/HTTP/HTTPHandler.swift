@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ChatAuth
 import ChatBus
 import ChatProtocol
@@ -242,34 +245,58 @@ struct RequestTarget {
         var raw: Substring
 
         subscript(key: Substring) -> Substring? {
-            var found: Substring?
-            forEachPair { pairKey, value in
-                if pairKey.utf8.elementsEqual(key.utf8) { found = value }
+            var key = key
+            return key.withUTF8 { wanted in
+                var found: Substring?
+                scan { name, value in
+                    if Self.same(name, wanted) { found = Self.text(value) }
+                }
+                return found?.removingPercentEncoding
             }
-            return found?.removingPercentEncoding
         }
 
         /// Every parameter (for the rare request that reads them as a table).
         var all: [Substring: Substring] {
             var table: [Substring: Substring] = [:]
-            forEachPair { key, value in table[key] = value.removingPercentEncoding }
+            scan { key, value in table[Self.text(key)] = Self.text(value).removingPercentEncoding }
             return table
         }
 
-        /// Every `key=value` pair in order, the value as it is in the URL (not decoded).
-        func forEachPair(_ body: (Substring, Substring) -> Void) {
-            var rest = raw
-            while !rest.isEmpty {
-                let end = rest.utf8.firstIndex(of: UInt8(ascii: "&")) ?? rest.endIndex
-                let pair = rest[..<end]
-                rest = end == rest.endIndex ? rest[end...] : rest[rest.utf8.index(after: end)...]
-                guard !pair.isEmpty else { continue }
-                if let equals = pair.utf8.firstIndex(of: UInt8(ascii: "=")) {
-                    body(pair[..<equals], pair[pair.utf8.index(after: equals)...])
-                } else {
-                    body(pair, pair[pair.endIndex...])
+        /// Every `key=value` pair in order: the key's bytes and the value's, as they are in the
+        /// URL (not decoded), valid during the call. Scans the query's bytes where they lie:
+        /// walking a `Substring`'s UTF-8 view index by index, and a `Substring` for every key
+        /// and value, were a few per cent of a handshake.
+        func scan(_ body: (_ key: UnsafeBufferPointer<UInt8>, _ value: UnsafeBufferPointer<UInt8>) -> Void) {
+            var raw = raw
+            raw.withUTF8 { bytes in
+                var start = 0
+                while start < bytes.count {
+                    var end = start, equals = -1
+                    while end < bytes.count && bytes[end] != UInt8(ascii: "&") {
+                        if equals < 0 && bytes[end] == UInt8(ascii: "=") { equals = end }
+                        end += 1
+                    }
+                    if end > start {
+                        let keyEnd = equals < 0 ? end : equals
+                        body(UnsafeBufferPointer(rebasing: bytes[start..<keyEnd]),
+                             UnsafeBufferPointer(rebasing: bytes[(equals < 0 ? end : equals + 1)..<end]))
+                    }
+                    start = end + 1
                 }
             }
+        }
+
+        static func same(_ a: UnsafeBufferPointer<UInt8>, _ b: UnsafeBufferPointer<UInt8>) -> Bool {
+            a.count == b.count && (a.isEmpty || memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0)
+        }
+
+        static func same(_ a: UnsafeBufferPointer<UInt8>, _ b: StaticString) -> Bool {
+            same(a, UnsafeBufferPointer(start: b.utf8Start, count: b.utf8CodeUnitCount))
+        }
+
+        /// A key's or value's bytes as text of its own (up to 15 bytes, no allocation).
+        static func text(_ bytes: UnsafeBufferPointer<UInt8>) -> Substring {
+            Substring(String(decoding: bytes, as: UTF8.self))
         }
     }
 }
@@ -282,13 +309,13 @@ extension RequestTarget {
         // One pass for the three (every handshake asks), the last of a repeated key winning
         // as in `query[key]`.
         var rooms: Substring?, resume: Substring?, history: Substring?
-        query.forEachPair { key, value in
-            if key.utf8.elementsEqual("rooms".utf8) {
-                rooms = value
-            } else if key.utf8.elementsEqual("resume".utf8) {
-                resume = value
-            } else if key.utf8.elementsEqual("history".utf8) {
-                history = value
+        query.scan { key, value in
+            if Query.same(key, "rooms") {
+                rooms = Query.text(value)
+            } else if Query.same(key, "resume") {
+                resume = Query.text(value)
+            } else if Query.same(key, "history") {
+                history = Query.text(value)
             }
         }
         guard rooms != nil || resume != nil else { return [] }
@@ -300,8 +327,11 @@ extension RequestTarget {
 extension Substring {
     /// Decodes %XX escapes (and + as space); a malformed escape is kept as it is.
     var removingPercentEncoding: Substring {
-        // A byte scan: `contains("%")` would go through Foundation's string search here.
-        guard utf8.contains(where: { $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "+") }) else { return self }
+        // A byte scan where the bytes lie: `contains("%")` would go through Foundation's
+        // string search, and a generic scan of the UTF-8 view walks it index by index.
+        var text = self
+        let escaped = text.withUTF8 { bytes in bytes.contains { $0 == UInt8(ascii: "%") || $0 == UInt8(ascii: "+") } }
+        guard escaped else { return self }
         let source = Array(utf8)
         var bytes: [UInt8] = []
         bytes.reserveCapacity(source.count)
