@@ -1,3 +1,5 @@
+import Glibc
+
 /// The HTTP/1.1 upgrade request, parsed in place: every field is a range of offsets into the
 /// bytes the caller read, nothing is copied and nothing is allocated.
 public struct UpgradeRequest: Equatable, Sendable {
@@ -64,10 +66,8 @@ public enum UpgradeParser {
         var key = 0..<0, origin = 0..<0, authorization = 0..<0, subprotocols = 0..<0
         // Headers: Name ":" OWS value OWS CRLF, until the blank line at `end - 4`.
         while i < end - 2 {
-            var lineEnd = i
-            while lineEnd < end && b[lineEnd] != 0x0D { lineEnd += 1 }
-            var colon = i
-            while colon < lineEnd && b[colon] != 0x3A { colon += 1 }
+            let lineEnd = find(0x0D, in: b, from: i, to: end)
+            let colon = find(0x3A, in: b, from: i, to: lineEnd)
             guard colon < lineEnd, colon > i else { return .refused(.malformed) }
             var vs = colon + 1, ve = lineEnd
             while vs < ve && (b[vs] == 0x20 || b[vs] == 0x09) { vs += 1 }
@@ -118,6 +118,15 @@ public enum UpgradeParser {
             }
         }
         return nil
+    }
+
+    /// The offset of the first `byte` in `b[s..<e]`, or `e`. memchr: a header line is tens of
+    /// bytes, which a byte loop walked twice (its end, then its colon), and a handshake's
+    /// parse was its largest piece of user space.
+    @inline(__always)
+    static func find(_ byte: UInt8, in b: UnsafeRawBufferPointer, from s: Int, to e: Int) -> Int {
+        guard s < e, let found = memchr(b.baseAddress! + s, Int32(byte), e - s) else { return e }
+        return UnsafeRawPointer(found) - b.baseAddress!
     }
 
     /// The value of `name` in the query `b[q]` (no percent-decoding), or nil.
