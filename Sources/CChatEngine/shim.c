@@ -16,7 +16,23 @@
 #include "CChatEngine.h"
 
 int chatengine_accept(int listen_fd) {
-    return accept4(listen_fd, 0, 0, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    return (int)syscall(SYS_accept4, listen_fd, 0, 0, SOCK_NONBLOCK | SOCK_CLOEXEC);
+}
+
+long chatengine_read(int fd, void *buffer, unsigned long count) {
+    return syscall(SYS_read, fd, buffer, count);
+}
+
+long chatengine_send(int fd, const void *buffer, unsigned long count) {
+    return syscall(SYS_sendto, fd, buffer, count, MSG_NOSIGNAL, 0, 0);
+}
+
+int chatengine_close(int fd) {
+    return (int)syscall(SYS_close, fd);
+}
+
+int chatengine_epoll_wait(int epfd, struct epoll_event *events, int max_events, int timeout) {
+    return (int)syscall(SYS_epoll_wait, epfd, events, max_events, timeout);
 }
 
 struct waker { int watch_fd; int signal_fd; };

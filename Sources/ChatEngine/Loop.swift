@@ -174,7 +174,7 @@ public final class Loop {
     /// doomed close. Returns how many events there were.
     @discardableResult
     public func turn(timeout: Int32) -> Int {
-        let n = epoll_wait(epfd, events, maxEvents, timeout)
+        let n = chatengine_epoll_wait(epfd, events, maxEvents, timeout)
         if n < 0 {
             precondition(errno == EINTR, "epoll_wait: \(errno)")
             return 0
@@ -213,7 +213,7 @@ public final class Loop {
                 }
                 return  // EAGAIN, or out of resources: the application relieves or pauses
             }
-            guard Int(fd) < capacity else { close(fd); continue }
+            guard Int(fd) < capacity else { _ = chatengine_close(fd); continue }
             counters.accepted += 1
             conns[Int(fd)] = Connection(state: Connection.http)
             if config.readOnAccept { readable(fd) }
@@ -236,7 +236,7 @@ public final class Loop {
         var have = takeInput(fd)
         while true {
             let space = scratchSize - have
-            let r = read(fd, scratch + have, space)
+            let r = chatengine_read(fd, scratch + have, UInt(space))
             if r < 0 {
                 if errno == EINTR { continue }
                 if errno != EAGAIN { doom(fd); return }
@@ -288,7 +288,7 @@ public final class Loop {
     /// (a client does not send before its answer).
     func keepWaitingInput(_ fd: Int32) {
         while Int(conns[Int(fd)].inputCount) < UpgradeParser.maxHead {
-            let r = read(fd, scratch, UpgradeParser.maxHead)
+            let r = chatengine_read(fd, scratch, UInt(UpgradeParser.maxHead))
             if r < 0 {
                 if errno == EINTR { continue }
                 if errno != EAGAIN { doom(fd) }
@@ -411,7 +411,7 @@ public final class Loop {
             n += first.count
         }
         defer { if out != response { Glibc.free(out) } }
-        let sent = send(fd, out, n, Int32(MSG_NOSIGNAL))
+        let sent = chatengine_send(fd, out, UInt(n))
         guard sent >= headLength else { doom(fd); return false }  // a fresh socket takes a few hundred bytes
         counters.handshakes += 1
         conns[Int(fd)].state = Connection.open
@@ -453,7 +453,7 @@ public final class Loop {
     /// Answers `response` (a whole HTTP answer) and closes.
     public func refuse(_ fd: Int32, _ response: UnsafeRawBufferPointer) {
         counters.refused += 1
-        _ = send(fd, response.baseAddress, response.count, Int32(MSG_NOSIGNAL))
+        _ = chatengine_send(fd, response.baseAddress, UInt(response.count))
         doom(fd)
     }
 
@@ -487,7 +487,7 @@ public final class Loop {
             enqueue(fd, bytes, length, limit: config.maxQueuedBytes)
             return
         }
-        let r = send(fd, bytes, length, Int32(MSG_NOSIGNAL))
+        let r = chatengine_send(fd, bytes, UInt(length))
         if r == length { return }
         counters.queued += 1
         if r < 0 {
@@ -553,7 +553,7 @@ public final class Loop {
     func flushQueue(_ fd: Int32) {
         let c = conns + Int(fd)
         while c.pointee.outputCount > 0 {
-            let r = send(fd, c.pointee.output! + Int(c.pointee.outputHead), Int(c.pointee.outputCount), Int32(MSG_NOSIGNAL))
+            let r = chatengine_send(fd, c.pointee.output! + Int(c.pointee.outputHead), UInt(c.pointee.outputCount))
             if r < 0 {
                 if errno == EINTR { continue }
                 if errno != EAGAIN { doom(fd) }
@@ -605,7 +605,7 @@ public final class Loop {
             Glibc.free(c.pointee.input)
             Glibc.free(c.pointee.output)
             c.pointee = Connection()
-            close(fd)
+            _ = chatengine_close(fd)
             counters.closed += 1
         }
         doomedList.removeAll(keepingCapacity: true)

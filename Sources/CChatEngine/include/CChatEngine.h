@@ -8,6 +8,15 @@
 /// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC, no address.
 int chatengine_accept(int listen_fd);
 
+// read, send (MSG_NOSIGNAL), close and epoll_wait as plain syscalls: -1 and errno on
+// failure, as libc's. libc's own are cancellation points, which in a process with more
+// than one thread (a worker has NIO's) wrap every call in two atomic updates of the
+// thread's cancellation state; the loop never blocks in them and no thread is cancelled.
+long chatengine_read(int fd, void *buffer, unsigned long count);
+long chatengine_send(int fd, const void *buffer, unsigned long count);
+int chatengine_close(int fd);
+int chatengine_epoll_wait(int epfd, struct epoll_event *events, int max_events, int timeout);
+
 /// Starts a thread that waits on `watch_fd` (an epoll descriptor holding another loop's
 /// epoll descriptor, EPOLLONESHOT) and writes a byte to `signal_fd` each time it reports,
 /// so that a loop which cannot watch that descriptor itself learns when to turn it.
