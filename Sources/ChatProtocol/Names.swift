@@ -2,15 +2,23 @@
 public enum Names {
     /// 1 to 32 characters from [A-Za-z0-9_.-].
     public static func isValidUser(_ name: Substring) -> Bool {
-        (1...32).contains(name.utf8.count) && name.utf8.allSatisfy { isAlphanumeric($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "-") }
+        var name = name
+        // The bytes where they lie: every handshake checks a name, and a generic walk of a
+        // Substring's UTF-8 view goes index by index.
+        return name.withUTF8 { bytes in
+            (1...32).contains(bytes.count) && bytes.allSatisfy { isAlphanumeric($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "-") }
+        }
     }
 
     public static func isValidUser(_ name: String) -> Bool { isValidUser(name[...]) }
 
     /// 1 to 64 characters from [A-Za-z0-9_.:-].
     public static func isValidRoom(_ name: String) -> Bool {
-        (1...64).contains(name.utf8.count) && name.utf8.allSatisfy {
-            isAlphanumeric($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: "-")
+        var name = name
+        return name.withUTF8 { bytes in
+            (1...64).contains(bytes.count) && bytes.allSatisfy {
+                isAlphanumeric($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: "-")
+            }
         }
     }
 
