@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ChatProtocol
 import NIOCore
 
@@ -268,8 +271,12 @@ private struct Reader {
         // repairs, so a text that is not its bytes had invalid UTF-8.
         let valid: String? = bytes.withUnsafeReadableBytes { raw in
             let utf8 = raw.assumingMemoryBound(to: UInt8.self)
-            let text = String(decoding: utf8, as: UTF8.self)
-            return text.utf8.elementsEqual(utf8) ? text : nil
+            var text = String(decoding: utf8, as: UTF8.self)
+            // Compared where both lie (a generic elementsEqual walks the view index by index).
+            let same = text.withUTF8 { decoded in
+                decoded.count == utf8.count && (utf8.isEmpty || memcmp(decoded.baseAddress!, utf8.baseAddress!, utf8.count) == 0)
+            }
+            return same ? text : nil
         }
         guard let text = valid else { throw RelayFrameError("invalid UTF-8 in relay frame") }
         return text
