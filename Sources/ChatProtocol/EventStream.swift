@@ -151,6 +151,10 @@ public struct EventStreamRequest: Sendable, Equatable {
     /// `resumeField`: what the client called the position, for its error.
     public static func decode(rooms: Substring?, lastEventID: Substring?, history: Substring?,
                               resumeField: String = "Last-Event-ID") -> EventStreamRequest {
+        // The usual URL join: one valid room, no position, no history. No lists to build.
+        if lastEventID == nil, history == nil, let rooms, let room = singleRoom(rooms) {
+            return EventStreamRequest(requests: [.success(.join(room: room, since: nil, epoch: nil, history: 0, ref: nil))])
+        }
         var requests: [Result<ClientMessage, ProtocolError>] = []
         var position = StreamPosition()
         if let lastEventID {
@@ -181,6 +185,12 @@ public struct EventStreamRequest: Sendable, Equatable {
             requests.append(.success(.join(room: room, since: mark?.seq, epoch: mark?.epoch, history: mark == nil ? historyCount : 0, ref: nil)))
         }
         return EventStreamRequest(requests: requests)
+    }
+
+    /// `list` as one valid room name (no comma, nothing to skip), or nil.
+    private static func singleRoom(_ list: Substring) -> String? {
+        let room = String(list)
+        return Names.isValidRoom(room) ? room : nil  // the rule has no `,` and no empty name
     }
 
     /// The comma-separated names, empty ones skipped. ASCII is split by bytes (breaking it

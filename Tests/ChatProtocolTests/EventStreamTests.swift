@@ -107,6 +107,22 @@ import Testing
         #expect(request.requests[2] == .success(.join(room: "b", since: nil, epoch: nil, history: 0, ref: nil)))
     }
 
+    /// One room and nothing else (the usual URL join, read without building lists) reads
+    /// as the same request the general way gives; anything else takes the general way.
+    @Test func oneRoomAloneIsOneJoin() {
+        let join = Result<ClientMessage, ProtocolError>.success(.join(room: "live:42", since: nil, epoch: nil, history: 0, ref: nil))
+        #expect(EventStreamRequest.decode(rooms: "live:42", lastEventID: nil, history: nil).requests == [join])
+        #expect(EventStreamRequest.decode(rooms: "live:42,", lastEventID: nil, history: nil).requests == [join])
+        #expect(EventStreamRequest.decode(rooms: ",live:42,live:42", lastEventID: nil, history: nil).requests == [join])
+        #expect(EventStreamRequest.decode(rooms: "", lastEventID: nil, history: nil).requests.isEmpty)
+        let bad = EventStreamRequest.decode(rooms: "no way", lastEventID: nil, history: nil).requests
+        guard bad.count == 1, case .failure(let error) = bad[0] else {
+            Issue.record("a bad room alone is refused: \(bad)")
+            return
+        }
+        #expect(error.code == .badRoom && error.room == "no way")
+    }
+
     @Test func namesAreSplitAtCommasAsCharactersAre() {
         let joined = { (rooms: Substring) in
             EventStreamRequest.decode(rooms: rooms, lastEventID: nil, history: nil).requests.map { request in
