@@ -147,22 +147,30 @@ final class LocalRooms {
         }
         room.knownMembers = snapshot.members
         let id = ObjectIdentifier(session)
-        let joining = session.isEventStream ? \Room.eventStream : \Room.webSocket
-        if filling {
-            room[keyPath: joining].filling[id] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
-        } else {
-            room[keyPath: joining].members[id] = session
-            if room.windowFlush != nil { room.window.joined(id) }
+        // A switch, not a key path to the group: a key path is resolved at run time, on
+        // every join.
+        func join(_ group: inout MemberGroup) {
+            if filling {
+                group.filling[id] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
+            } else {
+                group.members[id] = session
+            }
         }
+        if session.isEventStream { join(&room.eventStream) } else { join(&room.webSocket) }
+        if !filling, room.windowFlush != nil { room.window.joined(id) }
     }
 
     /// The replay of a filling member is written: the live frames kept for it, in order
     /// (the caller writes them), and from now on it is a member like any other.
     func finishFilling(_ session: SessionHandler, in name: String) -> [RoomFrame] {
         let id = ObjectIdentifier(session)
-        let group = session.isEventStream ? \Room.eventStream : \Room.webSocket
-        guard let room = rooms[name], let filling = room[keyPath: group].filling.removeValue(forKey: id) else { return [] }
-        room[keyPath: group].members[id] = session
+        guard let room = rooms[name] else { return [] }
+        func finish(_ group: inout MemberGroup) -> Filling? {
+            guard let filling = group.filling.removeValue(forKey: id) else { return nil }
+            group.members[id] = session
+            return filling
+        }
+        guard let filling = session.isEventStream ? finish(&room.eventStream) : finish(&room.webSocket) else { return [] }
         // The frames kept for it include the open window's so far.
         if room.windowFlush != nil { room.window.joined(id) }
         return filling.frames
