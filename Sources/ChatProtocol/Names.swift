@@ -2,23 +2,24 @@
 public enum Names {
     /// 1 to 32 characters from [A-Za-z0-9_.-].
     public static func isValidUser(_ name: Substring) -> Bool {
-        var name = name
-        // The bytes where they lie: every handshake checks a name, and a generic walk of a
-        // Substring's UTF-8 view goes index by index.
-        return name.withUTF8 { bytes in
-            (1...32).contains(bytes.count) && bytes.allSatisfy { isAlphanumeric($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "-") }
-        }
+        follows(name, maxLength: 32, punctuation: "_.-")
     }
 
     public static func isValidUser(_ name: String) -> Bool { isValidUser(name[...]) }
 
     /// 1 to 64 characters from [A-Za-z0-9_.:-].
     public static func isValidRoom(_ name: String) -> Bool {
+        follows(name[...], maxLength: 64, punctuation: "_.:-")
+    }
+
+    /// 1 to `maxLength` bytes, each a letter, a digit or one of `punctuation`. Read where the
+    /// bytes lie: every handshake checks a name, and a generic walk of a Substring's UTF-8
+    /// view goes index by index.
+    private static func follows(_ name: Substring, maxLength: Int, punctuation: StaticString) -> Bool {
         var name = name
+        let allowed = UnsafeBufferPointer(start: punctuation.utf8Start, count: punctuation.utf8CodeUnitCount)
         return name.withUTF8 { bytes in
-            (1...64).contains(bytes.count) && bytes.allSatisfy {
-                isAlphanumeric($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: "-")
-            }
+            (1...maxLength).contains(bytes.count) && bytes.allSatisfy { isAlphanumeric($0) || allowed.contains($0) }
         }
     }
 

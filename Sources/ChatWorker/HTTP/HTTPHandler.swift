@@ -1,8 +1,6 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ChatAuth
 import ChatBus
+import ChatEngine
 import ChatProtocol
 import NIOCore
 import NIOHTTP1
@@ -249,7 +247,7 @@ struct RequestTarget {
             return key.withUTF8 { wanted in
                 var found: Substring?
                 scan { name, value in
-                    if Self.same(name, wanted) { found = Self.text(value) }
+                    if name.elementsEqual(wanted) { found = Self.text(value) }
                 }
                 return found?.removingPercentEncoding
             }
@@ -286,12 +284,8 @@ struct RequestTarget {
             }
         }
 
-        static func same(_ a: UnsafeBufferPointer<UInt8>, _ b: UnsafeBufferPointer<UInt8>) -> Bool {
-            a.count == b.count && (a.isEmpty || memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0)
-        }
-
-        static func same(_ a: UnsafeBufferPointer<UInt8>, _ b: StaticString) -> Bool {
-            same(a, UnsafeBufferPointer(start: b.utf8Start, count: b.utf8CodeUnitCount))
+        static func same(_ key: UnsafeBufferPointer<UInt8>, _ name: StaticString) -> Bool {
+            UpgradeParser.equals(UnsafeRawBufferPointer(key), name)
         }
 
         /// A key's or value's bytes as text of its own (up to 15 bytes, no allocation).

@@ -32,6 +32,12 @@ final class LocalRooms {
         /// anyone in it.
         var webSocket = MemberGroup()
         var eventStream = MemberGroup()
+
+        /// `change` applied to the group of `session`'s transport, in place. A switch: a key
+        /// path to the group would be resolved at run time, on every join.
+        func changeGroup<Changed>(of session: SessionHandler, _ change: (inout MemberGroup) -> Changed) -> Changed {
+            session.isEventStream ? change(&eventStream) : change(&webSocket)
+        }
         var epoch: String
         var lastSeq: Int
         var knownMembers: Int
@@ -147,16 +153,13 @@ final class LocalRooms {
         }
         room.knownMembers = snapshot.members
         let id = ObjectIdentifier(session)
-        // A switch, not a key path to the group: a key path is resolved at run time, on
-        // every join.
-        func join(_ group: inout MemberGroup) {
+        room.changeGroup(of: session) { group in
             if filling {
                 group.filling[id] = Filling(session: session, epoch: snapshot.epoch, fromSeq: snapshot.seq)
             } else {
                 group.members[id] = session
             }
         }
-        if session.isEventStream { join(&room.eventStream) } else { join(&room.webSocket) }
         if !filling, room.windowFlush != nil { room.window.joined(id) }
     }
 
@@ -165,12 +168,12 @@ final class LocalRooms {
     func finishFilling(_ session: SessionHandler, in name: String) -> [RoomFrame] {
         let id = ObjectIdentifier(session)
         guard let room = rooms[name] else { return [] }
-        func finish(_ group: inout MemberGroup) -> Filling? {
+        let finished = room.changeGroup(of: session) { group -> Filling? in
             guard let filling = group.filling.removeValue(forKey: id) else { return nil }
             group.members[id] = session
             return filling
         }
-        guard let filling = session.isEventStream ? finish(&room.eventStream) : finish(&room.webSocket) else { return [] }
+        guard let filling = finished else { return [] }
         // The frames kept for it include the open window's so far.
         if room.windowFlush != nil { room.window.joined(id) }
         return filling.frames
