@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/io_uring.h>
 #include <poll.h>
 #include <pthread.h>
@@ -8,6 +9,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <stdlib.h>
@@ -33,6 +35,21 @@ int chatengine_close(int fd) {
 
 int chatengine_epoll_wait(int epfd, struct epoll_event *events, int max_events, int timeout) {
     return (int)syscall(SYS_epoll_wait, epfd, events, max_events, timeout);
+}
+
+int chatengine_reserve_descriptors(int count) {
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return errno;
+    if ((rlim_t)count > limit.rlim_cur) count = (int)limit.rlim_cur;
+    if (count <= 64) return 0;  // a process's first table already holds 64
+    int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null_fd < 0) return errno;
+    // The lowest free number from count - 1 up: the table grows to hold it either way.
+    int high = fcntl(null_fd, F_DUPFD_CLOEXEC, count - 1);
+    int error = high < 0 ? errno : 0;
+    if (high >= 0) close(high);
+    close(null_fd);
+    return error;
 }
 
 struct waker { int watch_fd; int signal_fd; };

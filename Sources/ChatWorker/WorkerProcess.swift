@@ -4,6 +4,7 @@ import Glibc
 import ChatArchive
 import ChatAuth
 import ChatBus
+import CChatEngine
 import ChatConfig
 import ChatEngine
 import ChatLink
@@ -28,7 +29,14 @@ public enum WorkerProcess {
         }
     }
 
+    /// The descriptor table a worker grows at start (up to its file limit): beyond it the
+    /// table doubles as connections come, each time with a short stall.
+    static let reservedDescriptors: Int32 = 65536
+
     private static func start(settings: WorkerSettings, logger: Logger) throws -> Never {
+        // First, while this process has one thread (chatengine_reserve_descriptors).
+        let reserved = chatengine_reserve_descriptors(reservedDescriptors)
+        if reserved != 0 { logger.debug("descriptor table not grown at start", metadata: ["errno": "\(reserved)"]) }
         let runtime = ChildRuntime(logger: logger)
         let loop = runtime.eventLoop
         let config = settings.config

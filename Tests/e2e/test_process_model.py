@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -20,6 +21,7 @@ from chatgw_e2e.gateway import DEFAULT_CONFIG, run_chatgw_once
 from chatgw_e2e.ops import scrape, wait_until
 from chatgw_e2e.procs import (
     cpu_seconds,
+    descriptor_table_size,
     free_port,
     limit_files_to,
     pid_alive,
@@ -46,9 +48,17 @@ from chatgw_e2e.ws import (
 
 
 def test_connections_spread_evenly_over_two_workers(make_gateway):
+    """...over two workers, whose descriptor tables were grown at start to hold what their file
+    limit lets them open (up to 65,536): a table grown connection by connection stalls a
+    multi-threaded process in accept() each time it doubles."""
     gw = make_gateway(workers=2)
     before = set(gw.children())
     assert sorted(c.slot for c in before if c.role == "worker") == [0, 1], before
+    for c in before:
+        if c.role == "worker":
+            soft_limit = resource.prlimit(c.pid, resource.RLIMIT_NOFILE)[0]
+            wanted = min(soft_limit, 65536)
+            assert descriptor_table_size(c.pid) >= wanted, f"worker {c.slot}: table {descriptor_table_size(c.pid)}, limit {soft_limit}"
     n = 2000
 
     async def main():

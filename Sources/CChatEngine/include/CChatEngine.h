@@ -17,6 +17,14 @@ long chatengine_send(int fd, const void *buffer, unsigned long count);
 int chatengine_close(int fd);
 int chatengine_epoll_wait(int epfd, struct epoll_event *events, int max_events, int timeout);
 
+/// Grows this process's descriptor table at once to hold descriptors up to `count` (at most
+/// the soft RLIMIT_NOFILE). Linux doubles the table as descriptors are opened, and in a
+/// process with more than one thread each doubling waits in accept() or socket() for an RCU
+/// grace period (5-25 ms on the 2-core machine) with nothing else to do: a storm of
+/// connections into a fresh worker stalled about seven times. Grown once at start, before
+/// the threads exist, it waits for none. Returns 0 or an errno.
+int chatengine_reserve_descriptors(int count);
+
 /// Starts a thread that waits on `watch_fd` (an epoll descriptor holding another loop's
 /// epoll descriptor, EPOLLONESHOT) and writes a byte to `signal_fd` each time it reports,
 /// so that a loop which cannot watch that descriptor itself learns when to turn it.

@@ -42,6 +42,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descriptor_table_size(pid: int) -> int:
+    """How many descriptors pid's table holds now (FDSize in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no FDSize in /proc/{pid}/status")
+
+
 def limit_files_to(pid: int, free: int) -> tuple[int, int]:
     """Lower pid's RLIMIT_NOFILE soft limit so that exactly `free` more files fit (the limit
     caps the fd number, so the gaps below it count too); returns the old (soft, hard)."""
