@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CChatEngine
 import Dispatch
 import Foundation
 import NIOConcurrencyHelpers
@@ -425,6 +426,9 @@ final class Engine {
 
     init(spec: Spec) throws {
         self.spec = spec
+        // Before the shards' threads: a table grown connection by connection would stall
+        // this process's connects now and then, as a worker's accepts (the gateway does the same).
+        _ = chatengine_reserve_descriptors(65536)
         shards = try (0..<max(1, spec.threads)).map { try ShardRunner(id: $0, spec: spec) }
         for shard in shards { shard.start() }
     }
