@@ -80,6 +80,21 @@ let good = "GET /sub?room=r1&x=2 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nCo
         #expect(sha1Hex(String(repeating: "a", count: length)) == hex)
     }
 
+    /// The SHA instructions and the portable rounds agree on every length from 0 to 300
+    /// (whole blocks, tails of one and two blocks), on bytes of every value.
+    @Test func sha1HardwareAndPortableAgree() {
+        var generator = SystemRandomNumberGenerator()
+        for length in 0...300 {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            var portable = [UInt8](repeating: 0, count: 20), chosen = portable
+            bytes.withUnsafeBytes { b in
+                portable.withUnsafeMutableBytes { SHA1.digest(b, into: $0.baseAddress!, hardware: false) }
+                chosen.withUnsafeMutableBytes { SHA1.digest(b, into: $0.baseAddress!) }
+            }
+            #expect(chosen == portable, "length \(length), hardware \(SHA1.hardware)")
+        }
+    }
+
     /// RFC 6455 §1.3's example.
     @Test func rfc6455Example() {
         var out = [UInt8](repeating: 0, count: 28)

@@ -3,6 +3,7 @@
 
 // What ChatEngine needs that Swift's Glibc module does not show: epoll, and accept4 (a GNU
 // extension: declaring _GNU_SOURCE here would clash with the Glibc module's definitions).
+#include <stdint.h>
 #include <sys/epoll.h>
 
 /// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC, no address.
@@ -24,6 +25,13 @@ int chatengine_epoll_wait(int epfd, struct epoll_event *events, int max_events, 
 /// connections into a fresh worker stalled about seven times. Grown once at start, before
 /// the threads exist, it waits for none. Returns 0 or an errno.
 int chatengine_reserve_descriptors(int count);
+
+/// 1 where the CPU has the SHA extensions (x86-64 SHA-NI, with SSSE3 and SSE4.1), else 0.
+int chatengine_sha1_hardware(void);
+
+/// Compresses `count` 64-byte blocks into the SHA-1 `state` with the SHA extensions and
+/// returns 1; returns 0 and does nothing where the CPU lacks them.
+int chatengine_sha1_blocks(uint32_t state[5], const void *blocks, unsigned long count);
 
 /// Starts a thread that waits on `watch_fd` (an epoll descriptor holding another loop's
 /// epoll descriptor, EPOLLONESHOT) and writes a byte to `signal_fd` each time it reports,
