@@ -34,7 +34,8 @@ public enum WorkerProcess {
     static let reservedDescriptors: Int32 = 65536
 
     private static func start(settings: WorkerSettings, logger: Logger) throws -> Never {
-        // First, while this process has one thread (chatengine_reserve_descriptors).
+        // First, before any connection: at most one grace period now instead of one per
+        // doubling in the first storm (chatengine_reserve_descriptors).
         let reserved = chatengine_reserve_descriptors(reservedDescriptors)
         if reserved != 0 { logger.debug("descriptor table not grown at start", metadata: ["errno": "\(reserved)"]) }
         let runtime = ChildRuntime(logger: logger)

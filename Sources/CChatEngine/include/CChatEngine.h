@@ -22,8 +22,8 @@ int chatengine_epoll_wait(int epfd, struct epoll_event *events, int max_events, 
 /// the soft RLIMIT_NOFILE). Linux doubles the table as descriptors are opened, and in a
 /// process with more than one thread each doubling waits in accept() or socket() for an RCU
 /// grace period (5-25 ms on the 2-core machine) with nothing else to do: a storm of
-/// connections into a fresh worker stalled about seven times. Grown once at start, before
-/// the threads exist, it waits for none. Returns 0 or an errno.
+/// connections into a fresh worker stalled about six times. Grown once at start, it waits
+/// at most once, before any connection. Returns 0 or an errno.
 int chatengine_reserve_descriptors(int count);
 
 /// 1 where the CPU has the SHA extensions (x86-64 SHA-NI, with SSSE3 and SSE4.1), else 0.
