@@ -168,7 +168,17 @@ int chatengine_ring_arm(struct chatengine_ring *ring) {
 #if defined(__x86_64__)
 // SHA-1 with the x86 SHA extensions (SHA-NI): 4 rounds an instruction. The schedule and
 // the rounds follow Intel's "New Instructions Supporting the Secure Hash Algorithm on Intel
-// Architecture Processors" (Gulley et al., 2013), written out for the 20 groups of 4 rounds.
+// Architecture Processors" (Gulley et al., 2013), written out for the 20 groups of 4 rounds
+// (sha1rnds4 takes its round function as an immediate, so a loop cannot pass it).
+// The group's 4 message words, big-endian words in reverse lane order.
+#define SHA1_LOAD(W, OFFSET) W = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + (OFFSET))), mask)
+// W0 (the words 16 rounds back) becomes the next group's: msg2(msg1(W0, W1) ^ W2, W3).
+#define SHA1_SCHEDULE(W0, W1, W2, W3) W0 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(W0, W1), W2), W3)
+// 4 rounds with round function F: E_NOW holds the A saved before the previous group (its
+// rotation is this group's e), E_NEXT saves this group's A for the next.
+#define SHA1_ROUNDS(E_NOW, E_NEXT, W, F) \
+    do { E_NOW = _mm_sha1nexte_epu32(E_NOW, W); E_NEXT = abcd; abcd = _mm_sha1rnds4_epu32(abcd, E_NOW, F); } while (0)
+
 __attribute__((target("sha,ssse3,sse4.1")))
 static void sha1_blocks_shani(uint32_t state[5], const unsigned char *data, unsigned long count) {
     const __m128i mask = _mm_set_epi64x(0x0001020304050607ULL, 0x08090a0b0c0d0e0fULL);
@@ -177,113 +187,57 @@ static void sha1_blocks_shani(uint32_t state[5], const unsigned char *data, unsi
     __m128i e1, w0, w1, w2, w3;
     for (; count > 0; count--, data += 64) {
         const __m128i abcd_save = abcd, e0_save = e0;
-        // rounds 0-3
-        w0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 0)), mask);
+        SHA1_LOAD(w0, 0);  // rounds 0-3: e0 holds e itself, nothing to rotate in
         e0 = _mm_add_epi32(e0, w0);
         e1 = abcd;
         abcd = _mm_sha1rnds4_epu32(abcd, e0, 0);
-        // rounds 4-7
-        w1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 16)), mask);
-        e1 = _mm_sha1nexte_epu32(e1, w1);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 0);
-        // rounds 8-11
-        w2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 32)), mask);
-        e0 = _mm_sha1nexte_epu32(e0, w2);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 0);
-        // rounds 12-15
-        w3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 48)), mask);
-        e1 = _mm_sha1nexte_epu32(e1, w3);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 0);
-        // rounds 16-19
-        w0 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w0, w1), w2), w3);
-        e0 = _mm_sha1nexte_epu32(e0, w0);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 0);
-        // rounds 20-23
-        w1 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w1, w2), w3), w0);
-        e1 = _mm_sha1nexte_epu32(e1, w1);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 1);
-        // rounds 24-27
-        w2 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w2, w3), w0), w1);
-        e0 = _mm_sha1nexte_epu32(e0, w2);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 1);
-        // rounds 28-31
-        w3 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w3, w0), w1), w2);
-        e1 = _mm_sha1nexte_epu32(e1, w3);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 1);
-        // rounds 32-35
-        w0 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w0, w1), w2), w3);
-        e0 = _mm_sha1nexte_epu32(e0, w0);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 1);
-        // rounds 36-39
-        w1 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w1, w2), w3), w0);
-        e1 = _mm_sha1nexte_epu32(e1, w1);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 1);
-        // rounds 40-43
-        w2 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w2, w3), w0), w1);
-        e0 = _mm_sha1nexte_epu32(e0, w2);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 2);
-        // rounds 44-47
-        w3 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w3, w0), w1), w2);
-        e1 = _mm_sha1nexte_epu32(e1, w3);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 2);
-        // rounds 48-51
-        w0 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w0, w1), w2), w3);
-        e0 = _mm_sha1nexte_epu32(e0, w0);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 2);
-        // rounds 52-55
-        w1 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w1, w2), w3), w0);
-        e1 = _mm_sha1nexte_epu32(e1, w1);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 2);
-        // rounds 56-59
-        w2 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w2, w3), w0), w1);
-        e0 = _mm_sha1nexte_epu32(e0, w2);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 2);
-        // rounds 60-63
-        w3 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w3, w0), w1), w2);
-        e1 = _mm_sha1nexte_epu32(e1, w3);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 3);
-        // rounds 64-67
-        w0 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w0, w1), w2), w3);
-        e0 = _mm_sha1nexte_epu32(e0, w0);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 3);
-        // rounds 68-71
-        w1 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w1, w2), w3), w0);
-        e1 = _mm_sha1nexte_epu32(e1, w1);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 3);
-        // rounds 72-75
-        w2 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w2, w3), w0), w1);
-        e0 = _mm_sha1nexte_epu32(e0, w2);
-        e1 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e0, 3);
-        // rounds 76-79
-        w3 = _mm_sha1msg2_epu32(_mm_xor_si128(_mm_sha1msg1_epu32(w3, w0), w1), w2);
-        e1 = _mm_sha1nexte_epu32(e1, w3);
-        e0 = abcd;
-        abcd = _mm_sha1rnds4_epu32(abcd, e1, 3);
+        SHA1_LOAD(w1, 16);
+        SHA1_ROUNDS(e1, e0, w1, 0);  // rounds 4-7
+        SHA1_LOAD(w2, 32);
+        SHA1_ROUNDS(e0, e1, w2, 0);  // rounds 8-11
+        SHA1_LOAD(w3, 48);
+        SHA1_ROUNDS(e1, e0, w3, 0);  // rounds 12-15
+        SHA1_SCHEDULE(w0, w1, w2, w3);
+        SHA1_ROUNDS(e0, e1, w0, 0);  // rounds 16-19
+        SHA1_SCHEDULE(w1, w2, w3, w0);
+        SHA1_ROUNDS(e1, e0, w1, 1);  // rounds 20-23
+        SHA1_SCHEDULE(w2, w3, w0, w1);
+        SHA1_ROUNDS(e0, e1, w2, 1);  // rounds 24-27
+        SHA1_SCHEDULE(w3, w0, w1, w2);
+        SHA1_ROUNDS(e1, e0, w3, 1);  // rounds 28-31
+        SHA1_SCHEDULE(w0, w1, w2, w3);
+        SHA1_ROUNDS(e0, e1, w0, 1);  // rounds 32-35
+        SHA1_SCHEDULE(w1, w2, w3, w0);
+        SHA1_ROUNDS(e1, e0, w1, 1);  // rounds 36-39
+        SHA1_SCHEDULE(w2, w3, w0, w1);
+        SHA1_ROUNDS(e0, e1, w2, 2);  // rounds 40-43
+        SHA1_SCHEDULE(w3, w0, w1, w2);
+        SHA1_ROUNDS(e1, e0, w3, 2);  // rounds 44-47
+        SHA1_SCHEDULE(w0, w1, w2, w3);
+        SHA1_ROUNDS(e0, e1, w0, 2);  // rounds 48-51
+        SHA1_SCHEDULE(w1, w2, w3, w0);
+        SHA1_ROUNDS(e1, e0, w1, 2);  // rounds 52-55
+        SHA1_SCHEDULE(w2, w3, w0, w1);
+        SHA1_ROUNDS(e0, e1, w2, 2);  // rounds 56-59
+        SHA1_SCHEDULE(w3, w0, w1, w2);
+        SHA1_ROUNDS(e1, e0, w3, 3);  // rounds 60-63
+        SHA1_SCHEDULE(w0, w1, w2, w3);
+        SHA1_ROUNDS(e0, e1, w0, 3);  // rounds 64-67
+        SHA1_SCHEDULE(w1, w2, w3, w0);
+        SHA1_ROUNDS(e1, e0, w1, 3);  // rounds 68-71
+        SHA1_SCHEDULE(w2, w3, w0, w1);
+        SHA1_ROUNDS(e0, e1, w2, 3);  // rounds 72-75
+        SHA1_SCHEDULE(w3, w0, w1, w2);
+        SHA1_ROUNDS(e1, e0, w3, 3);  // rounds 76-79
         e0 = _mm_sha1nexte_epu32(e0, e0_save);
         abcd = _mm_add_epi32(abcd, abcd_save);
     }
     _mm_storeu_si128((__m128i *)state, _mm_shuffle_epi32(abcd, 0x1B));
     state[4] = (uint32_t)_mm_extract_epi32(e0, 3);
 }
-
+#undef SHA1_LOAD
+#undef SHA1_SCHEDULE
+#undef SHA1_ROUNDS
 
 static int sha1_shani_present(void) {
     unsigned int a, b, c, d;
