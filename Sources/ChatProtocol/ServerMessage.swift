@@ -242,7 +242,7 @@ public struct HelloText {
         userLength = self.user.withUTF8 { JSONWriter.quotedLength($0) }
         connLength = self.conn.withUTF8 { JSONWriter.quotedLength($0) }
         length = Self.start.utf8CodeUnitCount + Self.connKey.utf8CodeUnitCount + Self.rest.utf8CodeUnitCount
-            + userLength + connLength + Self.digits(self.heartbeatSeconds) + 1
+            + userLength + connLength + ASCIIDigits.count(UInt64(self.heartbeatSeconds)) + 1
     }
 
     /// Writes it at the start of `out`; answers its length, or nil if `out` is too short.
@@ -254,24 +254,13 @@ public struct HelloText {
         at = Self.copy(Self.connKey, into: out, at: at)
         at = conn.withUTF8 { JSONWriter.writeQuoted($0, length: connLength, into: out, at: at) }
         at = Self.copy(Self.rest, into: out, at: at)
-        var value = heartbeatSeconds
-        let count = Self.digits(value)
-        for i in stride(from: at + count - 1, through: at, by: -1) {
-            out[i] = UInt8(ascii: "0") + UInt8(value % 10)
-            value /= 10
-        }
-        out[at + count] = UInt8(ascii: "}")
-        return at + count + 1
+        at = ASCIIDigits.write(UInt64(heartbeatSeconds), into: out, at: at)
+        out[at] = UInt8(ascii: "}")
+        return at + 1
     }
 
     private static func copy(_ text: StaticString, into out: UnsafeMutableRawBufferPointer, at: Int) -> Int {
         text.withUTF8Buffer { UnsafeMutableRawBufferPointer(rebasing: out[at...]).copyMemory(from: UnsafeRawBufferPointer($0)) }
         return at + text.utf8CodeUnitCount
-    }
-
-    private static func digits(_ value: Int) -> Int {
-        var count = 1, rest = value / 10
-        while rest > 0 { count += 1; rest /= 10 }
-        return count
     }
 }

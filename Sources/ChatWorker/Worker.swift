@@ -74,25 +74,13 @@ final class Worker: BusDelegate {
     }
 
     static func connectionID(slot: Int, number: UInt64) -> String {
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 40) { out in
-            var n = 0
-            func put(_ byte: UInt8) { out[n] = byte; n += 1 }
-            func putDigits(_ value: UInt64, radix: UInt64) {
-                var digits = 1, rest = value
-                while rest >= radix { rest /= radix; digits += 1 }
-                rest = value
-                for k in stride(from: digits - 1, through: 0, by: -1) {
-                    let digit = UInt8(rest % radix)
-                    out[n + k] = digit < 10 ? UInt8(ascii: "0") + digit : UInt8(ascii: "a") + digit - 10
-                    rest /= radix
-                }
-                n += digits
-            }
-            put(UInt8(ascii: "w"))
-            putDigits(UInt64(max(slot, 0)), radix: 10)
-            put(UInt8(ascii: "-"))
-            putDigits(number, radix: 16)
-            return String(decoding: UnsafeBufferPointer(rebasing: out[..<n]), as: UTF8.self)
+        // "w", up to 20 decimal digits, "-", up to 16 hex digits.
+        withUnsafeTemporaryAllocation(byteCount: 40, alignment: 1) { out in
+            out[0] = UInt8(ascii: "w")
+            let dash = ASCIIDigits.write(UInt64(max(slot, 0)), into: out, at: 1)
+            out[dash] = UInt8(ascii: "-")
+            let end = ASCIIDigits.write(number, radix: 16, into: out, at: dash + 1)
+            return String(decoding: UnsafeRawBufferPointer(rebasing: out[..<end]), as: UTF8.self)
         }
     }
 
