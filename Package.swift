@@ -7,6 +7,13 @@ let nio: [Target.Dependency] = [
     .product(name: "NIOPosix", package: "swift-nio"),
 ]
 
+// The modules on the data path (frames, bus, relay, worker, engine, load generator) leave
+// Swift's run-time exclusivity checks out of release builds. Each check on a class's stored
+// property or a global is a call that looks the access up in a thread-local set: about 1.6 µs
+// of a worker's ~40 µs per URL join in perf (BENCHMARKS.md, optimisation log). Debug builds,
+// which every test runs, keep the checks, so an overlapping access still traps there.
+let dataPath: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+
 let package = Package(
     name: "chatgw",
     platforms: [.macOS(.v15)],
@@ -30,7 +37,7 @@ let package = Package(
     ],
     targets: [
         // docs/PROTOCOL.md as types and codecs; no I/O.
-        .target(name: "ChatProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        .target(name: "ChatProtocol", dependencies: [.product(name: "NIOCore", package: "swift-nio")], swiftSettings: dataPath),
         // The config model, its loading (file, environment, flags) and validation.
         .target(name: "ChatConfig", dependencies: [.product(name: "Configuration", package: "swift-configuration")]),
         // Thin POSIX layer: file descriptors, sockets, signals, process spawning, logging.
@@ -52,13 +59,13 @@ let package = Package(
         // hiredis (Debian's libhiredis-dev): its RESP reader and command formatter.
         .systemLibrary(name: "CHiredis", providers: [.apt(["libhiredis-dev"])]),
         // The bus interface, the relay wire format and client, and the Redis client.
-        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem", "CHiredis"] + nio),
+        .target(name: "ChatBus", dependencies: ["ChatProtocol", "ChatConfig", "ChatSystem", "CHiredis"] + nio, swiftSettings: dataPath),
         // The embedded bus: a Unix socket server giving rooms their seq, epoch and history.
-        .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio),
+        .target(name: "ChatRelay", dependencies: ["ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem"] + nio, swiftSettings: dataPath),
         // One worker process: HTTP -> WebSocket -> protocol -> sessions -> local rooms.
         .target(name: "ChatWorker", dependencies: ["ChatProtocol", "ChatEngine", "CChatEngine", "ChatAuth", "ChatArchive", "ChatBus", "ChatLink", "ChatControl", "ChatConfig", "ChatSystem",
             .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "NIOWebSocket", package: "swift-nio")] + nio),
+            .product(name: "NIOWebSocket", package: "swift-nio")] + nio, swiftSettings: dataPath),
         // The supervisor: binds, spawns, reaps, restarts, handles signals.
         .target(name: "ChatMaster", dependencies: ["ChatLink", "ChatControl", "ChatConfig", "ChatSystem", "ChatAuth",
             .product(name: "Prometheus", package: "swift-prometheus")]),
@@ -71,10 +78,10 @@ let package = Package(
             "CChatEngine",
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "Histogram", package: "hdrhistogram-swift")]),
+            .product(name: "Histogram", package: "hdrhistogram-swift")], swiftSettings: dataPath),
         // A prototype engine for client sockets: one epoll loop over raw descriptors,
         // connections as value records in a slab, upgrade and frames parsed in place.
-        .target(name: "ChatEngine", dependencies: ["CChatEngine"]),
+        .target(name: "ChatEngine", dependencies: ["CChatEngine"], swiftSettings: dataPath),
         .target(name: "CChatEngine"),
         // ChatEngine speaking nchan's WebSocket endpoints, to measure it against nginx+nchan.
         .executableTarget(name: "chatengine-probe", dependencies: ["ChatEngine", "CSystemShims"]),
