@@ -140,9 +140,10 @@ final class Relay {
     static func nowMs() -> Int { wallClockMilliseconds() }
 }
 
-/// One worker's link: frames in, handed to the relay.
+/// One worker's link: its frames (from the `RelayLinkReader` in front) handed to the relay,
+/// its end and its errors.
 final class RelayLinkHandler: ChannelInboundHandler {
-    typealias InboundIn = RelayFrame
+    typealias InboundIn = Never
 
     private let relay: Relay
     private let logger: Logger
@@ -157,9 +158,9 @@ final class RelayLinkHandler: ChannelInboundHandler {
         link = relay.attach(context)
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    func read(_ frame: RelayFrame) {
         guard let link else { return }
-        relay.handle(unwrapInboundIn(data), from: link)
+        relay.handle(frame, from: link)
     }
 
     func channelInactive(context: ChannelHandlerContext) {

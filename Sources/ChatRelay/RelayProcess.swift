@@ -42,8 +42,9 @@ public enum RelayProcess {
                 .serverChannelInitializer { channel in AcceptPause.install(on: channel, logger: logger) }
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try RelayCodec.addHandlers(to: channel.pipeline.syncOperations)
-                        try channel.pipeline.syncOperations.addHandler(RelayLinkHandler(relay: relay.value, logger: logger))
+                        let link = RelayLinkHandler(relay: relay.value, logger: logger)
+                        try channel.pipeline.syncOperations.addHandler(RelayLinkReader { link.read($0) })
+                        try channel.pipeline.syncOperations.addHandler(link)
                     }
                 }
                 .bind(unixDomainSocketPath: settings.socketPath, cleanupExistingSocketFile: true)

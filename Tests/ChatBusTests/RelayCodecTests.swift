@@ -5,11 +5,20 @@ import Testing
 @testable import ChatBus
 
 /// The relay link's framing on a real pipeline: what one end writes, the other reads back,
-/// however the bytes are cut; a lying length or a garbled frame ends the link with an error.
+/// however the bytes are cut; a lying length or a garbled frame ends the link with an error,
+/// and nothing after it is read.
 @Suite struct RelayCodecTests {
+    /// What a link's reader handed on, in order.
+    private final class Delivered {
+        var frames: [RelayFrame] = []
+    }
+
+    private let delivered = Delivered()
+
     private func link() throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
-        try RelayCodec.addHandlers(to: channel.pipeline.syncOperations)
+        let delivered = delivered
+        try channel.pipeline.syncOperations.addHandler(RelayLinkReader { delivered.frames.append($0) })
         return channel
     }
 
@@ -18,9 +27,10 @@ import Testing
     }
 
     private func framesRead(_ channel: EmbeddedChannel) throws -> [RelayFrame] {
-        var frames: [RelayFrame] = []
-        while let frame = try channel.readInbound(as: RelayFrame.self) { frames.append(frame) }
-        return frames
+        // Nothing may pass the reader: the frames go to `deliver`, not down the pipeline.
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)
+        defer { delivered.frames.removeAll() }
+        return delivered.frames
     }
 
     @Test func everyFrameComesBackInOrderFromOneWrite() throws {
@@ -47,12 +57,15 @@ import Testing
         _ = try? channel.finish()
     }
 
-    @Test func aGarbledFrameEndsTheLink() throws {
+    @Test func aGarbledFrameEndsTheLinkAndNothingAfterItIsRead() throws {
         let channel = try link()
         let garbled: [UInt8] = [1, 99, 0, 0]
+        let hello = wire([.hello(worker: "w1")])
         #expect(throws: RelayFrameError.self) {
-            try channel.writeInbound(ByteBuffer(bytes: be(UInt32(garbled.count)) + garbled))
+            try channel.writeInbound(ByteBuffer(bytes: wire([.subscribeAll]) + be(UInt32(garbled.count)) + garbled + hello))
         }
+        try channel.writeInbound(ByteBuffer(bytes: hello))
+        #expect(try framesRead(channel) == [.subscribeAll])
         _ = try? channel.finish()
     }
 

@@ -13,6 +13,8 @@ import asyncio
 import socket
 import time
 
+import pytest
+
 from chatgw_e2e.placement import one_per_slot, wait_bus_ready
 from chatgw_e2e.raw import OP_CONT, OP_TEXT, RawWS, raw_http, upgrade_request, ws_frame
 from chatgw_e2e.ws import (
@@ -698,3 +700,53 @@ def test_silent_tcp_clients(make_gateway):
                 s.close()
 
     run_case(gw, body, what="silent TCP clients")
+
+
+# --------------------------------------------------------------------------- the relay's socket
+
+
+# Relay frames are a u32 length, then a version byte (1), a type byte and the fields.
+RELAY_GARBAGE = {
+    "length-over-maximum": ((64 << 20) + 1).to_bytes(4, "big") + b"\x01\x01",
+    "unknown-frame-type": (4).to_bytes(4, "big") + bytes([1, 99, 0, 0]),
+    "truncated-join": (3).to_bytes(4, "big") + bytes([1, 2, 0]),
+}
+RELAY_GARBAGE_NAMED = {
+    "length-over-maximum": "relay frame length 67108865 over the maximum of 67108864 bytes",
+    "unknown-frame-type": "unknown relay frame type 99",
+    "truncated-join": "truncated relay frame",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RELAY_GARBAGE))
+def test_garbage_on_the_relay_socket_ends_only_that_link(make_gateway, kind):
+    """Bytes that are no relay frames on the relay's Unix socket (which only the gateway's user
+    can open): the relay closes that link and logs what was wrong, keeps its pid and its
+    workers' links, and a message still goes from a member on one worker to one on the other."""
+    gw = make_gateway(workers=WORKERS, env=FAST)
+
+    async def body(gw):
+        relay = gw.relay_pid()
+        mark = gw.log_mark()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(gw.state_dir / "relay.sock"))
+            s.sendall(RELAY_GARBAGE[kind])
+            assert s.recv(4096) == b"", f"{kind}: the relay answered a link that sent garbage"
+        line = gw.wait_for_log("worker link failed; closing it", timeout=5, since=mark)
+        assert RELAY_GARBAGE_NAMED[kind] in line.raw, line.raw
+        placed = await one_per_slot(gw, range(WORKERS), user_prefix="member")
+        conns = [ws for ws, _ in placed.values()]
+        try:
+            for ws in conns:
+                reply, _ = await join_room(ws, "after-garbage")
+                assert reply.get("type") == "joined", reply
+            ack = await send_message(conns[0], "after-garbage", "still here")
+            assert ack and ack.get("type") == "ack", ack
+            got, _ = await recv_until(conns[1], lambda m: m.get("type") == "message" and m.get("text") == "still here")
+            assert got["room"] == "after-garbage", got
+        finally:
+            await close_all(conns)
+        assert gw.relay_pid() == relay, f"relay pid before {relay}, after {gw.relay_pid()}"
+
+    run_case(gw, body, what=f"garbage on the relay socket ({kind})")

@@ -106,8 +106,9 @@ public final class RelayBusClient: ArchiverBus {
         ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try RelayCodec.addHandlers(to: channel.pipeline.syncOperations)
-                    try channel.pipeline.syncOperations.addHandler(RelayClientHandler(client: bound.value))
+                    let client = bound.value
+                    try channel.pipeline.syncOperations.addHandler(RelayLinkReader { client.received($0) })
+                    try channel.pipeline.syncOperations.addHandler(RelayClientHandler(client: client))
                 }
             }
             .connect(unixDomainSocketPath: socketPath)
@@ -186,17 +187,15 @@ public final class RelayBusClient: ArchiverBus {
     }
 }
 
+/// The link's end and its errors (a frame that could not be read included); its frames go
+/// from the `RelayLinkReader` in front straight to the client.
 private final class RelayClientHandler: ChannelInboundHandler {
-    typealias InboundIn = RelayFrame
+    typealias InboundIn = Never
 
     private let client: RelayBusClient
 
     init(client: RelayBusClient) {
         self.client = client
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        client.received(unwrapInboundIn(data))
     }
 
     func channelInactive(context: ChannelHandlerContext) {
