@@ -35,6 +35,24 @@ import Testing
         #expect(taken.joins.map(\.answers.count) == [2, 2, 1, 1])
     }
 
+    @Test func theNextTickGathersAfreshWhateverTheLastOneHeld() {
+        var requests = MemberRequests()
+        requests.join(key("a"), answer: { _, _ in })
+        requests.join(key("b"), answer: { _, _ in })
+        requests.leave("a", members: 1)
+        _ = requests.take()
+        requests.join(key("b"), answer: { _, _ in })
+        requests.join(key("b"), answer: { _, _ in })
+        requests.join(key("a"), answer: { _, _ in })
+        requests.leave("c", members: 2)
+        requests.leave("a", members: 1)
+        let taken = requests.take()
+        #expect(taken.joins.map(\.key) == [key("b"), key("a")])
+        #expect(taken.joins.map(\.answers.count) == [2, 1])
+        #expect(taken.leaves.map(\.room) == ["c", "a"])
+        #expect(taken.leaves.map(\.members) == [2, 1])
+    }
+
     @Test func leavesOfARoomAreSummed() {
         var requests = MemberRequests()
         requests.leave("a", members: 1)

@@ -22,31 +22,45 @@ struct MemberRequests {
     /// A member's answer, with the frames its group shares (`SharedJoinFrames`).
     typealias Answer = (Result<JoinResult, BusError>, SharedJoinFrames) -> Void
 
-    private var order: [JoinKey] = []
-    private var joins: [JoinKey: [Answer]] = [:]
-    private var leaves: [String: Int] = [:]
-    private var leaveOrder: [String] = []
+    /// The tick's groups of joins in the order first asked, and where each key's group is:
+    /// one look-up per join, and `take` hands the groups over as they are.
+    private var joins: [(key: JoinKey, answers: [Answer])] = []
+    private var joinGroup: [JoinKey: Int] = [:]
+    private var leaves: [(room: String, members: Int)] = []
+    private var leaveGroup: [String: Int] = [:]
 
-    var isEmpty: Bool { order.isEmpty && leaveOrder.isEmpty }
+    var isEmpty: Bool { joins.isEmpty && leaves.isEmpty }
 
     mutating func join(_ key: JoinKey, answer: @escaping Answer) {
-        if joins[key] == nil { order.append(key) }
-        joins[key, default: []].append(answer)
+        let group = Self.group(&joinGroup[key, default: joins.count])
+        if group == joins.count {
+            joins.append((key, [answer]))
+        } else {
+            joins[group].answers.append(answer)
+        }
     }
 
     mutating func leave(_ room: String, members: Int) {
-        if leaves[room] == nil { leaveOrder.append(room) }
-        leaves[room, default: 0] += members
+        let group = Self.group(&leaveGroup[room, default: leaves.count])
+        if group == leaves.count {
+            leaves.append((room, members))
+        } else {
+            leaves[group].members += members
+        }
     }
+
+    /// A key's group, found or (the next index) added in the same look-up: a dictionary's
+    /// `[key, default:]` accessed in place inserts its default.
+    private static func group(_ index: inout Int) -> Int { index }
 
     /// Everything gathered, joins (each with the answers waiting for it) in the order first
     /// asked, and each room's leaves summed; the gathering starts again empty.
     mutating func take() -> (joins: [(key: JoinKey, answers: [Answer])], leaves: [(room: String, members: Int)]) {
-        let taken = (joins: order.map { ($0, joins[$0]!) }, leaves: leaveOrder.map { ($0, leaves[$0]!) })
-        order.removeAll(keepingCapacity: true)
-        joins.removeAll(keepingCapacity: true)
-        leaves.removeAll(keepingCapacity: true)
-        leaveOrder.removeAll(keepingCapacity: true)
+        let taken = (joins: joins, leaves: leaves)
+        joins = []
+        leaves = []
+        joinGroup.removeAll(keepingCapacity: true)
+        leaveGroup.removeAll(keepingCapacity: true)
         return taken
     }
 }

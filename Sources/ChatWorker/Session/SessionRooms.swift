@@ -98,14 +98,15 @@ struct SessionRooms {
     }
 
     /// The bus answered a join. `needsArchive`: the answer has a gap the archive can fill;
-    /// `mayWaitMore`: the join's wait for the bus has time left.
-    mutating func busAnswered(_ room: String, attempt: UInt32, succeeded: Bool, needsArchive: Bool, mayWaitMore: Bool) -> AnswerStep {
+    /// `mayWaitMore`: the join's wait for the bus has time left (asked only of a failed
+    /// answer: the clock is not read for every join).
+    mutating func busAnswered(_ room: String, attempt: UInt32, succeeded: Bool, needsArchive: Bool, mayWaitMore: @autoclosure () -> Bool) -> AnswerStep {
         guard self[room] == .joining(attempt: attempt) else { return succeeded ? .undo : .drop }
         if succeeded {
             set(room, needsArchive ? .filling(attempt: attempt) : .joined)
             return needsArchive ? .fill : .joined
         }
-        if mayWaitMore { return .askAgain }
+        if mayWaitMore() { return .askAgain }
         remove(room)
         return .unavailable
     }
