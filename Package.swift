@@ -9,9 +9,10 @@ let nio: [Target.Dependency] = [
 
 // The modules on the data path (frames, bus, relay, worker, engine, load generator) leave
 // Swift's run-time exclusivity checks out of release builds. Each check on a class's stored
-// property or a global is a call that looks the access up in a thread-local set: about 1.6 µs
-// of a worker's ~40 µs per URL join in perf (BENCHMARKS.md, optimisation log). Debug builds,
-// which every test runs, keep the checks, so an overlapping access still traps there.
+// property or a global is a call that looks the access up in a thread-local set: about
+// 1.6 µs of the workers' 47 µs of samples per URL join in perf (BENCHMARKS.md, optimisation
+// log). Debug builds, which every test runs, keep the checks, so an overlapping access still
+// traps there.
 let dataPath: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
 
 let package = Package(

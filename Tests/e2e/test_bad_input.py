@@ -705,16 +705,13 @@ def test_silent_tcp_clients(make_gateway):
 # --------------------------------------------------------------------------- the relay's socket
 
 
-# Relay frames are a u32 length, then a version byte (1), a type byte and the fields.
+# Relay frames are a u32 length, then a version byte (1), a type byte and the fields. Each
+# kind of garbage, with what the relay must log about it.
 RELAY_GARBAGE = {
-    "length-over-maximum": ((64 << 20) + 1).to_bytes(4, "big") + b"\x01\x01",
-    "unknown-frame-type": (4).to_bytes(4, "big") + bytes([1, 99, 0, 0]),
-    "truncated-join": (3).to_bytes(4, "big") + bytes([1, 2, 0]),
-}
-RELAY_GARBAGE_NAMED = {
-    "length-over-maximum": "relay frame length 67108865 over the maximum of 67108864 bytes",
-    "unknown-frame-type": "unknown relay frame type 99",
-    "truncated-join": "truncated relay frame",
+    "length-over-maximum": (((64 << 20) + 1).to_bytes(4, "big") + b"\x01\x01",
+                            "relay frame length 67108865 over the maximum of 67108864 bytes"),
+    "unknown-frame-type": ((4).to_bytes(4, "big") + bytes([1, 99, 0, 0]), "unknown relay frame type 99"),
+    "truncated-join": ((3).to_bytes(4, "big") + bytes([1, 2, 0]), "truncated relay frame"),
 }
 
 
@@ -724,6 +721,7 @@ def test_garbage_on_the_relay_socket_ends_only_that_link(make_gateway, kind):
     can open): the relay closes that link and logs what was wrong, keeps its pid and its
     workers' links, and a message still goes from a member on one worker to one on the other."""
     gw = make_gateway(workers=WORKERS, env=FAST)
+    garbage, named = RELAY_GARBAGE[kind]
 
     async def body(gw):
         relay = gw.relay_pid()
@@ -731,10 +729,10 @@ def test_garbage_on_the_relay_socket_ends_only_that_link(make_gateway, kind):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(gw.state_dir / "relay.sock"))
-            s.sendall(RELAY_GARBAGE[kind])
+            s.sendall(garbage)
             assert s.recv(4096) == b"", f"{kind}: the relay answered a link that sent garbage"
         line = gw.wait_for_log("worker link failed; closing it", timeout=5, since=mark)
-        assert RELAY_GARBAGE_NAMED[kind] in line.raw, line.raw
+        assert named in line.raw, line.raw
         placed = await one_per_slot(gw, range(WORKERS), user_prefix="member")
         conns = [ws for ws, _ in placed.values()]
         try:
