@@ -371,11 +371,21 @@ def test_sse_counted_and_drained_on_reload_and_shutdown(make_gateway):
     assert gw.wait_exit(15) == 0
 
 
+def kernel_send_buffer_max() -> int:
+    """The most a TCP socket's send buffer grows to by itself (tcp_wmem's third field)."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return int(f.read().split()[2])
+
+
 def test_slow_sse_reader_is_dropped_and_nobody_waits(make_gateway):
     gw = make_gateway(workers=1, env={**FAST, "CHATGW_LIMITS_OUTBOUND_BUFFER_BYTES": "65536",
                                       "CHATGW_LIMITS_MAX_TEXT_BYTES": "16000"})
     room = "slow"
-    count, size = 200, 15_000
+    # Past its 64 KB outbound buffer the sloth is dropped, but its socket still sends what the
+    # kernel took before that: on loopback the send buffer grows to tcp_wmem's maximum at once
+    # (4 MB here, some 3 MB of it data). Send well past that, or "cut off" is a race.
+    size = 15_000
+    count = max(200, (kernel_send_buffer_max() + 65_536 + 1_048_576) // size + 1)
 
     async def main():
         await wait_bus_ready(gw)
