@@ -40,7 +40,7 @@ public enum Archive {
         switch config.archive.kind {
         case .none: return nil
         case .sqlite: return try SQLiteArchive(path: config.archiveSQLitePath, readOnly: readOnly)
-        case .postgres: return try PostgresArchive(url: config.archive.postgresURL)
+        case .postgres: return try PostgresArchive(url: config.archive.postgresURL, timeoutMs: config.archive.postgresTimeoutMs)
         }
     }
 }

@@ -8,8 +8,14 @@ import PostgresNIO
 public final class PostgresArchive: ArchiveStore {
     private let client: PostgresClient
     private let runner: Task<Void, Never>
+    /// The longest one operation may wait for PostgreSQL (`archive.postgres_timeout_ms`).
+    private let timeoutMs: Int
 
-    public init(url: String) throws {
+    /// A retention delete may rightly take minutes on a large table; it is bounded too,
+    /// since the writer waits for it, but not by the timeout meant for a batch.
+    static let shortestRetentionTimeoutMs = 300_000
+
+    public init(url: String, timeoutMs: Int = 10_000) throws {
         guard let components = URLComponents(string: url), let host = components.host,
               ["postgres", "postgresql"].contains(components.scheme ?? "") else {
             throw ArchiveError("archive.postgres_url is not a postgres:// URL")
@@ -22,10 +28,26 @@ public final class PostgresArchive: ArchiveStore {
         configuration.options.connectionIdleTimeout = .seconds(60)
         let client = PostgresClient(configuration: configuration, backgroundLogger: Logger(label: "chatgw.archive.postgres"))
         self.client = client
+        self.timeoutMs = timeoutMs
         runner = Task { await client.run() }
     }
 
+    /// `body` within the timeout: past it, "no answer" is thrown and the caller retries as
+    /// after any lost connection. Without it one query that never returned stopped the
+    /// archive for good, logging nothing (see `withDeadline`).
+    private func bounded<T: Sendable>(_ what: String, withinMs limit: Int? = nil,
+                                      _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        let limit = limit ?? timeoutMs
+        return try await withDeadline(.milliseconds(limit), failing: {
+            ArchiveError("PostgreSQL gave no answer to the archive's \(what) within \(limit) ms")
+        }, body)
+    }
+
     public func prepare() async throws {
+        try await bounded("table check") { try await self.createTable() }
+    }
+
+    private func createTable() async throws {
         try await query("""
             CREATE TABLE IF NOT EXISTS chat_messages (
                 room TEXT NOT NULL, epoch TEXT NOT NULL, seq BIGINT NOT NULL,
@@ -37,6 +59,10 @@ public final class PostgresArchive: ArchiveStore {
 
     public func insert(_ messages: [RoomMessage]) async throws {
         guard !messages.isEmpty else { return }
+        try await bounded("write") { try await self.write(messages) }
+    }
+
+    private func write(_ messages: [RoomMessage]) async throws {
         let rooms = messages.map(\.room), epochs = messages.map(\.epoch), seqs = messages.map { Int64($0.seq) }
         let senders = messages.map(\.from), bodies = messages.map { Self.storable($0.text) }, times = messages.map { Int64($0.ts) }
         try await query("""
@@ -55,6 +81,10 @@ public final class PostgresArchive: ArchiveStore {
     }
 
     public func tips() async throws -> [ArchivedTip] {
+        try await bounded("read of each room's newest message") { try await self.readTips() }
+    }
+
+    private func readTips() async throws -> [ArchivedTip] {
         let rows = try await query("""
             SELECT DISTINCT ON (room) room, epoch, seq FROM chat_messages ORDER BY room, ts DESC, seq DESC
             """)
@@ -66,6 +96,10 @@ public final class PostgresArchive: ArchiveStore {
     }
 
     public func page(room: String, before: HistoryPosition?, limit: Int) async throws -> (messages: [RoomMessage], more: Bool) {
+        try await bounded("history read") { try await self.readPage(room: room, before: before, limit: limit) }
+    }
+
+    private func readPage(room: String, before: HistoryPosition?, limit: Int) async throws -> (messages: [RoomMessage], more: Bool) {
         let rows: PostgresRowSequence
         let fetch = limit + 1
         if let before {
@@ -95,6 +129,10 @@ public final class PostgresArchive: ArchiveStore {
     }
 
     public func range(room: String, epoch: String, from: Int, to: Int) async throws -> [RoomMessage] {
+        try await bounded("history read") { try await self.readRange(room: room, epoch: epoch, from: from, to: to) }
+    }
+
+    private func readRange(room: String, epoch: String, from: Int, to: Int) async throws -> [RoomMessage] {
         let low = Int64(from), high = Int64(to)
         return try await Self.messages(try await query("""
             SELECT room, epoch, seq, sender, body, ts FROM chat_messages
@@ -103,6 +141,12 @@ public final class PostgresArchive: ArchiveStore {
     }
 
     public func applyRetention(nowMs: Int, maxAgeMs: Int, maxPerRoom: Int) async throws -> Int {
+        try await bounded("retention delete", withinMs: max(timeoutMs, Self.shortestRetentionTimeoutMs)) {
+            try await self.deleteExpired(nowMs: nowMs, maxAgeMs: maxAgeMs, maxPerRoom: maxPerRoom)
+        }
+    }
+
+    private func deleteExpired(nowMs: Int, maxAgeMs: Int, maxPerRoom: Int) async throws -> Int {
         if maxAgeMs > 0 {
             let cutoff = Int64(nowMs - maxAgeMs)
             try await query("DELETE FROM chat_messages WHERE ts < \(cutoff)")

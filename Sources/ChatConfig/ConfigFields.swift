@@ -177,6 +177,7 @@ struct ConfigField: Sendable {
         ConfigField("archive.sqlite_path", \.archive.sqlitePath, "a path"),
         ConfigField("archive.postgres_url", \.archive.postgresURL, "postgres://user[:password]@host[:port]/database",
                     valid: { $0.hasPrefix("postgres://") || $0.hasPrefix("postgresql://") }),
+        .int("archive.postgres_timeout_ms", \.archive.postgresTimeoutMs, 100...600_000),
         .int("archive.batch_messages", \.archive.batchMessages, 1...100_000),
         .int("archive.batch_ms", \.archive.batchMilliseconds, 1...60_000),
         .int("archive.backlog_messages", \.archive.backlogMessages, 1_000...100_000_000),

@@ -143,6 +143,9 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public var sqlitePath = ""
         /// `archive.postgres_url`: postgres://user[:password]@host[:port]/database.
         public var postgresURL = "postgres://chatgw@127.0.0.1:5432/chatgw"
+        /// `archive.postgres_timeout_ms`: the longest one write or read waits for PostgreSQL
+        /// before it is given up (a write is then retried, its messages kept in memory).
+        public var postgresTimeoutMs = 10_000
         /// `archive.batch_messages`: most messages written in one transaction.
         public var batchMessages = 1000
         /// `archive.batch_ms`: longest a message waits before its batch is written.

@@ -92,7 +92,7 @@ import Testing
         "limits.burst": "1", "limits.flood_violations": "3", "limits.rooms_per_connection": "2",
         "limits.outbound_buffer_bytes": "2048", "limits.idle_ping_s": "5", "limits.idle_timeout_s": "80",
         "auth.mode": "jwt", "auth.jwt_secret": "0123456789abcdef0123456789abcdef", "api.key": "k", "metrics.listen": "localhost:0",
-        "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical", "log.format": "json", "server.web_page": "false", "archive.kind": "postgres", "archive.sqlite_path": "a.db", "archive.postgres_url": "postgres://u@h:1/d", "archive.batch_messages": "5", "archive.batch_ms": "7", "archive.backlog_messages": "5000", "archive.retention_days": "3", "archive.retention_messages": "9", "server.allowed_origins": "http://a.example, http://b.example",
+        "conformance.echo": "1", "conformance.max_message_bytes": "10", "log.level": "critical", "log.format": "json", "server.web_page": "false", "archive.kind": "postgres", "archive.sqlite_path": "a.db", "archive.postgres_url": "postgres://u@h:1/d", "archive.postgres_timeout_ms": "2500", "archive.batch_messages": "5", "archive.batch_ms": "7", "archive.backlog_messages": "5000", "archive.retention_days": "3", "archive.retention_messages": "9", "server.allowed_origins": "http://a.example, http://b.example",
         "server.engine": "nio",
         "server.engine_wakeup": "thread",
     ]

@@ -680,6 +680,58 @@ def test_postgres_outage_under_traffic(make_gateway, pg_db):
           f"archive complete {waited:.2f}s after the tests saw it back; archiver logged {len(noticed)} db errors")
 
 
+def test_a_postgresql_that_stops_answering_is_given_up_on_and_caught_up(make_gateway, pg_db):
+    """PostgreSQL frozen (SIGSTOP: its connections stay open and nothing answers, as on a
+    hung host or behind a partition) for a few seconds, with `archive.postgres_timeout_ms`
+    1000: members notice nothing; the archiver logs within seconds that PostgreSQL gave no
+    answer to its write; a `history` request is answered from the bus's history instead of
+    waiting; once PostgreSQL answers again the archive is complete. Before the timeout
+    existed, an archive query without an answer was awaited for good, logging nothing (one
+    CI run: the archive stopped after a PostgreSQL restart)."""
+    env = archive_env(CHATGW_ARCHIVE_KIND="postgres", CHATGW_ARCHIVE_POSTGRES_URL=pg_db.url,
+                      CHATGW_ARCHIVE_POSTGRES_TIMEOUT_MS="1000")
+    gw = make_gateway(workers=1, env=env, ready_roles=WITH_ARCHIVER)
+    room = "frozen"
+    pg = pg_db.cluster
+    wait_value(lambda: pg.table_exists(pg_db.name), True, 10, "chat_messages created by the archiver")
+    before, during = [f"f-{i}" for i in range(10)], [f"f-{i}" for i in range(10, 20)]
+    frozen: list[int] = []
+    marks = {}
+
+    async def main():
+        await wait_bus_ready(gw)
+        member, sender, reader = await connect_joined(room, (gw, "member"), (gw, "sender"), (gw, "reader"))
+        try:
+            mbox = Inbox(member, "member")
+            await send_many(sender, room, before, "b")
+            await await_value(lambda: pg_counts(pg_db, [room]), (10, 10), 10, "the first messages archived")
+            frozen.extend(pg.freeze())
+            await send_many(sender, room, during, "d")
+            await mbox.wait(lambda ib: len(ib.of("message", room)) >= 20, 10, "every message while frozen")
+            assert [m["text"] for m in mbox.of("message", room)] == before + during
+            asked = asyncio.get_running_loop().time()
+            page = await history(reader, room, limit=50, timeout=6)
+            marks["history_s"] = asyncio.get_running_loop().time() - asked
+            assert [m["text"] for m in check_page(page, room, "history while frozen")] == before + during
+            await asyncio.to_thread(gw.wait_for_log, "PostgreSQL gave no answer to the archive's write within 1000 ms", 8)
+            mbox.stop()
+            return {(m["epoch"], m["seq"]): (m["from"], m["text"]) for m in mbox.of("message", room)}
+        finally:
+            pg.thaw(frozen)
+            await close_all([member, sender, reader])
+
+    try:
+        seen = run_async(main(), 60)
+    finally:
+        pg.thaw(frozen)
+    waited = wait_value(lambda: pg_counts(pg_db, [room]), (20, 20), 15, "archive after PostgreSQL answered again")
+    stored = {(e, s): v for (_, e, s), v in pg_messages(pg_db, [room]).items()}
+    assert stored == seen, f"missing {sorted(set(seen) - set(stored))[:5]}, extra {sorted(set(stored) - set(seen))[:5]}"
+    print(f"\n[archive] PostgreSQL frozen: history answered in {marks['history_s']:.2f}s; "
+          f"{len(gw.find_log('gave no answer'))} archiver operations given up; "
+          f"archive complete {waited:.2f}s after it answered again")
+
+
 def test_a_message_with_nul_is_archived_by_postgres_and_the_archive_goes_on(make_gateway, pg_db):
     """U+0000 is a valid character in a message, and PostgreSQL's TEXT cannot hold it: the
     archive keeps that message with U+FFFD in its place, members get it as it was sent, and

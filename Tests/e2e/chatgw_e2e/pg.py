@@ -5,7 +5,8 @@ Uses the server binaries of the installed PostgreSQL (``PG_BIN``, else the newes
 
 * ``PgCluster`` -- one cluster in a temporary directory on a free loopback port, trust
   auth, superuser ``chatgw``. ``init()`` runs initdb (timed: ``initdb_s``), ``start()`` /
-  ``stop(mode)`` / ``restart(down_s)`` use ``pg_ctl ... -w``; ``create_database(name)``,
+  ``stop(mode)`` / ``restart(down_s)`` use ``pg_ctl ... -w``; ``freeze()`` / ``thaw(pids)``
+  SIGSTOP / SIGCONT the server and every process under it; ``create_database(name)``,
   ``url(db)`` (``postgres://chatgw@127.0.0.1:PORT/db``), ``psql(db, sql)`` -> rows (tuples
   of strings), ``scalar(db, sql)``, ``cleanup()`` (stop, delete the directory).
   initdb and the server refuse to run as root: as root every server command runs as the
@@ -137,6 +138,41 @@ class PgCluster:
         if down_s:
             time.sleep(down_s)
         self.start()
+
+    def server_pids(self) -> list[int]:
+        """The postmaster and every process under it (backends, checkpointer, ...)."""
+        root = self.postmaster_pid()
+        if root is None:
+            return []
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        found, frontier = [root], [root]
+        while frontier:
+            children = [pid for pid, ppid in parents.items() if ppid in frontier]
+            found += children
+            frontier = children
+        return found
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP the whole server: connections stay open and nothing answers (a hung host
+        or a partition, not a shutdown). Returns the pids, for thaw()."""
+        pids = self.server_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def thaw(self, pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def postmaster_pid(self) -> int | None:
         try:
