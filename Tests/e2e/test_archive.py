@@ -717,7 +717,6 @@ def test_a_postgresql_that_stops_answering_is_given_up_on_and_caught_up(make_gat
             mbox.stop()
             return {(m["epoch"], m["seq"]): (m["from"], m["text"]) for m in mbox.of("message", room)}
         finally:
-            pg.thaw(frozen)
             await close_all([member, sender, reader])
 
     try:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from chatgw_e2e.procs import free_port
+from chatgw_e2e.procs import free_port, process_tree
 
 PG_USER = "chatgw"  # the cluster's superuser (initdb -U), as chatgw connects
 RUN_AS = "postgres"  # OS user that owns and runs the cluster when we are root
@@ -142,22 +142,7 @@ class PgCluster:
     def server_pids(self) -> list[int]:
         """The postmaster and every process under it (backends, checkpointer, ...)."""
         root = self.postmaster_pid()
-        if root is None:
-            return []
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'
-                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-        found, frontier = [root], [root]
-        while frontier:
-            children = [pid for pid, ppid in parents.items() if ppid in frontier]
-            found += children
-            frontier = children
-        return found
+        return process_tree(root) if root is not None else []
 
     def freeze(self) -> list[int]:
         """SIGSTOP the whole server: connections stay open and nothing answers (a hung host

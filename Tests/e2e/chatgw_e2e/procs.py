@@ -1,5 +1,6 @@
 """Processes, seen from outside: free ports, pids alive or dead (through /proc and ps),
-CPU time, file limits, and the processes carrying our tag in their environment."""
+CPU time, file limits, a process and everything under it, and the processes carrying our
+tag in their environment."""
 
 from __future__ import annotations
 
@@ -36,10 +37,31 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after "pid (comm)": comm may hold spaces, so split after its last ')'."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """root and every live process under it, parents before their children."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parents[int(name)] = int(_stat_fields(int(name))[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += frontier
+    return found
 
 
 def descriptor_table_size(pid: int) -> int:
