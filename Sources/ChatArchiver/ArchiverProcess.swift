@@ -248,6 +248,9 @@ private struct Writer: Sendable {
         var writesFailing = false
         var catchUpRetryAt = 0.0
         var lastRetention = 0.0
+        // A database outage retries every second: its lines come once a minute.
+        var unreachable = OutageLog()
+        var writeOutage = OutageLog()
         let batchSize = config.archive.batchMessages
         let pause = UInt64(config.archive.batchMilliseconds) * 1_000_000
         while true {
@@ -257,11 +260,15 @@ private struct Writer: Sendable {
                     try await store.prepare()
                     databaseUp = true
                     caughtUpWhileConnected = false
-                    logger.info("archive database reachable")
+                    var metadata: Logger.Metadata = [:]
+                    if let lasted = unreachable.succeeded(now: monotonicSeconds()) { metadata["after_s"] = "\(Int(lasted.rounded()))" }
+                    logger.info("archive database reachable", metadata: metadata)
                 } catch {
                     if stop { return }
-                    logger.warning("archive database unreachable; messages wait in memory", metadata: [
-                        "error": "\(error)", "backlog": "\(backlog.count)"])
+                    if let heldBack = unreachable.failed(now: monotonicSeconds()) {
+                        logger.warning("archive database unreachable; messages wait in memory", metadata: [
+                            "error": "\(error)", "backlog": "\(backlog.count)", "failures_not_logged": "\(heldBack)"])
+                    }
                     try? await Task.sleep(nanoseconds: 1_000_000_000)
                     continue
                 }
@@ -282,12 +289,18 @@ private struct Writer: Sendable {
             writesFailing = !unwritten.isEmpty
             if let failure, writesFailing {
                 backlog.putBack(unwritten)
-                logger.error("archive write failed; will retry", metadata: ["error": "\(failure)", "backlog": "\(backlog.count)"])
+                if let heldBack = writeOutage.failed(now: monotonicSeconds()) {
+                    logger.error("archive write failed; will retry", metadata: [
+                        "error": "\(failure)", "backlog": "\(backlog.count)", "failures_not_logged": "\(heldBack)"])
+                }
                 // Connect again (and catch up) only when the database does not answer:
                 // one that answers but takes no writes (a full disk, a lock) is waited for.
                 if (try? await store.prepare()) == nil { databaseUp = false }
                 try? await Task.sleep(nanoseconds: 1_000_000_000)
                 continue
+            }
+            if !writesFailing, let lasted = writeOutage.succeeded(now: monotonicSeconds()) {
+                logger.info("archive writes resumed", metadata: ["after_s": "\(Int(lasted.rounded()))", "backlog": "\(backlog.count)"])
             }
             if stop && backlog.count == 0 { return }
             let now = monotonicSeconds()

@@ -104,3 +104,55 @@ extension String {
         return result
     }
 }
+
+/// Lets a warning that repeats for as long as an outage lasts (once per request, say)
+/// through at most once per interval, and counts the ones held back in between.
+public struct LogPace: Sendable {
+    private let intervalSeconds: Double
+    private var lastLogged: Double?
+    private var heldBack = 0
+
+    public init(intervalSeconds: Double) {
+        self.intervalSeconds = intervalSeconds
+    }
+
+    /// How many were held back since the last line when this one is to be logged (at
+    /// `now`, in monotonic seconds); nil when it is held back too.
+    public mutating func admit(now: Double) -> Int? {
+        if let lastLogged, now - lastLogged < intervalSeconds {
+            heldBack += 1
+            return nil
+        }
+        defer { lastLogged = now; heldBack = 0 }
+        return heldBack
+    }
+}
+
+/// The log lines of one outage of something retried every second (a database, say): its
+/// first failure at once, then at most one a minute while it lasts, and its end.
+public struct OutageLog: Sendable {
+    private let intervalSeconds: Double
+    private var pace: LogPace
+    /// When the outage began (monotonic seconds); nil while there is none.
+    public private(set) var since: Double?
+
+    public init(intervalSeconds: Double = 60) {
+        self.intervalSeconds = intervalSeconds
+        self.pace = LogPace(intervalSeconds: intervalSeconds)
+    }
+
+    /// A failure at `now`: how many failures were not logged since the last line when this
+    /// one is to be, else nil.
+    public mutating func failed(now: Double) -> Int? {
+        if since == nil { since = now }
+        return pace.admit(now: now)
+    }
+
+    /// A success at `now`: how long the outage it ends lasted, or nil when there was none.
+    public mutating func succeeded(now: Double) -> Double? {
+        guard let since else { return nil }
+        self.since = nil
+        pace = LogPace(intervalSeconds: intervalSeconds)
+        return now - since
+    }
+}

@@ -47,6 +47,8 @@ final class Worker: BusDelegate {
     private var busLinks = 0
     /// The sessions' joins and leaves of this tick, sent to the bus at its end.
     private var memberRequests = MemberRequests()
+    /// Scroll-back requests whose archive read failed: one warning a minute at most.
+    private var archiveReadWarnings = LogPace(intervalSeconds: 60)
     private(set) var stopping = false
     private var stopReason = ByeReason.shutdown
     var onDrained: (() -> Void)?
@@ -267,7 +269,8 @@ final class Worker: BusDelegate {
         }
         let fromArchive = eventLoop.makeFutureWithTask { try await archive.page(room: room, before: before, limit: limit) }
         let busAnswer: (Result<(messages: [RoomMessage], more: Bool), BusError>) -> Void = { busPage in
-            fromArchive.assumeIsolated().whenComplete { archivePage in
+            fromArchive.assumeIsolated().whenComplete { [self] archivePage in
+                if case .failure(let error) = archivePage { archiveReadFailed(error) }
                 let page = HistoryMerge.page(archived: try? archivePage.get(), recent: try? busPage.get(), limit: limit)
                 completion(page.map { .success($0) } ?? .failure(.unavailable))
             }
@@ -277,6 +280,13 @@ final class Worker: BusDelegate {
         } else {
             busAnswer(.failure(.unavailable))
         }
+    }
+
+    private func archiveReadFailed(_ error: any Error) {
+        guard let heldBack = archiveReadWarnings.admit(now: monotonicSeconds()) else { return }
+        logger.warning("archive read failed; scroll-back is answered from the bus's history alone", metadata: [
+            "error": "\(error)", "failures_not_logged": "\(heldBack)",
+        ])
     }
 
     // MARK: housekeeping

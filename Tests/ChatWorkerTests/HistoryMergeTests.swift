@@ -22,4 +22,24 @@ import Testing
         #expect(page?.more == true)
         #expect(HistoryMerge.page(archived: nil, recent: nil, limit: 2) == nil)
     }
+
+    @Test func theEndOfBothSourcesIsNoMore() {
+        let archived = (messages: [at(1, ts: 100)], more: false)
+        let recent = (messages: [at(1, ts: 100), at(2, ts: 110)], more: false)
+        #expect(HistoryMerge.page(archived: archived, recent: recent, limit: 10)?.more == false)
+    }
+
+    @Test func withoutTheArchiveTheBusNeverSaysItIsTheBeginning() {
+        // The bus's oldest message is not the room's first: only the archive could tell.
+        let recent = (messages: [at(7, ts: 70), at(8, ts: 80)], more: false)
+        let page = HistoryMerge.page(archived: nil, recent: recent, limit: 10)
+        #expect(page?.messages.map(\.seq) == [7, 8])
+        #expect(page?.more == true)
+    }
+
+    @Test func withoutTheArchiveAPageTheBusHoldsNothingOfIsUnanswered() {
+        #expect(HistoryMerge.page(archived: nil, recent: (messages: [], more: false), limit: 10) == nil)
+        // The archive alone answers, even with nothing (the room's beginning).
+        #expect(HistoryMerge.page(archived: (messages: [], more: false), recent: nil, limit: 10)?.more == false)
+    }
 }

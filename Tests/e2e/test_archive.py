@@ -685,9 +685,14 @@ def test_a_postgresql_that_stops_answering_is_given_up_on_and_caught_up(make_gat
     hung host or behind a partition) for a few seconds, with `archive.postgres_timeout_ms`
     1000: members notice nothing; the archiver logs within seconds that PostgreSQL gave no
     answer to its write; a `history` request is answered from the bus's history instead of
-    waiting; once PostgreSQL answers again the archive is complete. Before the timeout
-    existed, an archive query without an answer was awaited for good, logging nothing (one
-    CI run: the archive stopped after a PostgreSQL restart)."""
+    waiting, and never says that nothing older exists (only the archive knows): its `more`
+    stays true, and the page before the bus's oldest message is `unavailable`, with one
+    warning in the log; once PostgreSQL answers again the archive is complete and the
+    scroll-back ends with `more` false. The archiver, retrying every second or so, logs the
+    outage once (not at every retry: an hour's outage was thousands of lines) and its end,
+    with how long it lasted. Before the timeout existed, an archive query without
+    an answer was awaited for good, logging nothing (one CI run: the archive stopped after a
+    PostgreSQL restart)."""
     env = archive_env(CHATGW_ARCHIVE_KIND="postgres", CHATGW_ARCHIVE_POSTGRES_URL=pg_db.url,
                       CHATGW_ARCHIVE_POSTGRES_TIMEOUT_MS="1000")
     gw = make_gateway(workers=1, env=env, ready_roles=WITH_ARCHIVER)
@@ -706,14 +711,23 @@ def test_a_postgresql_that_stops_answering_is_given_up_on_and_caught_up(make_gat
             await send_many(sender, room, before, "b")
             await await_value(lambda: pg_counts(pg_db, [room]), (10, 10), 10, "the first messages archived")
             frozen.extend(pg.freeze())
+            marks["frozen_at"] = asyncio.get_running_loop().time()
             await send_many(sender, room, during, "d")
             await mbox.wait(lambda ib: len(ib.of("message", room)) >= 20, 10, "every message while frozen")
             assert [m["text"] for m in mbox.of("message", room)] == before + during
             asked = asyncio.get_running_loop().time()
             page = await history(reader, room, limit=50, timeout=6)
             marks["history_s"] = asyncio.get_running_loop().time() - asked
-            assert [m["text"] for m in check_page(page, room, "history while frozen")] == before + during
+            msgs = check_page(page, room, "history while frozen")
+            assert [m["text"] for m in msgs] == before + during
+            assert page["more"] is True, f"the bus alone cannot tell that nothing older exists: {page}"
+            oldest = {"epoch": msgs[0]["epoch"], "seq": msgs[0]["seq"]}
+            older = await history(reader, room, limit=50, before=oldest, timeout=6)
+            assert older.get("type") == "error" and older.get("code") == "unavailable", older
+            assert older.get("room") == room, older
             await asyncio.to_thread(gw.wait_for_log, "PostgreSQL gave no answer to the archive's write within 1000 ms", 8)
+            # Frozen long enough for the archiver to retry several times (every 2-3 s here).
+            await asyncio.sleep(max(0.0, marks["frozen_at"] + 8.0 - asyncio.get_running_loop().time()))
             mbox.stop()
             return {(m["epoch"], m["seq"]): (m["from"], m["text"]) for m in mbox.of("message", room)}
         finally:
@@ -726,8 +740,24 @@ def test_a_postgresql_that_stops_answering_is_given_up_on_and_caught_up(make_gat
     waited = wait_value(lambda: pg_counts(pg_db, [room]), (20, 20), 15, "archive after PostgreSQL answered again")
     stored = {(e, s): v for (_, e, s), v in pg_messages(pg_db, [room]).items()}
     assert stored == seen, f"missing {sorted(set(seen) - set(stored))[:5]}, extra {sorted(set(stored) - set(seen))[:5]}"
+    warnings = gw.find_log("archive read failed")
+    assert len(warnings) == 1, f"two failed reads within a minute, one warning: {warnings}"
+    failed, unreachable = gw.find_log("archive write failed"), gw.find_log("archive database unreachable")
+    assert len(failed) == 1 and len(unreachable) <= 1, f"one outage, one line: {[line.raw for line in failed + unreachable]}"
+    ended = gw.find_log("archive writes resumed")
+    assert ended and ended[0].get_int("after_s") is not None, f"the outage's end, with its length: {ended}"
+
+    async def after():
+        ws, _ = await connect_hello(gw, "later")
+        try:
+            pages = await history_all(ws, room, limit=50)
+            assert [m["text"] for m in flatten(pages)] == before + during, pages
+        finally:
+            await close_all([ws])
+
+    run_async(after(), 30)
     print(f"\n[archive] PostgreSQL frozen: history answered in {marks['history_s']:.2f}s; "
-          f"{len(gw.find_log('gave no answer'))} archiver operations given up; "
+          f"archive writes resumed after {ended[0].get_int('after_s')} s; "
           f"archive complete {waited:.2f}s after it answered again")
 
 

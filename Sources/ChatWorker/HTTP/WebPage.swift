@@ -111,7 +111,11 @@ function receive(m) {
     case "history": if (m.room === room) showOlder(m.messages, m.more); break;
     case "gap": note("missed messages " + m.from + "–" + m.to + " (no longer in the history)"); break;
     case "bye": retryAfter = m.retry_ms; note("server says goodbye (" + m.reason + "), reconnecting"); break;
-    case "error": note("error " + m.code + ": " + m.message); break;
+    case "error":
+      note("error " + m.code + ": " + m.message);
+      // A scroll-back refused (say `unavailable`): scrolling up asks again.
+      if (m.ref && m.ref[0] === "h") loadingOlder = false;
+      break;
   }
 }
 
@@ -221,7 +225,7 @@ $("log").onscroll = () => {
   }
   if (!ws || ws.readyState !== WebSocket.OPEN) return;
   loadingOlder = true;
-  ws.send(JSON.stringify({ type: "history", room: room, before: { epoch: firstEpoch, seq: firstSeq }, limit: 50 }));
+  ws.send(JSON.stringify({ type: "history", room: room, before: { epoch: firstEpoch, seq: firstSeq }, limit: 50, ref: "h" + (++refs) }));
 };
 
 if (params.get("room") || params.get("user")) $("join").onclick();
