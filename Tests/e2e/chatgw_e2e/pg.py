@@ -146,11 +146,26 @@ class PgCluster:
 
     def freeze(self) -> list[int]:
         """SIGSTOP the whole server: connections stay open and nothing answers (a hung host
-        or a partition, not a shutdown). Returns the pids, for thaw()."""
-        pids = self.server_pids()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        return pids
+        or a partition, not a shutdown). Returns the pids stopped, for thaw().
+
+        The postmaster first, so that it forks nothing more; then what is under it, listed
+        again until nothing new turns up (a backend forked before the postmaster stopped).
+        A backend may end between the listing and its signal (a client that just
+        disconnected: one CI run failed so, and left the server half frozen for the tests
+        after it): it has nothing left to freeze."""
+        stopped: list[int] = []
+        try:
+            while new := [pid for pid in self.server_pids() if pid not in stopped]:
+                for pid in new:
+                    try:
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+                    except ProcessLookupError:
+                        continue
+        except BaseException:
+            self.thaw(stopped)
+            raise
+        return stopped
 
     def thaw(self, pids: list[int]) -> None:
         for pid in pids:
