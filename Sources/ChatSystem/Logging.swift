@@ -126,19 +126,23 @@ public struct LogPace: Sendable {
         defer { lastLogged = now; heldBack = 0 }
         return heldBack
     }
+
+    /// Forgets the last line: the next one is let through at once.
+    public mutating func reset() {
+        lastLogged = nil
+        heldBack = 0
+    }
 }
 
 /// The log lines of one outage of something retried every second (a database, say): its
 /// first failure at once, then at most one a minute while it lasts, and its end.
 public struct OutageLog: Sendable {
-    private let intervalSeconds: Double
     private var pace: LogPace
     /// When the outage began (monotonic seconds); nil while there is none.
     public private(set) var since: Double?
 
     public init(intervalSeconds: Double = 60) {
-        self.intervalSeconds = intervalSeconds
-        self.pace = LogPace(intervalSeconds: intervalSeconds)
+        pace = LogPace(intervalSeconds: intervalSeconds)
     }
 
     /// A failure at `now`: how many failures were not logged since the last line when this
@@ -152,7 +156,7 @@ public struct OutageLog: Sendable {
     public mutating func succeeded(now: Double) -> Double? {
         guard let since else { return nil }
         self.since = nil
-        pace = LogPace(intervalSeconds: intervalSeconds)
+        pace.reset()
         return now - since
     }
 }

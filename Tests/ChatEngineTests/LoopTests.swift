@@ -95,9 +95,8 @@ import Testing
     }
 
     /// Turns the loop and reads whatever `fd` has, without blocking, until `count` bytes,
-    /// EOF or reset, or 200 idle turns; returns the bytes and whether the server closed.
-    /// Reads what `fd` is sent, turning the loop, until `count` bytes, the end, or 2 s of
-    /// nothing. The reader first widens its receive buffer: through the 4 KiB one that made
+    /// EOF or reset, or 200 idle turns (about 2 s); returns the bytes and whether the server
+    /// closed. The reader first widens its receive buffer: through the 4 KiB one that made
     /// the server's writes back up, megabytes took seconds of window updates per test.
     func drain(_ h: Harness, _ fd: Int32, upTo count: Int) -> (bytes: [UInt8], closed: Bool) {
         var wide: Int32 = 1 << 20

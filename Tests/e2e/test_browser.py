@@ -18,10 +18,9 @@ import signal
 import time
 from collections import Counter
 
-from chatgw_e2e.browser import ChatPage, require_browser_tools, screenshot_and_quit, wait_for
+from chatgw_e2e.browser import ChatPage, open_and_scroll_back, require_browser_tools, screenshot_and_quit, wait_for
 from chatgw_e2e.placement import wait_bus_ready
 from chatgw_e2e.procs import pid_alive
-from chatgw_e2e.sse import post_send
 from chatgw_e2e.ws import run_async
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "1000", "CHATGW_LIMITS_BURST": "1000"}
@@ -159,28 +158,10 @@ def test_two_browsers_chat_and_resume_after_worker_kill(make_gateway):
 def test_page_scrolls_back_through_websocket_history(make_gateway):
     """Scrolled to the top, the page asks for older messages with a `history` request on its
     WebSocket (with a ref, so that a refused one lets it ask again) and shows them in order."""
-    tools = require_browser_tools()
     gw = make_gateway(workers=1, env=FAST)
-    room = "ws-scroll-room"
-
-    async def fill():
-        await wait_bus_ready(gw)
-        for i in range(1, 81):
-            status, answer = await post_send(gw, {"room": room, "text": f"old {i}"}, user="filler")
-            assert status == 200, answer
-
-    run_async(fill(), 60)
-    page = ChatPage(tools, "W (WebSocket scroll-back)")
+    page = open_and_scroll_back(require_browser_tools(), gw, "ws-scroll-room", "wren", "W (WebSocket scroll-back)")
     try:
-        page.open(f"{gw.http_url}/?room={room}&user=wren")
-        page.wait_connected("wren")
-        page.wait_joined()
         assert page.transport() == "WebSocket", page.transport()
-        wait_for(lambda: len(page.log()) == 50, 10, "the last 50 messages")
-        assert [e.seq for e in page.log()] == list(range(31, 81))
-        page.js('const log = document.getElementById("log"); log.scrollTop = 0; log.dispatchEvent(new Event("scroll"));')
-        wait_for(lambda: len(page.log()) == 80, 10, "the 30 older messages after scrolling up")
-        assert [e.seq for e in page.log()] == list(range(1, 81)), [e.seq for e in page.log()]
         assert not [n for n in page.notes() if n.startswith("error")], page.notes()
     finally:
         page.quit()

@@ -18,7 +18,7 @@ import signal
 import time
 from collections import Counter
 
-from chatgw_e2e.browser import ChatPage, require_browser_tools, screenshot_and_quit, wait_for
+from chatgw_e2e.browser import ChatPage, open_and_scroll_back, require_browser_tools, screenshot_and_quit, wait_for
 from chatgw_e2e.placement import wait_bus_ready
 from chatgw_e2e.sse import post_send
 from chatgw_e2e.ws import run_async
@@ -88,28 +88,10 @@ def test_blocked_websocket_falls_back_to_sse_and_resumes_after_worker_kill(make_
 
 
 def test_forced_sse_page_scrolls_back_through_sse_history(make_gateway):
-    tools = require_browser_tools()
     gw = make_gateway(workers=1, env=FAST)
-    room = "scroll-room"
-
-    async def fill():
-        await wait_bus_ready(gw)
-        for i in range(1, 81):
-            status, answer = await post_send(gw, {"room": room, "text": f"old {i}"}, user="filler")
-            assert status == 200, answer
-
-    run_async(fill(), 60)
-    page = ChatPage(tools, "F (forced SSE)")
+    page = open_and_scroll_back(require_browser_tools(), gw, "scroll-room", "fran", "F (forced SSE)", query="&transport=sse")
     try:
-        page.open(f"{gw.http_url}/?room={room}&user=fran&transport=sse")
-        page.wait_connected("fran")
-        page.wait_joined()
         assert page.transport() == "SSE" and not any("unavailable" in n for n in page.notes()), page.notes()
-        wait_for(lambda: len(page.log()) == 50, 10, "the last 50 messages")
-        assert [e.seq for e in page.log()] == list(range(31, 81))
-        page.js('const log = document.getElementById("log"); log.scrollTop = 0; log.dispatchEvent(new Event("scroll"));')
-        wait_for(lambda: len(page.log()) == 80, 10, "the 30 older messages after scrolling up")
-        assert [e.seq for e in page.log()] == list(range(1, 81)), [e.seq for e in page.log()]
         assert not page.ws_events(), "a page forced to SSE opened a WebSocket"
         page.screenshot("sse-forced")
     finally:

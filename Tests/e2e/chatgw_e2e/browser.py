@@ -82,6 +82,37 @@ def screenshot_and_quit(pages: list["ChatPage"], stems: list[str]) -> None:
         page.quit()
 
 
+def open_and_scroll_back(tools: BrowserTools, gw, room: str, user: str, label: str, query: str = "") -> "ChatPage":
+    """80 messages posted to `room` (POST /sse/send); then a page opened on it (`query`
+    added to its URL) shows the last 50 once joined and, scrolled to the top, all 80 in
+    order. Returns the page still open, for the caller's own checks; the caller quits it."""
+    from chatgw_e2e.placement import wait_bus_ready
+    from chatgw_e2e.sse import post_send
+    from chatgw_e2e.ws import run_async
+
+    async def fill():
+        await wait_bus_ready(gw)
+        for i in range(1, 81):
+            status, answer = await post_send(gw, {"room": room, "text": f"old {i}"}, user="filler")
+            assert status == 200, answer
+
+    run_async(fill(), 60)
+    page = ChatPage(tools, label)
+    try:
+        page.open(f"{gw.http_url}/?room={room}&user={user}{query}")
+        page.wait_connected(user)
+        page.wait_joined()
+        wait_for(lambda: len(page.log()) == 50, 10, "the last 50 messages")
+        assert [e.seq for e in page.log()] == list(range(31, 81))
+        page.js('const log = document.getElementById("log"); log.scrollTop = 0; log.dispatchEvent(new Event("scroll"));')
+        wait_for(lambda: len(page.log()) == 80, 10, "the 30 older messages after scrolling up")
+        assert [e.seq for e in page.log()] == list(range(1, 81)), [e.seq for e in page.log()]
+    except BaseException:
+        page.quit()
+        raise
+    return page
+
+
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll pred until truthy; AssertionError naming what after timeout."""
     deadline = time.monotonic() + timeout
