@@ -150,8 +150,9 @@ public struct GatewayConfig: Sendable, Codable, Equatable {
         public var batchMessages = 1000
         /// `archive.batch_ms`: longest a message waits before its batch is written.
         public var batchMilliseconds = 100
-        /// `archive.backlog_messages`: messages held in memory while the database is down;
-        /// beyond that the oldest are dropped (and fetched again from the bus history later).
+        /// `archive.backlog_messages`: messages held in memory while the database is down,
+        /// besides the batch being written; beyond that the oldest are dropped (and fetched
+        /// again from the bus history later).
         public var backlogMessages = 200_000
         /// `archive.retention_days`: messages older than this are deleted; 0 keeps them forever.
         public var retentionDays = 30
