@@ -111,7 +111,7 @@ public struct AcceptFailureWarnings {
     private var failures = 0
     /// Connections answered 503 since the last warning; nil when none was answered so.
     private var relieved: Int?
-    private var lastWarning: NIODeadline?
+    private var pace = LogPace(intervalSeconds: Double(AcceptPause.warningPeriod.nanoseconds) / 1e9)
 
     public init() {}
 
@@ -122,9 +122,7 @@ public struct AcceptFailureWarnings {
     }
 
     public mutating func warnIfDue(errno: Int32, logger: Logger) {
-        let now = NIODeadline.now()
-        if let lastWarning, now < lastWarning + AcceptPause.warningPeriod { return }
-        lastWarning = now
+        guard pace.admit(now: monotonicSeconds()) != nil else { return }
         var metadata: Logger.Metadata = [
             "error": "\(String(cString: strerror(errno)))",
             "failures": "\(failures)",

@@ -20,7 +20,6 @@ from collections import Counter
 
 from chatgw_e2e.browser import ChatPage, open_and_scroll_back, require_browser_tools, screenshot_and_quit, wait_for
 from chatgw_e2e.placement import wait_bus_ready
-from chatgw_e2e.sse import post_send
 from chatgw_e2e.ws import run_async
 
 FAST = {"CHATGW_LIMITS_RATE_PER_S": "1000", "CHATGW_LIMITS_BURST": "1000"}
